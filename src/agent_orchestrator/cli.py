@@ -1,0 +1,119 @@
+"""`agent-orchestrator`: serve | migrate | token (worker arrives with the task engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Annotated, NoReturn
+
+import typer
+from pydantic import ValidationError
+
+from agent_orchestrator.config import Settings, format_settings_error
+from agent_orchestrator.models.principal import USER_SCOPES
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"agent-orchestrator: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        _fail(format_settings_error(error))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="interface to bind (SERVICE_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port to listen on (SERVICE_PORT)")] = None,
+) -> None:
+    """Run the API (embedded default: SQLite in DATA_DIR, in-process queue and events)."""
+    import uvicorn
+
+    from agent_orchestrator.app import SchemaNotMigrated, create_app
+    from agent_orchestrator.observability.logging import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    bind_host = host or settings.service_host
+    bind_port = port if port is not None else settings.service_port
+    mode = "production" if settings.uses_redis else "embedded"
+    typer.echo(
+        f"agent-orchestrator ({mode} mode, {settings.resolved_database_url().split(':')[0]})"
+        f" listening on http://{bind_host}:{bind_port}  (docs: /docs)",
+        err=True,
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        host=bind_host,
+        port=bind_port,
+        log_config=None,
+        access_log=False,
+        ws_per_message_deflate=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SchemaNotMigrated as error:
+        _fail(str(error))
+    if not server.started:
+        _fail("the server did not start (see the log above)")
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations up to the newest."""
+    from agent_orchestrator.db.engine import create_engine
+    from agent_orchestrator.db.migrate import current_revision, upgrade
+
+    settings = load_settings()
+
+    async def run() -> str | None:
+        engine = create_engine(settings.resolved_database_url())
+        try:
+            await upgrade(engine)
+            return await current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    revision = asyncio.run(run())
+    typer.echo(f"database at revision {revision}", err=True)
+
+
+@app.command()
+def token(
+    tenant: Annotated[str, typer.Option(help="tenant id (claim tenant_id)")],
+    user: Annotated[str, typer.Option(help="user id (claim sub)")],
+    scope: Annotated[
+        list[str] | None, typer.Option(help="scope to grant; repeat. Default: all but admin")
+    ] = None,
+    ttl: Annotated[int | None, typer.Option(help="lifetime in seconds")] = None,
+) -> None:
+    """Print a signed JWT for local use and scripts, and nothing else, on stdout."""
+    from agent_orchestrator.state import build_verifier
+
+    settings = load_settings()
+    lifetime = ttl if ttl is not None else settings.token_default_ttl
+    if lifetime <= 0:
+        _fail("--ttl must be positive")
+    if not tenant or not user:
+        _fail("--tenant and --user must not be empty")
+    signed = build_verifier(settings).issue(
+        tenant_id=tenant,
+        user_id=user,
+        scopes=list(scope) if scope else list(USER_SCOPES),
+        ttl_seconds=lifetime,
+        now=time.time(),
+    )
+    sys.stdout.write(signed + "\n")
+
+
+if __name__ == "__main__":
+    app()

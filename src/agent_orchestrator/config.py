@@ -1,0 +1,218 @@
+"""Settings: every variable of the spec (section 4.1) plus the ones this service adds.
+
+Each field's env name is its upper-case name. `docs/configuration.md` and `.env.example`
+list the same variables; `tests/test_config_docs.py` fails when they drift apart.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+#: The variables production refuses to start without (the spec marks them required).
+PRODUCTION_REQUIRED = ("DATABASE_URL", "REDIS_URI", "SECRET_KEY", "SERVICE_TOKEN")
+
+#: Downstream services of spec section 3.1, by the variable holding their base URL.
+DOWNSTREAM_URL_FIELDS = (
+    "conversation_service_url",
+    "agent_execution_service_url",
+    "workflow_engine_url",
+    "tool_registry_url",
+    "agent_management_url",
+    "query_service_url",
+    "embedding_service_url",
+    "ingestion_service_url",
+    "identity_service_url",
+)
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+    TEST = "test"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _check_url(name: str, value: str | None, schemes: tuple[str, ...]) -> str | None:
+    if value is None or value == "":
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        raise ValueError(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
+    if parts.scheme.startswith("sqlite"):
+        return value
+    if not parts.hostname:
+        raise ValueError(f"{name} has no host")
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- spec section 4.1 -------------------------------------------------------------
+    database_url: str | None = None
+    redis_uri: str | None = None
+    service_port: Annotated[int, Field(ge=1, le=65535)] = 8008
+    log_level: str = "INFO"
+    environment: Environment = Environment.DEVELOPMENT
+    secret_key: SecretStr | None = None
+    conversation_service_url: str | None = None
+    agent_execution_service_url: str | None = None
+    workflow_engine_url: str | None = None
+    tool_registry_url: str | None = None
+    agent_management_url: str | None = None
+    query_service_url: str | None = None
+    embedding_service_url: str | None = None
+    identity_service_url: str | None = None
+    service_token: SecretStr | None = None
+    max_concurrent_tasks: PositiveInt = 100
+    global_rate_limit: PositiveInt = 1000
+    tenant_rate_limit: PositiveInt = 100
+    session_ttl: PositiveInt = 3600
+    task_timeout: PositiveFloat = 60.0
+    retry_attempts: Annotated[int, Field(ge=0, le=20)] = 3
+    websocket_max_connections: PositiveInt = 10000
+
+    # --- ours -------------------------------------------------------------------------
+    ingestion_service_url: str | None = None
+    service_host: str = "127.0.0.1"
+    redis_namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "orchestrator"
+    data_dir: Path = Path("./data")
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    auto_migrate: bool | None = None
+    jwt_algorithm: str = "HS256"
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: Annotated[int, Field(ge=0, le=300)] = 30
+    token_default_ttl: PositiveInt = 3600
+    max_request_bytes: PositiveInt = 1_048_576
+    max_page_size: Annotated[int, Field(gt=0, le=1000)] = 100
+    default_page_size: PositiveInt = 20
+    session_cache_size: PositiveInt = 10_000
+    db_pool_size: PositiveInt = 10
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    @field_validator("jwt_algorithm")
+    @classmethod
+    def _algorithm(cls, value: str) -> str:
+        if value not in {"HS256", "HS384", "HS512"}:
+            raise ValueError("JWT_ALGORITHM must be one of HS256, HS384, HS512")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        schemes = ("postgresql", "postgres", "postgresql+asyncpg", "sqlite", "sqlite+aiosqlite")
+        return _check_url("DATABASE_URL", value, schemes)
+
+    @field_validator("redis_uri")
+    @classmethod
+    def _redis_uri(cls, value: str | None) -> str | None:
+        return _check_url("REDIS_URI", value, ("redis", "rediss"))
+
+    @field_validator(*DOWNSTREAM_URL_FIELDS)
+    @classmethod
+    def _service_url(cls, value: str | None) -> str | None:
+        return _check_url("service URL", value, ("http", "https"))
+
+    @model_validator(mode="after")
+    def _production_requirements(self) -> Settings:
+        if self.environment is Environment.PRODUCTION:
+            missing = [name for name in PRODUCTION_REQUIRED if not getattr(self, name.lower())]
+            if missing:
+                raise ValueError(
+                    "ENVIRONMENT=production requires " + ", ".join(missing) + " to be set"
+                )
+        if self.default_page_size > self.max_page_size:
+            raise ValueError("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
+        return self
+
+    # --- derived ------------------------------------------------------------------------
+    @property
+    def is_production(self) -> bool:
+        return self.environment is Environment.PRODUCTION
+
+    @property
+    def uses_redis(self) -> bool:
+        return bool(self.redis_uri)
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        if self.auto_migrate is not None:
+            return self.auto_migrate
+        return not self.is_production
+
+    def resolved_database_url(self) -> str:
+        """The async SQLAlchemy URL: asyncpg for PostgreSQL, aiosqlite for SQLite."""
+        if not self.database_url:
+            return f"sqlite+aiosqlite:///{(self.data_dir / 'orchestrator.db').resolve()}"
+        url = self.database_url
+        for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+asyncpg://" + url[len(prefix) :]
+        for prefix in ("sqlite+aiosqlite://", "sqlite://"):
+            if url.startswith(prefix):
+                return "sqlite+aiosqlite://" + url[len(prefix) :]
+        return url
+
+    def resolved_secret_key(self) -> str:
+        """SECRET_KEY, or in development a key generated once and kept in DATA_DIR."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value()
+        if self.is_production:  # unreachable: validation requires it
+            raise RuntimeError("SECRET_KEY is required in production")
+        path = self.data_dir / "secret_key"
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        # O_EXCL: two processes starting together agree on one key.
+        try:
+            with path.open("x") as handle:
+                handle.write(key)
+            path.chmod(0o600)
+        except FileExistsError:
+            return path.read_text().strip()
+        return key
+
+
+def format_settings_error(error: Exception) -> str:
+    """One line naming each offending variable, for start-up failures."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return str(error)
+    parts = []
+    for item in error.errors():
+        name = ".".join(str(loc) for loc in item["loc"]).upper()
+        message = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{name}: {message}" if name else message)
+    return "invalid configuration: " + "; ".join(parts)

@@ -1,0 +1,190 @@
+"""Authentication: the middleware turns `Authorization: Bearer <JWT>` into a `Principal`;
+route dependencies then demand a scope (403) or a principal at all (401).
+
+Tokens are verified with a pinned algorithm list, `exp` required, `iss`/`aud` checked when
+configured and a bounded clock skew. Header fields such as `jku`, `x5u` or `kid` are never
+followed: the key is the configured one, nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import jwt
+from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from agent_orchestrator.errors import Forbidden, Unauthorized
+from agent_orchestrator.models.principal import Principal, PrincipalKind
+
+_MAX_ID = 128
+
+
+class TokenVerifier:
+    def __init__(
+        self,
+        secret: str,
+        *,
+        algorithm: str = "HS256",
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway_seconds: int = 30,
+    ) -> None:
+        self._secret = secret
+        self._algorithms = [algorithm]
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway_seconds
+
+    def verify(self, token: str) -> Principal:
+        required = (
+            ["exp", "sub"] + (["iss"] if self._issuer else []) + (["aud"] if self._audience else [])
+        )
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=self._algorithms,
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=self._leeway,
+                options={"require": required, "verify_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthorized("token has expired") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized(f"token lacks the {exc.claim!r} claim") from exc
+        except jwt.PyJWTError as exc:
+            raise Unauthorized("token is not valid") from exc
+        return _principal_from(claims)
+
+    def issue(
+        self,
+        *,
+        tenant_id: str,
+        user_id: str,
+        scopes: list[str],
+        ttl_seconds: int,
+        now: float,
+    ) -> str:
+        claims: dict[str, Any] = {
+            "sub": user_id,
+            "tenant_id": tenant_id,
+            "scopes": " ".join(scopes),
+            "iat": int(now),
+            "exp": int(now) + ttl_seconds,
+        }
+        if self._issuer:
+            claims["iss"] = self._issuer
+        if self._audience:
+            claims["aud"] = self._audience
+        return jwt.encode(claims, self._secret, algorithm=self._algorithms[0])
+
+
+def _principal_from(claims: dict[str, Any]) -> Principal:
+    tenant = claims.get("tenant_id")
+    subject = claims.get("sub")
+    for name, value in (("tenant_id", tenant), ("sub", subject)):
+        if not isinstance(value, str) or not value or len(value) > _MAX_ID:
+            raise Unauthorized(f"token claim {name!r} must be a non-empty string")
+    raw = claims.get("scopes", claims.get("permissions", []))
+    if isinstance(raw, str):
+        scopes = frozenset(raw.split())
+    elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        scopes = frozenset(raw)
+    else:
+        raise Unauthorized("token claim 'scopes' must be a string or a list of strings")
+    expires = claims.get("exp")
+    return Principal(
+        tenant_id=str(tenant),
+        user_id=str(subject),
+        scopes=scopes,
+        kind=PrincipalKind.USER,
+        expires_at=float(expires) if isinstance(expires, int | float) else None,
+    )
+
+
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return ""
+    return None
+
+
+class AuthMiddleware:
+    """Verifies the bearer token once per request and leaves the outcome in scope state:
+    `principal` on success, `auth_error` on a bad token. Routes decide what they need."""
+
+    def __init__(self, app: ASGIApp, verifier: TokenVerifier) -> None:
+        self.app = app
+        self.verifier = verifier
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/internal/"):
+            token = bearer_token(scope.get("headers", []))
+            state = scope.setdefault("state", {})
+            if token == "":
+                state["auth_error"] = Unauthorized("Authorization must be 'Bearer <token>'")
+            elif token is not None:
+                try:
+                    state["principal"] = self.verifier.verify(token)
+                except Unauthorized as error:
+                    state["auth_error"] = error
+        await self.app(scope, receive, send)
+
+
+AuthDependency = Callable[[Request], Coroutine[Any, Any, Principal]]
+
+
+def _mark(dependency: AuthDependency) -> AuthDependency:
+    # The route inventory test looks for this marker on every route's dependency tree.
+    dependency.requires_auth = True  # type: ignore[attr-defined]
+    return dependency
+
+
+def current_principal(request: Request) -> Principal:
+    error = getattr(request.state, "auth_error", None)
+    if error is not None:
+        raise error
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):
+        raise Unauthorized()
+    return principal
+
+
+def require_scope(scope: str) -> AuthDependency:
+    async def dependency(request: Request) -> Principal:
+        principal = current_principal(request)
+        if not principal.has_scope(scope):
+            raise Forbidden(f"this operation needs the {scope!r} scope", details={"scope": scope})
+        return principal
+
+    dependency.__name__ = f"require_scope_{scope.replace(':', '_')}"
+    return _mark(dependency)
+
+
+async def _require_service(request: Request) -> Principal:
+    """For `/internal/*`: only the service token, compared in constant time. The tenant the
+    call acts for comes from `X-Tenant-ID`."""
+    configured = request.app.state.core.settings.service_token
+    expected = configured.get_secret_value().encode() if configured else None
+    token = bearer_token(list(request.scope.get("headers", [])))
+    if expected is None or not token or not hmac.compare_digest(token.encode(), expected):
+        raise Unauthorized("a valid service token is required")
+    tenant = request.headers.get("x-tenant-id", "")
+    if len(tenant) > _MAX_ID:
+        raise Unauthorized("X-Tenant-ID is too long")
+    return Principal(
+        tenant_id=tenant,
+        user_id="service",
+        scopes=frozenset({"admin"}),
+        kind=PrincipalKind.SERVICE,
+    )
+
+
+require_service = _mark(_require_service)

@@ -1,0 +1,83 @@
+"""Exception handlers: every error leaves in the one shape, with the correlation id."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from agent_orchestrator.errors import STATUS_CODES, ServiceError, error_body
+from agent_orchestrator.middleware.context import HEADER, correlation_id_of
+from agent_orchestrator.observability.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def _response(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    details: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    correlation_id = correlation_id_of(request.scope)
+    all_headers = dict(headers or {})
+    if correlation_id:
+        # The 500 handler runs outside the context middleware, so set the header here too.
+        all_headers[HEADER] = correlation_id
+    return JSONResponse(
+        error_body(code, message, details, correlation_id), status_code=status, headers=all_headers
+    )
+
+
+def _field_name(location: tuple[Any, ...]) -> str:
+    # ("body", "metadata", "x") -> "metadata.x"; ("query", "limit") -> "limit"
+    parts = [str(part) for part in location[1:]] or [str(part) for part in location]
+    return ".".join(parts)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return _response(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = [
+        {
+            "field": _field_name(tuple(item["loc"])),
+            "in": str(item["loc"][0]),
+            "message": item["msg"],
+        }
+        for item in exc.errors()
+    ]
+    fields = ", ".join(sorted({item["field"] for item in details}))
+    return _response(request, 422, "validation_error", f"invalid request: {fields}", details)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = STATUS_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no route for {request.url.path}"
+    if exc.status_code == 405:
+        message = f"method {request.method} is not allowed here"
+    return _response(request, exc.status_code, code, message, None, exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", path=request.url.path, error_type=type(exc).__name__)
+    return _response(request, 500, "internal_error", "internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,38 @@
+"""Who is calling: built by the auth middleware, passed explicitly to every service call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class PrincipalKind(StrEnum):
+    USER = "user"
+    SERVICE = "service"
+
+
+class Scope(StrEnum):
+    CHAT_WRITE = "chat:write"
+    SESSIONS_READ = "sessions:read"
+    SESSIONS_WRITE = "sessions:write"
+    TASKS_READ = "tasks:read"
+    TASKS_WRITE = "tasks:write"
+    BATCH_READ = "batch:read"
+    BATCH_WRITE = "batch:write"
+    ADMIN = "admin"
+
+
+#: What `agent-orchestrator token` grants when no scope is named: everything but admin.
+USER_SCOPES: tuple[str, ...] = tuple(scope.value for scope in Scope if scope is not Scope.ADMIN)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant_id: str
+    user_id: str
+    scopes: frozenset[str]
+    kind: PrincipalKind = PrincipalKind.USER
+    expires_at: float | None = None
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes or Scope.ADMIN.value in self.scopes

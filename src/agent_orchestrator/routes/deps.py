@@ -1,0 +1,61 @@
+"""Dependency aliases shared by the routers: state, unit of work, principal by scope."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from agent_orchestrator.db.engine import UnitOfWork
+from agent_orchestrator.errors import ValidationFailed
+from agent_orchestrator.middleware.auth import require_scope
+from agent_orchestrator.models.principal import Principal, Scope
+from agent_orchestrator.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.core
+    return state
+
+
+async def get_uow(request: Request) -> AsyncIterator[UnitOfWork]:
+    # scope="function" below: commit before the response is sent, so a client never sees
+    # a 2xx for a write that then fails to commit.
+    async with UnitOfWork(get_state(request).db_factory) as uow:
+        yield uow
+
+
+State = Annotated[AppState, Depends(get_state)]
+UoW = Annotated[UnitOfWork, Depends(get_uow, scope="function")]
+
+SessionsReader = Annotated[Principal, Depends(require_scope(Scope.SESSIONS_READ))]
+SessionsWriter = Annotated[Principal, Depends(require_scope(Scope.SESSIONS_WRITE))]
+
+
+class PageParams:
+    """`limit` (bounded by MAX_PAGE_SIZE; over it is a 422 naming `limit`) and `cursor`."""
+
+    def __init__(
+        self,
+        request: Request,
+        limit: Annotated[int | None, Query(ge=1, description="page size")] = None,
+        cursor: Annotated[str | None, Query(max_length=512)] = None,
+    ) -> None:
+        settings = get_state(request).settings
+        if limit is not None and limit > settings.max_page_size:
+            raise ValidationFailed(
+                f"limit must be at most {settings.max_page_size}",
+                details=[
+                    {
+                        "field": "limit",
+                        "in": "query",
+                        "message": f"at most {settings.max_page_size}",
+                    }
+                ],
+            )
+        self.limit = limit or settings.default_page_size
+        self.cursor = cursor
+
+
+Paging = Annotated[PageParams, Depends()]

@@ -1,0 +1,51 @@
+"""Liveness, readiness (every dependency reported) and Prometheus metrics. No auth."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from agent_orchestrator.routes.deps import State
+
+router = APIRouter(tags=["health"])
+
+CHECK_TIMEOUT_SECONDS = 2.0
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def _check(probe: Any) -> dict[str, Any]:
+    try:
+        await asyncio.wait_for(probe(), CHECK_TIMEOUT_SECONDS)
+    except Exception as exc:  # any failure means down; the type says why
+        return {"status": "down", "error": type(exc).__name__}
+    return {"status": "ok"}
+
+
+@router.get("/health/ready")
+async def ready(state: State) -> JSONResponse:
+    async def database() -> None:
+        async with state.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    checks: dict[str, dict[str, Any]] = {"database": await _check(database)}
+    if state.redis is not None:
+        checks["redis"] = await _check(state.redis.ping)
+    healthy = all(check["status"] == "ok" for check in checks.values())
+    return JSONResponse(
+        {"status": "ok" if healthy else "down", "dependencies": checks},
+        status_code=200 if healthy else 503,
+    )
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,67 @@
+"""Hot copy of session state (spec 5.2): Redis with the session TTL in production, an
+in-process LRU in embedded mode. The database stays the truth; a miss reads through."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from agent_orchestrator.models.session import Session
+
+
+def _key(tenant_id: str, session_id: str, namespace: str = "orchestrator") -> str:
+    return f"{namespace}:session:{tenant_id}:{session_id}"
+
+
+class SessionCache(Protocol):
+    async def get(self, tenant_id: str, session_id: str) -> Session | None: ...
+    async def put(self, session: Session, ttl_seconds: int) -> None: ...
+    async def drop(self, tenant_id: str, session_id: str) -> None: ...
+
+
+class MemorySessionCache:
+    def __init__(self, max_entries: int) -> None:
+        self._entries: OrderedDict[str, tuple[float, Session]] = OrderedDict()
+        self._max = max_entries
+
+    async def get(self, tenant_id: str, session_id: str) -> Session | None:
+        key = _key(tenant_id, session_id)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        deadline, session = entry
+        if deadline <= time.monotonic():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return session
+
+    async def put(self, session: Session, ttl_seconds: int) -> None:
+        key = _key(session.tenant_id, str(session.id))
+        self._entries[key] = (time.monotonic() + ttl_seconds, session)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    async def drop(self, tenant_id: str, session_id: str) -> None:
+        self._entries.pop(_key(tenant_id, session_id), None)
+
+
+class RedisSessionCache:
+    def __init__(self, redis: Redis, namespace: str) -> None:
+        self._redis = redis
+        self._namespace = namespace
+
+    async def get(self, tenant_id: str, session_id: str) -> Session | None:
+        raw = await self._redis.get(_key(tenant_id, session_id, self._namespace))
+        return Session.model_validate_json(raw) if raw else None
+
+    async def put(self, session: Session, ttl_seconds: int) -> None:
+        key = _key(session.tenant_id, str(session.id), self._namespace)
+        await self._redis.set(key, session.model_dump_json(), ex=ttl_seconds)
+
+    async def drop(self, tenant_id: str, session_id: str) -> None:
+        await self._redis.delete(_key(tenant_id, session_id, self._namespace))

@@ -1,0 +1,32 @@
+"""What the lifespan builds and every request or job reads: typed, built once per process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from agent_orchestrator.config import Settings
+from agent_orchestrator.middleware.auth import TokenVerifier
+from agent_orchestrator.services.session_manager import SessionManager
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: AsyncEngine
+    db_factory: async_sessionmaker[AsyncSession]
+    redis: Redis | None
+    verifier: TokenVerifier
+    sessions: SessionManager
+
+
+def build_verifier(settings: Settings) -> TokenVerifier:
+    return TokenVerifier(
+        settings.resolved_secret_key(),
+        algorithm=settings.jwt_algorithm,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        leeway_seconds=settings.jwt_leeway_seconds,
+    )

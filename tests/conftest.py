@@ -1,0 +1,206 @@
+"""Fixtures on real services: PostgreSQL (a fresh database per test, cloned from a migrated
+template), Redis (a fresh namespace per test) and SQLite files. Nothing is skipped when a
+service is missing: the fixture fails and says which one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from agent_orchestrator.app import create_app
+from agent_orchestrator.config import Settings
+from agent_orchestrator.db.engine import create_engine
+from agent_orchestrator.db.migrate import upgrade
+from agent_orchestrator.models.principal import USER_SCOPES
+from agent_orchestrator.state import build_verifier
+
+PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+TEMPLATE_DB = f"ao_template_{os.getpid()}"
+
+
+def _pg_url_for(database: str) -> str:
+    return PG_URL.rsplit("/", 1)[0] + "/" + database
+
+
+async def _admin() -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(PG_URL)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(f"PostgreSQL is required at {PG_URL} ({exc}); .ci/run starts it")
+
+
+def _run_in_thread(coroutine_function: Callable[[], Any]) -> None:
+    # Session fixtures may first be requested from inside a running event loop.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, coroutine_function()).result()
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """One migrated database per test run; each test gets a copy (CREATE DATABASE TEMPLATE)."""
+
+    async def create() -> None:
+        admin = await _admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}"')
+            await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        finally:
+            await admin.close()
+        engine = create_engine(
+            _pg_url_for(TEMPLATE_DB).replace("postgresql://", "postgresql+asyncpg://")
+        )
+        try:
+            await upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    async def drop() -> None:
+        admin = await _admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    _run_in_thread(create)
+    yield TEMPLATE_DB
+    _run_in_thread(drop)
+
+
+@pytest.fixture
+def pg_database(pg_template: str) -> Iterator[str]:
+    name = f"ao_test_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        admin = await _admin()
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+        finally:
+            await admin.close()
+
+    async def drop() -> None:
+        admin = await _admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    _run_in_thread(create)
+    yield _pg_url_for(name)
+    _run_in_thread(drop)
+
+
+@pytest.fixture
+def redis_namespace() -> Iterator[str]:
+    namespace = f"aotest-{uuid.uuid4().hex[:10]}"
+
+    async def check() -> None:
+        client = Redis.from_url(REDIS_URL)
+        try:
+            await client.ping()
+        except Exception as exc:
+            pytest.fail(f"Redis is required at {REDIS_URL} ({exc}); .ci/run starts it")
+        finally:
+            await client.aclose()
+
+    async def clean() -> None:
+        client = Redis.from_url(REDIS_URL)
+        try:
+            for pattern in (f"{namespace}*", f"saq:{namespace}*"):
+                keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
+                if keys:
+                    await client.delete(*keys)
+        finally:
+            await client.aclose()
+
+    _run_in_thread(check)
+    yield namespace
+    _run_in_thread(clean)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    def factory(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "data_dir": tmp_path / "data",
+            "secret_key": "test-secret-key-0123456789abcdef0123456789",
+            "service_token": "test-service-token",
+            "_env_file": None,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return factory
+
+
+@pytest.fixture
+def settings(
+    backend: str, make_settings: Callable[..., Settings], request: pytest.FixtureRequest
+) -> Settings:
+    """Embedded (SQLite, in-process) or production-like (PostgreSQL + Redis) settings."""
+    if backend == "sqlite":
+        return make_settings()
+    database_url = request.getfixturevalue("pg_database")
+    namespace = request.getfixturevalue("redis_namespace")
+    return make_settings(database_url=database_url, redis_uri=REDIS_URL, redis_namespace=namespace)
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_app(settings) as http:
+        yield http
+
+
+TokenFactory = Callable[..., str]
+
+
+@pytest.fixture
+def make_token(settings: Settings) -> TokenFactory:
+    verifier = build_verifier(settings)
+
+    def factory(
+        tenant: str = "tenant-a",
+        user: str = "user-1",
+        scopes: list[str] | None = None,
+        ttl: int = 600,
+    ) -> str:
+        return verifier.issue(
+            tenant_id=tenant,
+            user_id=user,
+            scopes=list(USER_SCOPES) if scopes is None else scopes,
+            ttl_seconds=ttl,
+            now=time.time(),
+        )
+
+    return factory
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
