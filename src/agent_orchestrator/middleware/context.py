@@ -51,7 +51,10 @@ class ContextMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
+                # Error handlers set the header themselves (the 500 one runs outside this
+                # middleware); keep exactly one.
+                headers = [item for item in message.get("headers", []) if item[0] != header[0]]
+                message["headers"] = [*headers, header]
             await send(message)
 
         with structlog.contextvars.bound_contextvars(correlation_id=correlation_id):
