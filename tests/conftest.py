@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -103,6 +104,30 @@ def pg_database(pg_template: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def pg_empty_database() -> Iterator[str]:
+    """A fresh PostgreSQL database with no schema at all (for migration tests)."""
+    name = f"ao_empty_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        admin = await _admin()
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+
+    async def drop() -> None:
+        admin = await _admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    _run_in_thread(create)
+    yield _pg_url_for(name)
+    _run_in_thread(drop)
+
+
+@pytest.fixture
 def redis_namespace() -> Iterator[str]:
     namespace = f"aotest-{uuid.uuid4().hex[:10]}"
 
@@ -151,15 +176,29 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-def settings(
+def make_backend_settings(
     backend: str, make_settings: Callable[..., Settings], request: pytest.FixtureRequest
-) -> Settings:
+) -> Callable[..., Settings]:
+    """Like `make_settings`, on the test's backend: embedded (SQLite, in-process) or
+    production-like (a fresh PostgreSQL database + a fresh Redis namespace)."""
+    base: dict[str, Any] = {}
+    if backend == "postgresql":
+        base = {
+            "database_url": request.getfixturevalue("pg_database"),
+            "redis_uri": REDIS_URL,
+            "redis_namespace": request.getfixturevalue("redis_namespace"),
+        }
+
+    def factory(**overrides: Any) -> Settings:
+        return make_settings(**{**base, **overrides})
+
+    return factory
+
+
+@pytest.fixture
+def settings(make_backend_settings: Callable[..., Settings]) -> Settings:
     """Embedded (SQLite, in-process) or production-like (PostgreSQL + Redis) settings."""
-    if backend == "sqlite":
-        return make_settings()
-    database_url = request.getfixturevalue("pg_database")
-    namespace = request.getfixturevalue("redis_namespace")
-    return make_settings(database_url=database_url, redis_uri=REDIS_URL, redis_namespace=namespace)
+    return make_backend_settings()
 
 
 @asynccontextmanager
@@ -204,3 +243,12 @@ def make_token(settings: Settings) -> TokenFactory:
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+#: The installed console script, next to the interpreter running the tests.
+CLI = str(Path(sys.executable).with_name("agent-orchestrator"))
+
+
+def clean_env(**variables: str) -> dict[str, str]:
+    """An environment holding nothing of the caller's but PATH, plus `variables`."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **variables}
