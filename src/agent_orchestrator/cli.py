@@ -1,4 +1,4 @@
-"""`agent-orchestrator`: serve | migrate | token (worker arrives with the task engine)."""
+"""`agent-orchestrator`: serve | worker | migrate | token."""
 
 from __future__ import annotations
 
@@ -32,11 +32,17 @@ def load_settings() -> Settings:
 def serve(
     host: Annotated[str | None, typer.Option(help="interface to bind (SERVICE_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port to listen on (SERVICE_PORT)")] = None,
+    no_worker: Annotated[
+        bool, typer.Option("--no-worker", help="API only: run no tasks in this process")
+    ] = False,
 ) -> None:
-    """Run the API (embedded default: SQLite in DATA_DIR, in-process queue and events)."""
+    """Run the API, and a task worker in the same process unless --no-worker.
+
+    Embedded default: SQLite in DATA_DIR, in-process queue and events."""
     import uvicorn
 
-    from agent_orchestrator.app import SchemaNotMigrated, create_app
+    from agent_orchestrator.app import create_app
+    from agent_orchestrator.lifecycle import SchemaNotMigrated
     from agent_orchestrator.observability.logging import configure_logging
 
     settings = load_settings()
@@ -44,13 +50,15 @@ def serve(
     bind_host = host or settings.service_host
     bind_port = port if port is not None else settings.service_port
     mode = "production" if settings.uses_redis else "embedded"
+    role = "API only" if no_worker else "API + worker"
     typer.echo(
-        f"agent-orchestrator ({mode} mode, {settings.resolved_database_url().split(':')[0]})"
+        f"agent-orchestrator ({mode} mode, {role}, "
+        f"{settings.resolved_database_url().split(':')[0]})"
         f" listening on http://{bind_host}:{bind_port}  (docs: /docs)",
         err=True,
     )
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, run_worker=not no_worker),
         host=bind_host,
         port=bind_port,
         log_config=None,
@@ -65,6 +73,40 @@ def serve(
         _fail(str(error))
     if not server.started:
         _fail("the server did not start (see the log above)")
+
+
+@app.command()
+def worker() -> None:
+    """Run a task worker: up to MAX_CONCURRENT_TASKS tasks at once, until SIGTERM/SIGINT,
+    then stop claiming and finish or release running tasks within SHUTDOWN_GRACE."""
+    import signal
+
+    from agent_orchestrator.lifecycle import SchemaNotMigrated, build_state, close_state
+    from agent_orchestrator.observability.logging import configure_logging
+    from agent_orchestrator.state import build_verifier
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+
+    async def run() -> None:
+        state = await build_state(settings, build_verifier(settings), run_worker=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        typer.echo(
+            f"agent-orchestrator worker {state.worker.worker_id if state.worker else ''} running",
+            err=True,
+        )
+        try:
+            await stop.wait()
+        finally:
+            await close_state(state)
+
+    try:
+        asyncio.run(run())
+    except SchemaNotMigrated as error:
+        _fail(str(error))
 
 
 @app.command()

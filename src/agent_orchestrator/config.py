@@ -107,7 +107,24 @@ class Settings(BaseSettings):
     session_cache_size: PositiveInt = 10_000
     db_pool_size: PositiveInt = 10
 
-    @field_validator("allowed_origins", mode="before")
+    # --- task engine --------------------------------------------------------------------
+    lease_ttl: Annotated[float, Field(ge=1, le=600)] = 10.0
+    reconcile_interval: Annotated[float, Field(gt=0, le=300)] = 2.0
+    queued_stale_after: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 25.0
+    queue_interactive: Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,32}$")] = "interactive"
+    queue_bulk: Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,32}$")] = "bulk"
+    bulk_concurrency: PositiveInt = 10
+    retry_backoff_initial: PositiveFloat = 0.5
+    retry_backoff_max: PositiveFloat = 30.0
+    task_handler_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # --- events ------------------------------------------------------------------------
+    events_ttl: PositiveInt = 86_400
+    events_stream_cap: PositiveInt = 10_000
+    sse_keepalive_seconds: PositiveFloat = 15.0
+
+    @field_validator("allowed_origins", "task_handler_modules", mode="before")
     @classmethod
     def _origins(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -151,6 +168,8 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "ENVIRONMENT=production requires " + ", ".join(missing) + " to be set"
                 )
+        if self.queue_interactive == self.queue_bulk:
+            raise ValueError("QUEUE_INTERACTIVE and QUEUE_BULK must differ")
         if self.default_page_size > self.max_page_size:
             raise ValueError("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
         return self
@@ -159,6 +178,11 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.environment is Environment.PRODUCTION
+
+    @property
+    def max_attempts(self) -> int:
+        """First attempt plus RETRY_ATTEMPTS retries."""
+        return 1 + self.retry_attempts
 
     @property
     def uses_redis(self) -> bool:

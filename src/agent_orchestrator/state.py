@@ -8,8 +8,13 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from agent_orchestrator.config import Settings
+from agent_orchestrator.events.bus import EventBus
 from agent_orchestrator.middleware.auth import TokenVerifier
+from agent_orchestrator.queue.base import TaskQueue
+from agent_orchestrator.queue.engine import WorkerEngine
+from agent_orchestrator.queue.registry import HandlerRegistry
 from agent_orchestrator.services.session_manager import SessionManager
+from agent_orchestrator.services.task_ledger import TaskLedger
 
 
 @dataclass
@@ -20,6 +25,11 @@ class AppState:
     redis: Redis | None
     verifier: TokenVerifier
     sessions: SessionManager
+    bus: EventBus
+    queue: TaskQueue
+    ledger: TaskLedger
+    registry: HandlerRegistry
+    worker: WorkerEngine | None = None
 
 
 def build_verifier(settings: Settings) -> TokenVerifier:

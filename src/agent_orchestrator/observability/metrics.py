@@ -50,3 +50,14 @@ class HttpMetricsMiddleware:
             route = _route_template(scope)
             HTTP_REQUESTS.labels(scope["method"], route, str(status)).inc()
             HTTP_LATENCY.labels(scope["method"], route).observe(time.perf_counter() - started)
+
+
+TASKS_FINISHED = Counter(
+    f"{PREFIX}_tasks_finished_total", "Tasks that reached a terminal state", ["kind", "status"]
+)
+TASK_DURATION = Histogram(
+    f"{PREFIX}_task_processing_seconds", "Time from claim to the end of an attempt", ["kind"]
+)
+TASKS_RECOVERED = Counter(
+    f"{PREFIX}_tasks_recovered_total", "Tasks the reconciler re-delivered or closed", ["reason"]
+)

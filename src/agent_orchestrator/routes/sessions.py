@@ -35,7 +35,7 @@ async def list_sessions(
     paging: Paging,
     state_filter: Annotated[SessionState | None, Query(alias="state")] = None,
 ) -> Page[Session]:
-    return await state.sessions.list(
+    return await state.sessions.page(
         uow, principal, state=state_filter, limit=paging.limit, cursor=paging.cursor
     )
 

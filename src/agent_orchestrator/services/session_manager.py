@@ -83,7 +83,7 @@ class SessionManager:
         await self._cache(session, now)
         return session
 
-    async def list(
+    async def page(
         self,
         uow: UnitOfWork,
         principal: Principal,
@@ -101,7 +101,7 @@ class SessionManager:
             filters.update(states=[state.value], live_after=now)
         elif state is SessionState.CLOSED:
             filters.update(states=[SessionState.CLOSED.value])
-        rows, next_cursor = await SessionRepository(uow.session).list(
+        rows, next_cursor = await SessionRepository(uow.session).page(
             principal.tenant_id,
             user_id=None if sees_whole_tenant(principal) else principal.user_id,
             limit=limit,

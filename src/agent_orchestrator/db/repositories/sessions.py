@@ -33,7 +33,7 @@ class SessionRepository:
         result = await self.db.execute(query)
         return result.scalar_one_or_none()
 
-    async def list(
+    async def page(
         self,
         tenant_id: str,
         *,

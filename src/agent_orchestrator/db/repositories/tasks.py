@@ -1,0 +1,142 @@
+"""Every query on tasks and service calls.
+
+Each method takes the tenant and filters by it, except the few marked *system sweep*: the
+reconciler looks across tenants by design (it repairs the ledger, it serves no caller).
+Status writes are conditional updates whose WHERE clause names the allowed source states;
+only `services.task_ledger` calls them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from agent_orchestrator.db.repositories.paging import keyset_page, split_page
+from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
+
+
+class TaskRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def add(self, row: TaskRow) -> TaskRow:
+        self.db.add(row)
+        await self.db.flush()
+        return row
+
+    async def get(self, tenant_id: str, task_id: uuid.UUID) -> TaskRow | None:
+        query = select(TaskRow).where(TaskRow.tenant_id == tenant_id, TaskRow.id == task_id)
+        return (await self.db.execute(query)).scalar_one_or_none()
+
+    async def by_idempotency_key(self, tenant_id: str, key: str) -> TaskRow | None:
+        query = select(TaskRow).where(
+            TaskRow.tenant_id == tenant_id, TaskRow.idempotency_key == key
+        )
+        return (await self.db.execute(query)).scalar_one_or_none()
+
+    async def page(
+        self,
+        tenant_id: str,
+        *,
+        user_id: str | None,
+        session_id: uuid.UUID | None,
+        status: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[TaskRow], str | None]:
+        query = select(TaskRow).where(TaskRow.tenant_id == tenant_id)
+        if user_id is not None:
+            query = query.where(TaskRow.user_id == user_id)
+        if session_id is not None:
+            query = query.where(TaskRow.session_id == session_id)
+        if status is not None:
+            query = query.where(TaskRow.status == status)
+        query = keyset_page(query, TaskRow.created_at, TaskRow.id, limit=limit, cursor=cursor)
+        rows = list((await self.db.execute(query)).scalars())
+        return split_page(rows, limit, lambda row: (row.created_at, row.id))
+
+    async def transition(
+        self,
+        tenant_id: str,
+        task_id: uuid.UUID,
+        *,
+        sources: list[str],
+        values: dict[str, Any],
+        conditions: tuple[ColumnElement[bool], ...] = (),
+    ) -> TaskRow | None:
+        """Move one task if it is in one of `sources` (and `conditions` hold): exactly one
+        concurrent caller can win. Returns the updated row, or None when it lost."""
+        statement = (
+            update(TaskRow)
+            .where(
+                TaskRow.tenant_id == tenant_id,
+                TaskRow.id == task_id,
+                TaskRow.status.in_(sources),
+                *conditions,
+            )
+            .values(**values)
+            .returning(TaskRow)
+            .execution_options(synchronize_session=False)
+        )
+        return (await self.db.execute(statement)).scalar_one_or_none()
+
+    async def expired_leases(self, now: datetime, limit: int) -> list[TaskRow]:
+        """*System sweep*: running tasks whose worker stopped renewing its lease."""
+        query = (
+            select(TaskRow)
+            .where(TaskRow.status == "running", TaskRow.lease_expires_at < now)
+            .order_by(TaskRow.lease_expires_at)
+            .limit(limit)
+        )
+        return list((await self.db.execute(query)).scalars())
+
+    async def queued_before(self, moment: datetime, limit: int) -> list[TaskRow]:
+        """*System sweep*: tasks queued (and due) since before `moment`."""
+        query = (
+            select(TaskRow)
+            .where(
+                TaskRow.status == "queued",
+                TaskRow.updated_at < moment,
+                (TaskRow.not_before.is_(None)) | (TaskRow.not_before < moment),
+            )
+            .order_by(TaskRow.updated_at)
+            .limit(limit)
+        )
+        return list((await self.db.execute(query)).scalars())
+
+    # --- service calls ------------------------------------------------------------------
+    async def service_calls(self, tenant_id: str, task_id: uuid.UUID) -> list[ServiceCallRow]:
+        query = (
+            select(ServiceCallRow)
+            .where(ServiceCallRow.tenant_id == tenant_id, ServiceCallRow.task_id == task_id)
+            .order_by(ServiceCallRow.started_at, ServiceCallRow.step)
+        )
+        return list((await self.db.execute(query)).scalars())
+
+    async def save_service_call(self, row: ServiceCallRow) -> None:
+        """One row per (task, step): a retried task updates the step it ran before."""
+        query = select(ServiceCallRow).where(
+            ServiceCallRow.tenant_id == row.tenant_id,
+            ServiceCallRow.task_id == row.task_id,
+            ServiceCallRow.step == row.step,
+        )
+        existing = (await self.db.execute(query)).scalar_one_or_none()
+        if existing is None:
+            self.db.add(row)
+        else:
+            for name in (
+                "service",
+                "operation",
+                "status",
+                "attempts",
+                "latency_ms",
+                "error",
+                "started_at",
+                "finished_at",
+            ):
+                setattr(existing, name, getattr(row, name))
+        await self.db.flush()

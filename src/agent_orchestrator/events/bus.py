@@ -1,0 +1,160 @@
+"""The event bus contract, and the subscription logic both backends share.
+
+A subscription registers for live events first, then replays the log after the client's
+cursor, then yields live events whose id is above the last one it yielded: no gap (live
+events that race the replay are buffered) and no duplicate (ids only rise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+from agent_orchestrator.events.models import Event, StreamKey
+
+ControlHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class SubscriberOverflow(Exception):
+    """The subscriber did not keep up: its bounded queue filled, so it was cut off."""
+
+
+class Subscriber:
+    """One local consumer of one stream, fed by the bus's single live listener."""
+
+    def __init__(self, stream: StreamKey, max_queue: int) -> None:
+        self.stream = stream
+        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=max_queue)
+        self.overflowed = False
+        self.last_id = 0
+        # Set by a backend whose live feed broke (e.g. Redis reconnect): read the log again.
+        self.needs_replay = asyncio.Event()
+
+    def offer(self, event: Event) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+
+class EventBus(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def publish(self, event: Event) -> Event: ...
+    async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]: ...
+    def subscribe(
+        self,
+        stream: StreamKey,
+        after: int | None = None,
+        *,
+        replay: bool = True,
+        max_queue: int = 1000,
+    ) -> AbstractSubscription: ...
+    async def publish_control(self, message: dict[str, Any]) -> None: ...
+    def on_control(self, handler: ControlHandler) -> None: ...
+    def subscriber_count(self) -> int: ...
+
+
+AbstractSubscription = Any  # an async context manager yielding an AsyncIterator[Event]
+
+REPLAY_PAGE = 500
+
+
+class LocalFanout:
+    """Subscribers of this process by stream; the backends feed it from their one listener."""
+
+    def __init__(self) -> None:
+        self._by_stream: dict[StreamKey, set[Subscriber]] = {}
+        self._control: list[ControlHandler] = []
+
+    def add(self, subscriber: Subscriber) -> None:
+        self._by_stream.setdefault(subscriber.stream, set()).add(subscriber)
+
+    def remove(self, subscriber: Subscriber) -> None:
+        group = self._by_stream.get(subscriber.stream)
+        if group is not None:
+            group.discard(subscriber)
+            if not group:
+                del self._by_stream[subscriber.stream]
+
+    def deliver(self, event: Event) -> None:
+        for stream in event.streams():
+            for subscriber in list(self._by_stream.get(stream, ())):
+                subscriber.offer(event)
+
+    def all_subscribers(self) -> list[Subscriber]:
+        return [sub for group in self._by_stream.values() for sub in group]
+
+    def count(self) -> int:
+        return sum(len(group) for group in self._by_stream.values())
+
+    def on_control(self, handler: ControlHandler) -> None:
+        self._control.append(handler)
+
+    async def dispatch_control(self, message: dict[str, Any]) -> None:
+        for handler in list(self._control):
+            await handler(message)
+
+
+ReplayFn = Callable[[StreamKey, int | None, int], Awaitable[list[Event]]]
+
+
+@asynccontextmanager
+async def subscription(
+    fanout: LocalFanout,
+    replay_fn: ReplayFn,
+    stream: StreamKey,
+    after: int | None,
+    *,
+    replay: bool,
+    max_queue: int,
+) -> AsyncIterator[AsyncIterator[Event]]:
+    """`after` given: events after it. No `after`: the whole log when `replay`, else only
+    what is published from now on."""
+    subscriber = Subscriber(stream, max_queue)
+    subscriber.last_id = after or 0
+    if replay or after is not None:
+        subscriber.needs_replay.set()
+    fanout.add(subscriber)
+    try:
+        yield _iterate(subscriber, replay_fn)
+    finally:
+        fanout.remove(subscriber)
+
+
+async def _replay_missed(subscriber: Subscriber, replay_fn: ReplayFn) -> AsyncIterator[Event]:
+    subscriber.needs_replay.clear()
+    while True:
+        page = await replay_fn(subscriber.stream, subscriber.last_id, REPLAY_PAGE)
+        for event in page:
+            if event.cursor > subscriber.last_id:
+                subscriber.last_id = event.cursor
+                yield event
+        if len(page) < REPLAY_PAGE:
+            return
+
+
+async def _iterate(subscriber: Subscriber, replay_fn: ReplayFn) -> AsyncIterator[Event]:
+    while True:
+        if subscriber.needs_replay.is_set():
+            async for event in _replay_missed(subscriber, replay_fn):
+                yield event
+        if subscriber.overflowed and subscriber.queue.empty():
+            raise SubscriberOverflow(str(subscriber.stream))
+        getter = asyncio.ensure_future(subscriber.queue.get())
+        waker = asyncio.ensure_future(subscriber.needs_replay.wait())
+        try:
+            done, _ = await asyncio.wait({getter, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waker.cancel()
+            if not getter.done():
+                getter.cancel()
+        if getter in done and not getter.cancelled():
+            event = getter.result()
+            if event.cursor > subscriber.last_id:
+                subscriber.last_id = event.cursor
+                yield event

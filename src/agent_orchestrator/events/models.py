@@ -1,0 +1,67 @@
+"""The one event envelope (SSE and WebSocket alike) and the streams events are kept in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class EventType(StrEnum):
+    TASK_STATUS = "task.status"
+    CHAT_STREAM = "chat.stream"
+    CHAT_COMPLETED = "chat.completed"
+    BATCH_PROGRESS = "batch.progress"
+    SESSION_STATE = "session.state"
+    SYSTEM_ERROR = "system.error"
+    SYSTEM_WARNING = "system.warning"
+    SYSTEM_PING = "system.ping"
+
+
+class Event(BaseModel):
+    """`id` is a cursor: integers rising across every stream, so one id resumes anywhere."""
+
+    id: str = ""
+    type: str
+    tenant_id: str
+    session_id: str | None = None
+    task_id: str | None = None
+    ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def cursor(self) -> int:
+        return int(self.id) if self.id else 0
+
+    def streams(self) -> list[StreamKey]:
+        keys = []
+        if self.task_id:
+            keys.append(StreamKey("task", self.tenant_id, self.task_id))
+        if self.session_id:
+            keys.append(StreamKey("session", self.tenant_id, self.session_id))
+        return keys
+
+
+@dataclass(frozen=True, slots=True)
+class StreamKey:
+    """A replay log: every event of one task, or of one session, of one tenant."""
+
+    kind: str  # "task" | "session"
+    tenant_id: str
+    resource_id: str
+
+    def name(self, namespace: str) -> str:
+        return f"{namespace}:events:{self.kind}:{self.tenant_id}:{self.resource_id}"
+
+
+def parse_cursor(value: str | None) -> int | None:
+    """A client's cursor (Last-Event-ID, `after`): a non-negative integer, else None."""
+    if value is None or value == "":
+        return None
+    text = value.strip()
+    if not text.isdigit() or len(text) > 20:
+        raise ValueError("cursor must be a non-negative integer event id")
+    return int(text)

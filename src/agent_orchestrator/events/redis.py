@@ -1,0 +1,144 @@
+"""Redis event bus: a capped Stream per task and per session (replay, EVENTS_TTL) written
+atomically with the Pub/Sub publish by one Lua script, and one Pub/Sub connection per
+process that fans events out to this process's subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from agent_orchestrator.aio import cancel_and_wait
+from agent_orchestrator.events.bus import ControlHandler, LocalFanout, subscription
+from agent_orchestrator.events.models import Event, StreamKey
+from agent_orchestrator.observability.logging import get_logger
+
+log = get_logger(__name__)
+
+# KEYS[1] id counter, KEYS[2] channel, KEYS[3..] streams; ARGV json, cap, ttl.
+# The id is max(counter + 1, server clock in microseconds): it rises monotonically and
+# keeps rising even if Redis lost its data, so an old client cursor never hides new events.
+_PUBLISH = """
+local clock = redis.call('TIME')
+local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local id = math.max(last + 1, now_us)
+redis.call('SET', KEYS[1], string.format('%d', id))
+local sid = string.format('%d', id) .. '-0'
+for i = 3, #KEYS do
+  redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[2], sid, 'e', ARGV[1])
+  redis.call('EXPIRE', KEYS[i], ARGV[3])
+end
+redis.call('PUBLISH', KEYS[2], string.format('%d', id) .. '|' .. ARGV[1])
+return string.format('%d', id)
+"""
+
+
+class RedisEventBus:
+    def __init__(self, redis: Redis, *, namespace: str, stream_cap: int, ttl_seconds: int) -> None:
+        self._redis = redis
+        self._ns = namespace
+        self._cap = stream_cap
+        self._ttl = ttl_seconds
+        self._events_channel = f"{namespace}:events"
+        self._control_channel = f"{namespace}:control"
+        self._counter = f"{namespace}:events:seq"
+        self._script = redis.register_script(_PUBLISH)
+        self._fanout = LocalFanout()
+        self._reader: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_forever(), name="event-bus-reader")
+            await asyncio.wait_for(self._subscribed.wait(), timeout=10)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            await cancel_and_wait(self._reader)
+            self._reader = None
+
+    async def publish(self, event: Event) -> Event:
+        payload = event.model_dump_json(exclude={"id"})
+        keys = [self._counter, self._events_channel] + [s.name(self._ns) for s in event.streams()]
+        raw = await self._script(keys=keys, args=[payload, self._cap, self._ttl])
+        return event.model_copy(update={"id": raw.decode() if isinstance(raw, bytes) else raw})
+
+    async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]:
+        start = f"({after}-0" if after else "-"
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(  # type: ignore[assignment]
+            stream.name(self._ns), min=start, max="+", count=limit
+        )
+        events = []
+        for entry_id, fields in entries:
+            event = Event.model_validate_json(fields[b"e"])
+            events.append(event.model_copy(update={"id": entry_id.decode().split("-", 1)[0]}))
+        return events
+
+    def subscribe(
+        self,
+        stream: StreamKey,
+        after: int | None = None,
+        *,
+        replay: bool = True,
+        max_queue: int = 1000,
+    ) -> Any:
+        return subscription(
+            self._fanout, self.replay, stream, after, replay=replay, max_queue=max_queue
+        )
+
+    async def publish_control(self, message: dict[str, Any]) -> None:
+        await self._redis.publish(self._control_channel, json.dumps(message))
+
+    def on_control(self, handler: ControlHandler) -> None:
+        self._fanout.on_control(handler)
+
+    def subscriber_count(self) -> int:
+        return self._fanout.count()
+
+    # --- the one live listener of this process -------------------------------------------
+    async def _read_forever(self) -> None:
+        delay = 0.1
+        first = True
+        while True:
+            pubsub: PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._events_channel, self._control_channel)
+                self._subscribed.set()
+                if not first:
+                    # Anything published while we were away is in the replay logs.
+                    for subscriber in self._fanout.all_subscribers():
+                        subscriber.needs_replay.set()
+                first = False
+                delay = 0.1
+                async for message in pubsub.listen():
+                    await self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+                log.warning("event bus lost Redis; reconnecting", error=str(error))
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _dispatch(self, message: dict[str, Any]) -> None:
+        if message.get("type") != "message":
+            return
+        channel = message["channel"].decode()
+        data = message["data"].decode()
+        try:
+            if channel == self._control_channel:
+                await self._fanout.dispatch_control(json.loads(data))
+                return
+            event_id, _, payload = data.partition("|")
+            event = Event.model_validate_json(payload).model_copy(update={"id": event_id})
+        except Exception:
+            log.exception("dropping malformed bus message", channel=channel)
+            return
+        self._fanout.deliver(event)

@@ -1,0 +1,80 @@
+"""Building and tearing down a process's state: shared by `serve` (via the app lifespan)
+and `worker`, so both run the same adapters for the same settings."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from agent_orchestrator.config import Settings
+from agent_orchestrator.db.engine import create_engine, session_factory
+from agent_orchestrator.db.migrate import is_up_to_date, upgrade
+from agent_orchestrator.middleware.auth import TokenVerifier
+from agent_orchestrator.queue.engine import WorkerEngine, build_bus, build_ledger, build_queue
+from agent_orchestrator.queue.registry import HandlerRegistry
+from agent_orchestrator.queue.tasks import register_builtin_kinds
+from agent_orchestrator.services.session_cache import (
+    MemorySessionCache,
+    RedisSessionCache,
+    SessionCache,
+)
+from agent_orchestrator.services.session_manager import SessionManager
+from agent_orchestrator.state import AppState
+
+
+class SchemaNotMigrated(RuntimeError):
+    pass
+
+
+async def build_state(settings: Settings, verifier: TokenVerifier, *, run_worker: bool) -> AppState:
+    engine = create_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size)
+    if settings.should_auto_migrate:
+        await upgrade(engine)
+    elif not await is_up_to_date(engine):
+        await engine.dispose()
+        raise SchemaNotMigrated("database schema is not at head: run `agent-orchestrator migrate`")
+    redis = Redis.from_url(settings.redis_uri) if settings.redis_uri else None
+    cache: SessionCache = (
+        RedisSessionCache(redis, settings.redis_namespace)
+        if redis
+        else MemorySessionCache(settings.session_cache_size)
+    )
+    factory = session_factory(engine)
+    bus = build_bus(settings, redis)
+    queue = build_queue(settings, redis)
+    await bus.start()
+    await queue.start()
+    registry = HandlerRegistry()
+    state = AppState(
+        settings=settings,
+        engine=engine,
+        db_factory=factory,
+        redis=redis,
+        verifier=verifier,
+        sessions=SessionManager(ttl_seconds=settings.session_ttl, cache=cache),
+        bus=bus,
+        queue=queue,
+        ledger=build_ledger(settings, factory, bus, queue),
+        registry=registry,
+    )
+    register_builtin_kinds(registry, state)
+    if run_worker:
+        state.worker = WorkerEngine(
+            settings=settings,
+            ledger=state.ledger,
+            queue=queue,
+            bus=bus,
+            registry=registry,
+            db_factory=factory,
+        )
+        await state.worker.start()
+    return state
+
+
+async def close_state(state: AppState) -> None:
+    if state.worker is not None:
+        await state.worker.stop()
+    await state.queue.close()
+    await state.bus.close()
+    if state.redis is not None:
+        await state.redis.aclose()
+    await state.engine.dispose()

@@ -1,0 +1,303 @@
+"""Consumer: takes deliveries off the queue and runs them under a database lease.
+
+For each delivery the runner claims the task (a conditional update exactly one worker can
+win), starts the handler as its own asyncio task, renews the lease while it runs, and
+ends the attempt in exactly one way: succeeded, failed, retried later, timed out,
+cancelled (on request, from any API instance), released (on shutdown) or abandoned
+(the lease was lost, so another worker owns the task now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import tenacity
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from agent_orchestrator.aio import cancel_and_wait
+from agent_orchestrator.db.tables import TaskRow
+from agent_orchestrator.events.bus import EventBus
+from agent_orchestrator.events.models import Event
+from agent_orchestrator.models.task import TaskErrorInfo, TaskStatus
+from agent_orchestrator.observability.logging import get_logger
+from agent_orchestrator.observability.metrics import TASK_DURATION
+from agent_orchestrator.queue.base import Received, TaskQueue
+from agent_orchestrator.queue.registry import HandlerRegistry, TaskFailure
+from agent_orchestrator.services.task_ledger import Renewal, TaskLedger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TaskContext:
+    """What a handler gets: its task, the attempt, and ways to report progress and events."""
+
+    task: TaskRow
+    worker_id: str
+    ledger: TaskLedger
+    bus: EventBus
+    db_factory: async_sessionmaker[AsyncSession]
+    services: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attempt(self) -> int:
+        return self.task.attempt
+
+    async def progress(self, steps_completed: int, steps_total: int, **extra: Any) -> None:
+        payload = {"steps_completed": steps_completed, "steps_total": steps_total, **extra}
+        await self.ledger.set_progress(self.task, self.worker_id, payload)
+
+    async def emit(self, event_type: str, data: dict[str, Any]) -> Event:
+        return await self.bus.publish(
+            Event(
+                type=event_type,
+                tenant_id=self.task.tenant_id,
+                session_id=str(self.task.session_id) if self.task.session_id else None,
+                task_id=str(self.task.id),
+                data=data,
+            )
+        )
+
+
+class _Attempt:
+    """A running handler and why it was stopped, if it was."""
+
+    def __init__(self, work: asyncio.Task[Any]) -> None:
+        self.work = work
+        self.reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.work.cancel()
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        *,
+        ledger: TaskLedger,
+        registry: HandlerRegistry,
+        bus: EventBus,
+        db_factory: async_sessionmaker[AsyncSession],
+        worker_id: str,
+        task_timeout: float,
+        lease_ttl: float,
+        backoff_initial: float,
+        backoff_max: float,
+        services: dict[str, Any] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.registry = registry
+        self.bus = bus
+        self.db_factory = db_factory
+        self.worker_id = worker_id
+        self.task_timeout = task_timeout
+        self.renew_every = lease_ttl / 3
+        self.services = services or {}
+        self._backoff = tenacity.wait_exponential_jitter(
+            multiplier=backoff_initial, max=backoff_max
+        )
+        self._attempts: dict[uuid.UUID, _Attempt] = {}
+        bus.on_control(self._on_control)
+
+    @property
+    def running(self) -> int:
+        return len(self._attempts)
+
+    def stop_all(self, reason: str) -> None:
+        for attempt in list(self._attempts.values()):
+            attempt.stop(reason)
+
+    async def _on_control(self, message: dict[str, Any]) -> None:
+        if message.get("action") != "cancel":
+            return
+        try:
+            task_id = uuid.UUID(str(message.get("task_id")))
+        except ValueError:
+            return
+        attempt = self._attempts.get(task_id)
+        if attempt is not None:
+            attempt.stop("cancel")
+
+    async def run(self, received: Received) -> None:
+        delivery = received.delivery
+        task = await self.ledger.claim(
+            delivery.tenant_id, uuid.UUID(delivery.task_id), self.worker_id
+        )
+        if task is None:
+            log.debug("delivery dropped: task not claimable", task_id=delivery.task_id)
+            return
+        with structlog.contextvars.bound_contextvars(
+            task_id=str(task.id), tenant_id=task.tenant_id, attempt=task.attempt
+        ):
+            await self._run_claimed(task, received)
+
+    async def _run_claimed(self, task: TaskRow, received: Received) -> None:
+        kind = self.registry.get(task.kind)
+        if kind is None:
+            error = TaskErrorInfo(
+                code="unknown_task_kind", message=f"no handler for task kind {task.kind!r}"
+            )
+            await self.ledger.finish(task, self.worker_id, TaskStatus.FAILED, error=error)
+            return
+        context = TaskContext(
+            task, self.worker_id, self.ledger, self.bus, self.db_factory, self.services
+        )
+        started = time.perf_counter()
+        attempt = _Attempt(asyncio.create_task(kind.handler(context), name=f"task-{task.id}"))
+        self._attempts[task.id] = attempt
+        keeper = asyncio.create_task(self._keep_lease(task, attempt, received))
+        try:
+            await asyncio.wait({attempt.work}, timeout=self.task_timeout)
+            if not attempt.work.done():
+                attempt.stop("timeout")
+                await asyncio.wait({attempt.work})
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+            self._attempts.pop(task.id, None)
+            TASK_DURATION.labels(task.kind).observe(time.perf_counter() - started)
+        await self._record(task, attempt)
+
+    async def _record(self, task: TaskRow, attempt: _Attempt) -> None:
+        work, owner = attempt.work, self.worker_id
+        if work.cancelled() or attempt.reason is not None:
+            reason = attempt.reason or "cancel"
+            if reason == "cancel":
+                await self.ledger.finish(task, owner, TaskStatus.CANCELLED)
+            elif reason == "timeout":
+                error = TaskErrorInfo(
+                    code="timeout",
+                    message=f"the task ran longer than TASK_TIMEOUT ({self.task_timeout:g} s)",
+                )
+                await self.ledger.finish(task, owner, TaskStatus.TIMED_OUT, error=error)
+            elif reason == "shutdown":
+                await self.ledger.release(task, owner)
+            # "lease_lost": another worker owns the task now; write nothing.
+            log.info("attempt stopped", reason=reason)
+            return
+        failure = work.exception()
+        if failure is None:
+            result = work.result()
+            if result is not _ALREADY_FINISHED:
+                await self.ledger.finish(task, owner, TaskStatus.SUCCEEDED, result=result)
+            return
+        if isinstance(failure, TaskFailure):
+            error = TaskErrorInfo(
+                code=failure.code, message=failure.message, retryable=failure.retryable
+            )
+        else:
+            log.error("handler raised", error_type=type(failure).__name__, exc_info=failure)
+            error = TaskErrorInfo(code="internal_error", message="the task handler failed")
+        if error.retryable and task.attempt < task.max_attempts:
+            delay = self.retry_delay(task.attempt)
+            log.info("retrying later", code=error.code, delay=round(delay, 3))
+            await self.ledger.retry_later(task, owner, error, delay)
+        else:
+            await self.ledger.finish(task, owner, TaskStatus.FAILED, error=error)
+
+    def retry_delay(self, attempt: int) -> float:
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        return float(self._backoff(state))
+
+    async def _keep_lease(self, task: TaskRow, attempt: _Attempt, received: Received) -> None:
+        while True:
+            await asyncio.sleep(self.renew_every)
+            try:
+                renewal = await self.ledger.renew(task, self.worker_id)
+                await received.heartbeat()
+            except Exception as error:  # the database may be briefly away: keep trying
+                log.warning("lease renewal failed", error=str(error))
+                continue
+            if renewal is Renewal.LOST:
+                log.warning("lease lost; abandoning the attempt")
+                attempt.stop("lease_lost")
+                return
+            if renewal is Renewal.CANCEL:
+                attempt.stop("cancel")
+                return
+
+
+#: A handler that wrote its terminal state itself (in its own final transaction, via
+#: `ledger.finish(..., db=...)`) returns this so the runner does not write it again.
+_ALREADY_FINISHED: Any = object()
+ALREADY_FINISHED = _ALREADY_FINISHED
+
+
+#: How long one receive waits for a delivery. Short, so shutdown never waits on it long;
+#: an idle worker makes a few cheap blocking calls a second per queue.
+RECEIVE_WAIT = 0.25
+
+
+class WorkerPool:
+    """Pulls deliveries from each queue with a bounded number of attempts in flight per
+    queue (interactive work never waits behind bulk work), and drains on shutdown."""
+
+    def __init__(self, queue: TaskQueue, runner: TaskRunner, concurrency: dict[str, int]) -> None:
+        self.queue = queue
+        self.runner = runner
+        self.concurrency = concurrency
+        self._stopping = False
+        self._loops: list[asyncio.Task[None]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        for name, slots in self.concurrency.items():
+            self._loops.append(asyncio.create_task(self._consume(name, slots), name=f"pool-{name}"))
+
+    async def _consume(self, name: str, slots: int) -> None:
+        free = asyncio.Semaphore(slots)
+        while not self._stopping:
+            await free.acquire()
+            try:
+                received = await self.queue.receive(name, wait_seconds=RECEIVE_WAIT)
+            except Exception as error:
+                free.release()
+                log.warning("queue receive failed", queue=name, error=str(error))
+                await asyncio.sleep(1.0)
+                continue
+            if received is None:
+                free.release()
+                continue
+            if self._stopping:  # arrived during shutdown: hand it straight back
+                free.release()
+                await received.done()
+                await self.queue.enqueue(received.delivery)
+                break
+            job = asyncio.create_task(self._handle(received, free))
+            self._inflight.add(job)
+            job.add_done_callback(self._inflight.discard)
+
+    async def _handle(self, received: Received, free: asyncio.Semaphore) -> None:
+        try:
+            await self.runner.run(received)
+        except Exception:
+            log.exception("delivery failed", task_id=received.delivery.task_id)
+        finally:
+            free.release()
+            try:
+                await received.done()
+            except Exception as error:
+                log.warning("could not acknowledge delivery", error=str(error))
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking work, let running attempts finish within `grace`, then release the
+        rest back to the queue (their attempt is not counted)."""
+        self._stopping = True
+        # A loop is either waiting for a free slot or in a short receive.
+        if self._loops:
+            await asyncio.wait(self._loops, timeout=RECEIVE_WAIT * 2)
+        for loop in self._loops:
+            await cancel_and_wait(loop)
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=grace)
+        if self._inflight:
+            self.runner.stop_all("shutdown")
+            await asyncio.wait(set(self._inflight), timeout=10)

@@ -1,0 +1,54 @@
+"""Task kinds and their handlers. A kind names its queue (interactive or bulk work)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent_orchestrator.queue.consumer import TaskContext
+
+Handler = Callable[["TaskContext"], Coroutine[Any, Any, dict[str, Any] | None]]
+
+
+class TaskFailure(Exception):
+    """Raised by a handler: a failure with a stable code; `retryable` asks for a retry."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    name: str
+    handler: Handler
+    bulk: bool = False
+
+
+class HandlerRegistry:
+    def __init__(self) -> None:
+        self._kinds: dict[str, TaskKind] = {}
+
+    def register(self, name: str, handler: Handler, *, bulk: bool = False) -> None:
+        self._kinds[name] = TaskKind(name, handler, bulk)
+
+    def get(self, name: str) -> TaskKind | None:
+        return self._kinds.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._kinds)
+
+
+def load_handler_modules(registry: HandlerRegistry, modules: list[str]) -> None:
+    """TASK_HANDLER_MODULES: each module exposes `register(registry)`."""
+    for name in modules:
+        module = importlib.import_module(name)
+        register = getattr(module, "register", None)
+        if not callable(register):
+            raise RuntimeError(f"{name} has no register(registry) function")
+        register(registry)

@@ -1,0 +1,102 @@
+"""SAQ on Redis carrying deliveries to workers.
+
+SAQ's defaults do not fit this workload (shared/reference/queues.md: a 10 s job timeout,
+`retries=1` turning a swept job into ABORTED, a sweeper that waits ~5 s per stuck job).
+Every job here sets them explicitly:
+- `retries=1`: SAQ never re-runs a job by itself. Re-running is the reconciler's decision,
+  taken from the database lease (the arbiter), so SAQ's sweep only tidies Redis.
+- `timeout`: TASK_TIMEOUT plus the shutdown grace, so SAQ never cuts a job the runner
+  still owns (the runner enforces TASK_TIMEOUT itself and records `timed_out`).
+- `heartbeat`: the lease TTL; the runner touches the job each time it renews its lease.
+The worker loop is ours (dequeue with a short timeout, bounded concurrency, graceful
+drain); SAQ supplies the Redis data structures, dedupe by key, delayed jobs and sweeping.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from saq.job import Job, Status
+from saq.queue.redis import RedisQueue
+
+from agent_orchestrator.queue.base import Delivery
+
+FUNCTION = "run_task"
+_PENDING = {Status.NEW, Status.QUEUED, Status.ACTIVE, Status.ABORTING}
+
+
+@dataclass
+class _SaqReceived:
+    delivery: Delivery
+    job: Job
+
+    async def heartbeat(self) -> None:
+        await self.job.update()
+
+    async def done(self) -> None:
+        await self.job.finish(Status.COMPLETE)
+
+
+class SaqTaskQueue:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        namespace: str,
+        queue_names: list[str],
+        job_timeout: int,
+        heartbeat: int,
+        result_ttl: int = 600,
+    ) -> None:
+        self._redis = redis
+        self._queues = {name: RedisQueue(redis, name=f"{namespace}:{name}") for name in queue_names}
+        self._job_timeout = job_timeout
+        self._heartbeat = heartbeat
+        self._ttl = result_ttl
+
+    async def start(self) -> None:
+        for queue in self._queues.values():
+            await queue.connect()
+
+    async def close(self) -> None:
+        # The Redis client is shared and closed by its owner; only SAQ's pubsub is ours.
+        for queue in self._queues.values():
+            await queue._pubsub.close()
+
+    async def enqueue(self, delivery: Delivery, *, delay: float = 0.0) -> bool:
+        job = Job(
+            function=FUNCTION,
+            kwargs=delivery.as_kwargs(),
+            key=delivery.key,
+            timeout=self._job_timeout,
+            heartbeat=self._heartbeat,
+            retries=1,
+            ttl=self._ttl,
+            scheduled=time.time() + delay if delay > 0 else 0,  # type: ignore[arg-type]
+        )
+        return await self._queues[delivery.queue].enqueue(job) is not None
+
+    async def is_pending(self, delivery: Delivery) -> bool:
+        job = await self._queues[delivery.queue].job(delivery.key)
+        return job is not None and job.status in _PENDING
+
+    async def receive(self, queue: str, wait_seconds: float) -> _SaqReceived | None:
+        job = await self._queues[queue].dequeue(timeout=wait_seconds)
+        if job is None:
+            return None
+        job.started = int(time.time() * 1000)
+        job.attempts += 1
+        await job.update(status=Status.ACTIVE)
+        return _SaqReceived(Delivery(**(job.kwargs or {})), job)
+
+    async def maintain(self) -> None:
+        for queue in self._queues.values():
+            await queue.schedule()
+            # abort=0.05: barely wait for a stuck job's worker to confirm (it is usually dead;
+            # the ledger lease, not SAQ, decides about re-running).
+            await queue.sweep(lock=5, abort=0.05)
+
+    async def depth(self, queue: str) -> int:
+        return await self._queues[queue].count("queued")

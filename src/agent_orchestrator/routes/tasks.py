@@ -1,0 +1,99 @@
+"""Task routes: read the ledger, follow a task's events (SSE), cancel."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.responses import StreamingResponse
+
+from agent_orchestrator.errors import ValidationFailed
+from agent_orchestrator.events.models import Event, EventType, StreamKey, parse_cursor
+from agent_orchestrator.middleware.auth import require_scope
+from agent_orchestrator.models.pagination import Page
+from agent_orchestrator.models.principal import Principal, Scope
+from agent_orchestrator.models.task import TERMINAL, TaskStatus, TaskView
+from agent_orchestrator.routes.deps import Paging, State, UoW
+from agent_orchestrator.routes.sse import event_frames, sse_response
+from agent_orchestrator.services.task_ledger import to_view
+
+router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
+
+TasksReader = Annotated[Principal, Depends(require_scope(Scope.TASKS_READ))]
+TasksWriter = Annotated[Principal, Depends(require_scope(Scope.TASKS_WRITE))]
+
+
+def is_terminal_status(event: Event) -> bool:
+    return event.type == EventType.TASK_STATUS and event.data.get("status") in TERMINAL
+
+
+def cursor_from(last_event_id: str | None, after: str | None) -> int | None:
+    raw = last_event_id if last_event_id is not None else after
+    try:
+        return parse_cursor(raw)
+    except ValueError as error:
+        field = "Last-Event-ID" if last_event_id is not None else "after"
+        raise ValidationFailed(
+            f"{field} must be an event id",
+            details=[{"field": field, "message": str(error)}],
+        ) from error
+
+
+@router.get("")
+async def list_tasks(
+    principal: TasksReader,
+    state: State,
+    uow: UoW,
+    paging: Paging,
+    session_id: uuid.UUID | None = None,
+    status: TaskStatus | None = None,
+) -> Page[TaskView]:
+    return await state.ledger.page(
+        uow,
+        principal,
+        session_id=session_id,
+        status=status,
+        limit=paging.limit,
+        cursor=paging.cursor,
+    )
+
+
+@router.get("/{task_id}")
+async def get_task(task_id: uuid.UUID, principal: TasksReader, state: State, uow: UoW) -> TaskView:
+    return await state.ledger.view(uow, principal, task_id)
+
+
+@router.get(
+    "/{task_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def task_events(
+    task_id: uuid.UUID,
+    principal: TasksReader,
+    state: State,
+    uow: UoW,
+    last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[str | None, Query(max_length=32)] = None,
+) -> StreamingResponse:
+    cursor = cursor_from(last_event_id, after)
+    row = await state.ledger.load_visible(uow.session, principal, task_id)
+    stream = StreamKey("task", row.tenant_id, str(row.id))
+    return sse_response(
+        event_frames(
+            state.bus,
+            stream,
+            cursor,
+            is_last=is_terminal_status,
+            keepalive_seconds=state.settings.sse_keepalive_seconds,
+        )
+    )
+
+
+@router.post("/{task_id}/cancel", status_code=202)
+async def cancel_task(
+    task_id: uuid.UUID, principal: TasksWriter, state: State, uow: UoW
+) -> TaskView:
+    row = await state.ledger.request_cancel(uow, principal, task_id)
+    return to_view(row)

@@ -1,0 +1,514 @@
+"""The task ledger: the only module that changes a task's status.
+
+Every write is a conditional update whose source states come from `models.task.TRANSITIONS`,
+so an illegal move cannot happen and concurrent claimants cannot both win. Each state
+change publishes a `task.status` event after its transaction commits; work that must
+follow a commit (enqueueing a delivery) runs then too, never before.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import ColumnElement
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from agent_orchestrator.db.engine import UnitOfWork
+from agent_orchestrator.db.repositories.tasks import TaskRepository
+from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
+from agent_orchestrator.db.types import utcnow
+from agent_orchestrator.errors import Conflict, NotFound
+from agent_orchestrator.events.bus import EventBus
+from agent_orchestrator.events.models import Event, EventType
+from agent_orchestrator.ids import new_id
+from agent_orchestrator.models.pagination import Page
+from agent_orchestrator.models.principal import Principal
+from agent_orchestrator.models.task import (
+    TERMINAL,
+    ServiceCallView,
+    TaskErrorInfo,
+    TaskStatus,
+    TaskView,
+    sources_of,
+)
+from agent_orchestrator.observability import audit
+from agent_orchestrator.observability.logging import get_logger
+from agent_orchestrator.observability.metrics import TASKS_FINISHED
+from agent_orchestrator.queue.producer import TaskProducer
+from agent_orchestrator.services.session_manager import sees_whole_tenant
+
+log = get_logger(__name__)
+
+
+class Renewal(StrEnum):
+    ALIVE = "alive"
+    CANCEL = "cancel"
+    LOST = "lost"
+
+
+@dataclass(frozen=True)
+class Submission:
+    kind: str
+    queue: str
+    input: dict[str, Any]
+    session_id: uuid.UUID | None = None
+    batch_id: uuid.UUID | None = None
+    idempotency_key: str | None = None
+    max_attempts: int | None = None
+
+
+def to_view(row: TaskRow, calls: list[ServiceCallRow] | None = None) -> TaskView:
+    return TaskView(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        session_id=row.session_id,
+        kind=row.kind,
+        status=TaskStatus(row.status),
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        progress=row.progress,
+        result=row.result,
+        error=TaskErrorInfo(**row.error) if row.error else None,
+        cancel_requested=row.cancel_requested,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        service_calls=None
+        if calls is None
+        else [
+            ServiceCallView(
+                step=call.step,
+                service=call.service,
+                operation=call.operation,
+                status=call.status,
+                attempts=call.attempts,
+                latency_ms=call.latency_ms,
+                error=call.error,
+                started_at=call.started_at,
+                finished_at=call.finished_at,
+            )
+            for call in calls
+        ],
+    )
+
+
+def status_event(row: TaskRow) -> Event:
+    data: dict[str, Any] = {
+        "status": row.status,
+        "attempt": row.attempt,
+        "max_attempts": row.max_attempts,
+        "progress": row.progress,
+    }
+    if row.error:
+        data["error"] = row.error
+    if row.status == TaskStatus.SUCCEEDED and row.result is not None:
+        data["result"] = row.result
+    return Event(
+        type=EventType.TASK_STATUS,
+        tenant_id=row.tenant_id,
+        session_id=str(row.session_id) if row.session_id else None,
+        task_id=str(row.id),
+        data=data,
+    )
+
+
+def _not_found(task_id: uuid.UUID) -> NotFound:
+    return NotFound("task not found", details={"task_id": str(task_id)})
+
+
+class TaskLedger:
+    def __init__(
+        self,
+        factory: async_sessionmaker[AsyncSession],
+        bus: EventBus,
+        producer: TaskProducer,
+        *,
+        default_max_attempts: int,
+        lease_ttl: float,
+    ) -> None:
+        self.factory = factory
+        self.bus = bus
+        self.producer = producer
+        self.default_max_attempts = default_max_attempts
+        self.lease = timedelta(seconds=lease_ttl)
+
+    # --- API side: runs in the request's unit of work ------------------------------------
+    async def submit(
+        self, uow: UnitOfWork, principal: Principal, submission: Submission
+    ) -> tuple[TaskRow, bool]:
+        """Write a `queued` task; enqueue and announce it after commit. With an
+        idempotency key already used by this tenant, return that task (created=False)."""
+        repo = TaskRepository(uow.session)
+        key = submission.idempotency_key
+        if key is not None:
+            existing = await repo.by_idempotency_key(principal.tenant_id, key)
+            if existing is not None:
+                return existing, False
+        now = utcnow()
+        row = TaskRow(
+            id=new_id(),
+            tenant_id=principal.tenant_id,
+            user_id=principal.user_id,
+            session_id=submission.session_id,
+            batch_id=submission.batch_id,
+            kind=submission.kind,
+            queue=submission.queue,
+            status=TaskStatus.QUEUED.value,
+            attempt=0,
+            max_attempts=submission.max_attempts or self.default_max_attempts,
+            delivery=1,
+            progress={},
+            input=submission.input,
+            result=None,
+            error=None,
+            idempotency_key=key,
+            cancel_requested=False,
+            lease_owner=None,
+            lease_expires_at=None,
+            not_before=None,
+            created_at=now,
+            updated_at=now,
+            started_at=None,
+            finished_at=None,
+        )
+        try:
+            async with uow.session.begin_nested():
+                await repo.add(row)
+        except IntegrityError:
+            # Another request with the same key won the race: answer with its task.
+            if key is None:
+                raise
+            existing = await repo.by_idempotency_key(principal.tenant_id, key)
+            if existing is None:
+                raise
+            return existing, False
+        await audit.record(
+            uow.session, principal, "task.submit", "task", str(row.id), {"kind": row.kind}
+        )
+        snapshot = _snapshot(row)
+
+        async def announce_and_enqueue() -> None:
+            await self.bus.publish(status_event(snapshot))
+            await self.producer.deliver(snapshot)
+
+        uow.after_commit(announce_and_enqueue)
+        return row, True
+
+    async def view(self, uow: UnitOfWork, principal: Principal, task_id: uuid.UUID) -> TaskView:
+        row = await self.load_visible(uow.session, principal, task_id)
+        calls = await TaskRepository(uow.session).service_calls(principal.tenant_id, task_id)
+        return to_view(row, calls)
+
+    async def load_visible(
+        self, db: AsyncSession, principal: Principal, task_id: uuid.UUID
+    ) -> TaskRow:
+        row = await TaskRepository(db).get(principal.tenant_id, task_id)
+        if row is None or (row.user_id != principal.user_id and not sees_whole_tenant(principal)):
+            raise _not_found(task_id)
+        return row
+
+    async def page(
+        self,
+        uow: UnitOfWork,
+        principal: Principal,
+        *,
+        session_id: uuid.UUID | None,
+        status: TaskStatus | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[TaskView]:
+        rows, next_cursor = await TaskRepository(uow.session).page(
+            principal.tenant_id,
+            user_id=None if sees_whole_tenant(principal) else principal.user_id,
+            session_id=session_id,
+            status=status.value if status else None,
+            limit=limit,
+            cursor=cursor,
+        )
+        return Page(items=[to_view(row) for row in rows], next_cursor=next_cursor)
+
+    async def request_cancel(
+        self, uow: UnitOfWork, principal: Principal, task_id: uuid.UUID
+    ) -> TaskRow:
+        """Queued: cancelled at once. Running: flagged, and the worker holding it is told
+        (it also sees the flag on its next lease renewal). Finished: 409."""
+        row = await self.load_visible(uow.session, principal, task_id)
+        repo = TaskRepository(uow.session)
+        now = utcnow()
+        cancelled = await repo.transition(
+            row.tenant_id,
+            row.id,
+            sources=[TaskStatus.QUEUED.value],
+            values=_terminal_values(TaskStatus.CANCELLED, now),
+        )
+        if cancelled is None:
+            cancelled = await repo.transition(
+                row.tenant_id,
+                row.id,
+                sources=[TaskStatus.RUNNING.value],
+                values={"cancel_requested": True, "updated_at": now},
+            )
+            if cancelled is None:
+                await uow.session.refresh(row)
+                raise Conflict(
+                    f"task is {row.status}; only queued or running tasks can be cancelled",
+                    details={"status": row.status},
+                )
+        await audit.record(uow.session, principal, "task.cancel", "task", str(task_id))
+        snapshot = _snapshot(cancelled)
+
+        async def notify() -> None:
+            if snapshot.status == TaskStatus.CANCELLED:
+                _count_finished(snapshot)
+                await self.bus.publish(status_event(snapshot))
+            else:
+                await self.bus.publish_control({"action": "cancel", "task_id": str(snapshot.id)})
+
+        uow.after_commit(notify)
+        return cancelled
+
+    # --- worker side: each call is its own transaction ------------------------------------
+    async def claim(self, tenant_id: str, task_id: uuid.UUID, worker_id: str) -> TaskRow | None:
+        """Take the lease: exactly one claimant wins; a duplicate delivery loses and is
+        dropped (the task is running elsewhere, finished, cancelled, or not yet due)."""
+        now = utcnow()
+        row = await self._write(
+            tenant_id,
+            task_id,
+            TaskStatus.RUNNING,
+            {
+                "lease_owner": worker_id,
+                "lease_expires_at": now + self.lease,
+                "attempt": TaskRow.attempt + 1,
+                "started_at": now,
+                "updated_at": now,
+                "not_before": None,
+            },
+            (
+                TaskRow.cancel_requested.is_(False),
+                (TaskRow.not_before.is_(None)) | (TaskRow.not_before <= now),
+            ),
+        )
+        if row is not None:
+            await self.bus.publish(status_event(row))
+        return row
+
+    async def renew(self, task: TaskRow, worker_id: str) -> Renewal:
+        now = utcnow()
+        async with self.factory() as db:
+            row = await TaskRepository(db).transition(
+                task.tenant_id,
+                task.id,
+                sources=[TaskStatus.RUNNING.value],
+                values={"lease_expires_at": now + self.lease},
+                conditions=(TaskRow.lease_owner == worker_id,),
+            )
+            await db.commit()
+        if row is None:
+            return Renewal.LOST
+        return Renewal.CANCEL if row.cancel_requested else Renewal.ALIVE
+
+    async def set_progress(self, task: TaskRow, worker_id: str, progress: dict[str, Any]) -> None:
+        row = await self._write_owned(task, worker_id, None, {"progress": progress})
+        if row is not None:
+            await self.bus.publish(status_event(row))
+
+    async def finish(
+        self,
+        task: TaskRow,
+        worker_id: str,
+        status: TaskStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: TaskErrorInfo | None = None,
+        db: AsyncSession | None = None,
+    ) -> TaskRow | None:
+        """A terminal state, written only by the lease holder. Pass `db` to commit it
+        together with the handler's own final writes (e.g. the assistant message)."""
+        values = _terminal_values(status, utcnow())
+        values.update(result=result, error=error.model_dump() if error else None)
+        row = await self._write_owned(task, worker_id, status, values, db=db)
+        if row is not None:
+            _count_finished(row)
+            await self.bus.publish(status_event(row))
+        return row
+
+    async def retry_later(
+        self, task: TaskRow, worker_id: str, error: TaskErrorInfo, delay: float
+    ) -> TaskRow | None:
+        now = utcnow()
+        values = {
+            "error": error.model_dump(),
+            "not_before": now + timedelta(seconds=delay),
+            "delivery": TaskRow.delivery + 1,
+            **_unleased(now),
+        }
+        row = await self._write_owned(task, worker_id, TaskStatus.QUEUED, values)
+        if row is not None:
+            await self.bus.publish(status_event(row))
+            await self.producer.deliver(row, delay=delay)
+        return row
+
+    async def release(self, task: TaskRow, worker_id: str) -> TaskRow | None:
+        """Give a task back on shutdown; the interrupted attempt is not counted."""
+        now = utcnow()
+        values = {"attempt": TaskRow.attempt - 1, "delivery": TaskRow.delivery + 1}
+        values.update(_unleased(now))
+        row = await self._write_owned(task, worker_id, TaskStatus.QUEUED, values)
+        if row is not None:
+            await self.bus.publish(status_event(row))
+            await self.producer.deliver(row)
+        return row
+
+    async def save_service_call(self, call: ServiceCallRow) -> None:
+        async with self.factory() as db:
+            await TaskRepository(db).save_service_call(call)
+            await db.commit()
+
+    # --- reconciler (system sweeps; safe to run on every worker at once) ------------------
+    async def recover_expired_leases(self, batch: int = 100) -> int:
+        now = utcnow()
+        async with self.factory() as db:
+            expired = await TaskRepository(db).expired_leases(now, batch)
+        recovered = 0
+        for row in expired:
+            still_expired = (TaskRow.lease_expires_at < now,)
+            if row.cancel_requested:
+                done = await self._write(
+                    row.tenant_id,
+                    row.id,
+                    TaskStatus.CANCELLED,
+                    _terminal_values(TaskStatus.CANCELLED, now),
+                    still_expired,
+                )
+            elif row.attempt >= row.max_attempts:
+                error = TaskErrorInfo(
+                    code="worker_lost",
+                    message=f"the worker running attempt {row.attempt} of {row.max_attempts} "
+                    "stopped renewing its lease",
+                    retryable=False,
+                )
+                values = _terminal_values(TaskStatus.FAILED, now)
+                values["error"] = error.model_dump()
+                done = await self._write(
+                    row.tenant_id, row.id, TaskStatus.FAILED, values, still_expired
+                )
+            else:
+                values = {"delivery": TaskRow.delivery + 1, **_unleased(now)}
+                done = await self._write(
+                    row.tenant_id, row.id, TaskStatus.QUEUED, values, still_expired
+                )
+            if done is None:
+                continue  # another reconciler, or the worker itself, got there first
+            recovered += 1
+            log.warning(
+                "recovered task with expired lease",
+                task_id=str(row.id),
+                owner=row.lease_owner,
+                status=done.status,
+            )
+            if done.status in TERMINAL:
+                _count_finished(done)
+            await self.bus.publish(status_event(done))
+            if done.status == TaskStatus.QUEUED:
+                await self.producer.deliver(done)
+        return recovered
+
+    async def redeliver_lost(self, stale_after: float, batch: int = 100) -> int:
+        """Queued tasks whose delivery the queue no longer holds (Redis lost it, or a
+        process died between commit and enqueue) get a fresh delivery."""
+        now = utcnow()
+        async with self.factory() as db:
+            stale = await TaskRepository(db).queued_before(
+                now - timedelta(seconds=stale_after), batch
+            )
+        redelivered = 0
+        for row in stale:
+            if await self.producer.is_pending(row):
+                continue
+            bumped = await self._write(
+                row.tenant_id,
+                row.id,
+                TaskStatus.QUEUED,
+                {"delivery": TaskRow.delivery + 1, "updated_at": now},
+                (TaskRow.delivery == row.delivery,),
+                same_state=[TaskStatus.QUEUED.value],  # a redelivery, not a transition
+            )
+            if bumped is not None:
+                redelivered += 1
+                log.warning("re-delivering queued task absent from the queue", task_id=str(row.id))
+                await self.producer.deliver(bumped)
+        return redelivered
+
+    # --- helpers ----------------------------------------------------------------------
+    async def _write(
+        self,
+        tenant_id: str,
+        task_id: uuid.UUID,
+        target: TaskStatus,
+        values: dict[str, Any],
+        conditions: tuple[ColumnElement[bool], ...] = (),
+        db: AsyncSession | None = None,
+        same_state: list[str] | None = None,
+    ) -> TaskRow | None:
+        values = {"status": target.value, **values}
+        sources = same_state or sources_of(target)
+        if db is not None:
+            return await TaskRepository(db).transition(
+                tenant_id, task_id, sources=sources, values=values, conditions=conditions
+            )
+        async with self.factory() as session:
+            row = await TaskRepository(session).transition(
+                tenant_id, task_id, sources=sources, values=values, conditions=conditions
+            )
+            await session.commit()
+        return row
+
+    async def _write_owned(
+        self,
+        task: TaskRow,
+        worker_id: str,
+        target: TaskStatus | None,
+        values: dict[str, Any],
+        db: AsyncSession | None = None,
+    ) -> TaskRow | None:
+        owned = (TaskRow.lease_owner == worker_id,)
+        if target is None:  # progress: same state, only while running and owned
+            values = {**values, "updated_at": utcnow()}
+            running = [TaskStatus.RUNNING.value]
+            return await self._write(
+                task.tenant_id, task.id, TaskStatus.RUNNING, values, owned, db, running
+            )
+        return await self._write(task.tenant_id, task.id, target, values, owned, db)
+
+
+def _terminal_values(status: TaskStatus, now: datetime) -> dict[str, Any]:
+    return {
+        "status": status.value,
+        "finished_at": now,
+        "updated_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+
+
+def _unleased(now: datetime) -> dict[str, Any]:
+    return {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
+
+
+def _snapshot(row: TaskRow) -> TaskRow:
+    """A detached copy for after-commit hooks (the session is closed by then)."""
+    copy = TaskRow()
+    for column in TaskRow.__table__.columns:
+        setattr(copy, column.key, getattr(row, column.key))
+    return copy
+
+
+def _count_finished(row: TaskRow) -> None:
+    TASKS_FINISHED.labels(row.kind, row.status).inc()
