@@ -100,8 +100,10 @@ class TaskRunner:
         self.task_timeout = task_timeout
         self.renew_every = lease_ttl / 3
         self.services = services or {}
+        # Jitter in proportion to the first delay: with tenacity's default of 1 s, a
+        # 50 ms backoff would wait up to twenty times longer than asked.
         self._backoff = tenacity.wait_exponential_jitter(
-            multiplier=backoff_initial, max=backoff_max
+            multiplier=backoff_initial, max=backoff_max, jitter=backoff_initial
         )
         self._attempts: dict[uuid.UUID, _Attempt] = {}
         bus.on_control(self._on_control)
@@ -234,6 +236,8 @@ ALREADY_FINISHED = _ALREADY_FINISHED
 #: How long one receive waits for a delivery. Short, so shutdown never waits on it long;
 #: an idle worker makes a few cheap blocking calls a second per queue.
 RECEIVE_WAIT = 0.25
+#: How often delayed deliveries are checked for being due.
+PROMOTE_EVERY = 0.2
 
 
 class WorkerPool:
@@ -251,6 +255,16 @@ class WorkerPool:
     def start(self) -> None:
         for name, slots in self.concurrency.items():
             self._loops.append(asyncio.create_task(self._consume(name, slots), name=f"pool-{name}"))
+        self._loops.append(asyncio.create_task(self._promote_due(), name="pool-promote"))
+
+    async def _promote_due(self) -> None:
+        """Move delayed deliveries (retry backoff) onto their queue once they are due."""
+        while not self._stopping:
+            try:
+                await self.queue.promote_due()
+            except Exception as error:
+                log.warning("promoting delayed deliveries failed", error=str(error))
+            await asyncio.sleep(PROMOTE_EVERY)
 
     async def _consume(self, name: str, slots: int) -> None:
         free = asyncio.Semaphore(slots)

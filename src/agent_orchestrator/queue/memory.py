@@ -64,6 +64,9 @@ class MemoryTaskQueue:
             return None
         return _MemoryReceived(delivery, self._pending)
 
+    async def promote_due(self) -> None:
+        return None  # timers release delayed deliveries themselves
+
     async def maintain(self) -> None:
         return None
 

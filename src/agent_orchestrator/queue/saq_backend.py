@@ -91,9 +91,13 @@ class SaqTaskQueue:
         await job.update(status=Status.ACTIVE)
         return _SaqReceived(Delivery(**(job.kwargs or {})), job)
 
+    async def promote_due(self) -> None:
+        for queue in self._queues.values():
+            # lock=0 would make SETEX fail; a short lock lets one worker at a time promote.
+            await queue.schedule(lock=1)
+
     async def maintain(self) -> None:
         for queue in self._queues.values():
-            await queue.schedule()
             # abort=0.05: barely wait for a stuck job's worker to confirm (it is usually dead;
             # the ledger lease, not SAQ, decides about re-running).
             await queue.sweep(lock=5, abort=0.05)
