@@ -72,7 +72,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", path=request.url.path, error_type=type(exc).__name__)
+    # This handler runs in ServerErrorMiddleware, outside the context middleware, whose
+    # bound context variables are already reset: name the correlation id explicitly.
+    log.exception(
+        "unhandled error",
+        path=request.url.path,
+        error_type=type(exc).__name__,
+        correlation_id=correlation_id_of(request.scope),
+    )
     return _response(request, 500, "internal_error", "internal error")
 
 
