@@ -14,7 +14,7 @@ from agent_orchestrator.middleware.context import BodySizeLimitMiddleware, Conte
 from agent_orchestrator.middleware.errors import install_error_handlers
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import HttpMetricsMiddleware
-from agent_orchestrator.routes import health, internal, sessions, tasks
+from agent_orchestrator.routes import chat, health, internal, sessions, tasks
 from agent_orchestrator.state import build_verifier
 
 log = get_logger(__name__)
@@ -46,6 +46,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(chat.router)
     app.include_router(sessions.router)
     app.include_router(tasks.router)
     app.include_router(internal.router)

@@ -119,6 +119,24 @@ class Settings(BaseSettings):
     retry_backoff_max: PositiveFloat = 30.0
     task_handler_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # --- chat and downstream services ---------------------------------------------------
+    llm_base_url: str | None = None
+    llm_api_key: SecretStr | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_timeout: PositiveFloat = 60.0
+    echo_chunk_delay: Annotated[float, Field(ge=0, le=5)] = 0.0
+    agents_file: Path | None = None
+    history_limit: Annotated[int, Field(ge=0, le=1000)] = 50
+    chat_busy_policy: str = "enqueue"
+    downstream_timeout: PositiveFloat = 10.0
+    step_retry_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    step_retry_initial: PositiveFloat = 0.2
+    circuit_failure_threshold: PositiveInt = 5
+    circuit_window_seconds: PositiveFloat = 30.0
+    circuit_open_seconds: PositiveFloat = 10.0
+    circuit_half_open_probes: PositiveInt = 1
+    service_concurrency: PositiveInt = 50
+
     # --- events ------------------------------------------------------------------------
     events_ttl: PositiveInt = 86_400
     events_stream_cap: PositiveInt = 10_000
@@ -155,7 +173,14 @@ class Settings(BaseSettings):
     def _redis_uri(cls, value: str | None) -> str | None:
         return _check_url("REDIS_URI", value, ("redis", "rediss"))
 
-    @field_validator(*DOWNSTREAM_URL_FIELDS)
+    @field_validator("chat_busy_policy")
+    @classmethod
+    def _busy_policy(cls, value: str) -> str:
+        if value not in {"enqueue", "reject", "interrupt"}:
+            raise ValueError("CHAT_BUSY_POLICY must be enqueue, reject or interrupt")
+        return value
+
+    @field_validator(*DOWNSTREAM_URL_FIELDS, "llm_base_url")
     @classmethod
     def _service_url(cls, value: str | None) -> str | None:
         return _check_url("service URL", value, ("http", "https"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
+from agent_orchestrator.clients.directory import build_directory
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import create_engine, session_factory
 from agent_orchestrator.db.migrate import is_up_to_date, upgrade
@@ -12,6 +13,8 @@ from agent_orchestrator.middleware.auth import TokenVerifier
 from agent_orchestrator.queue.engine import WorkerEngine, build_bus, build_ledger, build_queue
 from agent_orchestrator.queue.registry import HandlerRegistry
 from agent_orchestrator.queue.tasks import register_builtin_kinds
+from agent_orchestrator.services.orchestrator import ChatOrchestrator
+from agent_orchestrator.services.service_coordinator import ResilienceSettings, ServiceCoordinator
 from agent_orchestrator.services.session_cache import (
     MemorySessionCache,
     RedisSessionCache,
@@ -44,17 +47,23 @@ async def build_state(settings: Settings, verifier: TokenVerifier, *, run_worker
     await bus.start()
     await queue.start()
     registry = HandlerRegistry()
+    services, closeable = build_directory(settings, factory)
+    sessions = SessionManager(ttl_seconds=settings.session_ttl, cache=cache)
+    ledger = build_ledger(settings, factory, bus, queue)
     state = AppState(
         settings=settings,
         engine=engine,
         db_factory=factory,
         redis=redis,
         verifier=verifier,
-        sessions=SessionManager(ttl_seconds=settings.session_ttl, cache=cache),
+        sessions=sessions,
         bus=bus,
         queue=queue,
-        ledger=build_ledger(settings, factory, bus, queue),
+        ledger=ledger,
         registry=registry,
+        coordinator=ServiceCoordinator(services, resilience_of(settings)),
+        orchestrator=ChatOrchestrator(settings, sessions, ledger),
+        closeable=closeable,
     )
     register_builtin_kinds(registry, state)
     if run_worker:
@@ -70,9 +79,21 @@ async def build_state(settings: Settings, verifier: TokenVerifier, *, run_worker
     return state
 
 
+def resilience_of(settings: Settings) -> ResilienceSettings:
+    return ResilienceSettings(
+        failure_threshold=settings.circuit_failure_threshold,
+        window_seconds=settings.circuit_window_seconds,
+        open_seconds=settings.circuit_open_seconds,
+        half_open_probes=settings.circuit_half_open_probes,
+        service_concurrency=settings.service_concurrency,
+    )
+
+
 async def close_state(state: AppState) -> None:
     if state.worker is not None:
         await state.worker.stop()
+    for client in state.closeable:
+        await client.aclose()
     await state.queue.close()
     await state.bus.close()
     if state.redis is not None:

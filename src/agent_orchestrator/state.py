@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -13,6 +14,8 @@ from agent_orchestrator.middleware.auth import TokenVerifier
 from agent_orchestrator.queue.base import TaskQueue
 from agent_orchestrator.queue.engine import WorkerEngine
 from agent_orchestrator.queue.registry import HandlerRegistry
+from agent_orchestrator.services.orchestrator import ChatOrchestrator
+from agent_orchestrator.services.service_coordinator import ServiceCoordinator
 from agent_orchestrator.services.session_manager import SessionManager
 from agent_orchestrator.services.task_ledger import TaskLedger
 
@@ -29,6 +32,9 @@ class AppState:
     queue: TaskQueue
     ledger: TaskLedger
     registry: HandlerRegistry
+    coordinator: ServiceCoordinator
+    orchestrator: ChatOrchestrator
+    closeable: list[Any] = field(default_factory=list)
     worker: WorkerEngine | None = None
 
 

@@ -66,6 +66,12 @@ class UnitOfWork:
     def after_commit(self, hook: AfterCommit) -> None:
         self._after_commit.append(hook)
 
+    async def commit(self) -> None:
+        """Commit now (and run the hooks), for a route that must act on committed work
+        before it returns, such as waiting for the task it just queued."""
+        await self.session.commit()
+        await self._run_hooks()
+
     async def __aenter__(self) -> UnitOfWork:
         self.session = self.factory()
         return self

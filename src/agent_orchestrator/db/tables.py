@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -66,6 +67,14 @@ class MessageRow(Base):
 
     __table_args__ = (
         Index("ix_messages_tenant_session_created", "tenant_id", "session_id", "created_at", "id"),
+        # One assistant reply per task, however often the task runs.
+        Index(
+            "uq_messages_assistant_reply",
+            "task_id",
+            unique=True,
+            postgresql_where=text("role = 'assistant'"),
+            sqlite_where=text("role = 'assistant'"),
+        ),
     )
 
 
@@ -144,3 +153,15 @@ class ServiceCallRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
     __table_args__ = (UniqueConstraint("task_id", "step", name="uq_service_calls_task_step"),)
+
+
+class AgentRow(Base):
+    """Agents declared in our own database (embedded agent management), per tenant."""
+
+    __tablename__ = "agents"
+
+    tenant_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JsonColumn)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -61,3 +61,11 @@ TASK_DURATION = Histogram(
 TASKS_RECOVERED = Counter(
     f"{PREFIX}_tasks_recovered_total", "Tasks the reconciler re-delivered or closed", ["reason"]
 )
+
+SERVICE_CALL_SECONDS = Histogram(
+    f"{PREFIX}_service_call_seconds", "Downstream step latency", ["service", "operation"]
+)
+SERVICE_CALL_FAILURES = Counter(
+    f"{PREFIX}_service_call_failures_total", "Downstream steps that failed", ["service", "code"]
+)
+CHAT_TURNS = Counter(f"{PREFIX}_messages_processed_total", "Chat turns accepted", ["mode"])

@@ -166,6 +166,11 @@ class TaskRunner:
             self._attempts.pop(task.id, None)
             TASK_DURATION.labels(task.kind).observe(time.perf_counter() - started)
         await self._record(task, attempt)
+        if kind.on_settled is not None and attempt.reason not in ("shutdown", "lease_lost"):
+            try:
+                await kind.on_settled(task)
+            except Exception:
+                log.exception("settled hook failed")
 
     async def _record(self, task: TaskRow, attempt: _Attempt) -> None:
         work, owner = attempt.work, self.worker_id

@@ -7,10 +7,15 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agent_orchestrator.db.tables import TaskRow
+
 if TYPE_CHECKING:
     from agent_orchestrator.queue.consumer import TaskContext
 
 Handler = Callable[["TaskContext"], Coroutine[Any, Any, dict[str, Any] | None]]
+#: Called after an attempt ended in this process (finished, failed, retried later,
+#: cancelled or timed out), once its state is committed: e.g. to wake the session's next turn.
+SettledHook = Callable[[TaskRow], Coroutine[Any, Any, None]]
 
 
 class TaskFailure(Exception):
@@ -28,14 +33,22 @@ class TaskKind:
     name: str
     handler: Handler
     bulk: bool = False
+    on_settled: SettledHook | None = None
 
 
 class HandlerRegistry:
     def __init__(self) -> None:
         self._kinds: dict[str, TaskKind] = {}
 
-    def register(self, name: str, handler: Handler, *, bulk: bool = False) -> None:
-        self._kinds[name] = TaskKind(name, handler, bulk)
+    def register(
+        self,
+        name: str,
+        handler: Handler,
+        *,
+        bulk: bool = False,
+        on_settled: SettledHook | None = None,
+    ) -> None:
+        self._kinds[name] = TaskKind(name, handler, bulk, on_settled)
 
     def get(self, name: str) -> TaskKind | None:
         return self._kinds.get(name)

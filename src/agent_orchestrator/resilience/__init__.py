@@ -1,0 +1,1 @@
+"""Retry policy, circuit breakers and bulkheads for downstream calls."""

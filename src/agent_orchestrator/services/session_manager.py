@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.repositories.messages import MessageRepository
 from agent_orchestrator.db.repositories.sessions import SessionRepository
@@ -21,6 +23,7 @@ from agent_orchestrator.ids import new_id
 from agent_orchestrator.models.pagination import Page
 from agent_orchestrator.models.principal import Principal, PrincipalKind, Scope
 from agent_orchestrator.models.session import (
+    TRANSITIONS,
     Message,
     Session,
     SessionCreate,
@@ -126,10 +129,17 @@ class SessionManager:
         return Page(items=[to_message(row) for row in rows], next_cursor=next_cursor)
 
     # --- writes -----------------------------------------------------------------------
-    async def create(self, uow: UnitOfWork, principal: Principal, body: SessionCreate) -> Session:
+    async def create(
+        self,
+        uow: UnitOfWork,
+        principal: Principal,
+        body: SessionCreate,
+        *,
+        session_id: uuid.UUID | None = None,
+    ) -> Session:
         now = utcnow()
         row = SessionRow(
-            id=new_id(),
+            id=session_id or new_id(),
             tenant_id=principal.tenant_id,
             user_id=principal.user_id,
             agent_id=body.agent_id,
@@ -197,6 +207,26 @@ class SessionManager:
             row, state=target.value, last_activity_at=now, expires_at=now + self.ttl
         )
         return self._after_write(uow, row, now)
+
+    async def mark_turn(
+        self, db: AsyncSession, tenant_id: str, session_id: uuid.UUID, target: SessionState
+    ) -> Session | None:
+        """A worker moves its session between active and processing. A session that was
+        closed or expired meanwhile stays as it is (the turn still finishes)."""
+        row = await SessionRepository(db).get(tenant_id, session_id, for_update=True)
+        if row is None:
+            return None
+        now = utcnow()
+        current = effective_state(SessionState(row.state), row.expires_at, now)
+        if current is target or target not in TRANSITIONS[current]:
+            return None
+        await SessionRepository(db).update(
+            row, state=target.value, last_activity_at=now, expires_at=now + self.ttl
+        )
+        return to_session(row, now)
+
+    async def refresh_hot_copy(self, session: Session) -> None:
+        await self._cache(session, utcnow())
 
     # --- helpers ----------------------------------------------------------------------
     async def _load(

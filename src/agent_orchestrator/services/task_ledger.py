@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.db.engine import UnitOfWork
-from agent_orchestrator.db.repositories.tasks import TaskRepository
+from agent_orchestrator.db.repositories.tasks import TaskRepository, session_turn_is_free
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import Conflict, NotFound
@@ -293,6 +293,7 @@ class TaskLedger:
             (
                 TaskRow.cancel_requested.is_(False),
                 (TaskRow.not_before.is_(None)) | (TaskRow.not_before <= now),
+                session_turn_is_free(),
             ),
         )
         if row is not None:
@@ -329,15 +330,39 @@ class TaskLedger:
         error: TaskErrorInfo | None = None,
         db: AsyncSession | None = None,
     ) -> TaskRow | None:
-        """A terminal state, written only by the lease holder. Pass `db` to commit it
-        together with the handler's own final writes (e.g. the assistant message)."""
+        """A terminal state, written only by the lease holder. Pass `db` to write it in
+        the handler's own final transaction (with the assistant message): the caller then
+        commits and calls `announce` itself."""
         values = _terminal_values(status, utcnow())
         values.update(result=result, error=error.model_dump() if error else None)
         row = await self._write_owned(task, worker_id, status, values, db=db)
-        if row is not None:
-            _count_finished(row)
-            await self.bus.publish(status_event(row))
+        if row is not None and db is None:
+            await self.announce(row)
         return row
+
+    async def announce(self, row: TaskRow) -> None:
+        """Publish a committed state change (and count a finished task)."""
+        if row.status in TERMINAL:
+            _count_finished(row)
+        await self.bus.publish(status_event(row))
+
+    async def wake_next_in_session(self, tenant_id: str, session_id: uuid.UUID) -> None:
+        """After a turn ends, hand the session's next queued turn a fresh delivery (its
+        earlier deliveries were dropped while this turn held the session)."""
+        async with self.factory() as db:
+            nxt = await TaskRepository(db).next_in_session(tenant_id, session_id)
+        if nxt is None:
+            return
+        bumped = await self._write(
+            nxt.tenant_id,
+            nxt.id,
+            TaskStatus.QUEUED,
+            {"delivery": TaskRow.delivery + 1, "updated_at": utcnow()},
+            (TaskRow.delivery == nxt.delivery,),
+            same_state=[TaskStatus.QUEUED.value],
+        )
+        if bumped is not None:
+            await self.producer.deliver(bumped, delay=_seconds_until(bumped.not_before))
 
     async def retry_later(
         self, task: TaskRow, worker_id: str, error: TaskErrorInfo, delay: float
@@ -508,6 +533,12 @@ def _snapshot(row: TaskRow) -> TaskRow:
     for column in TaskRow.__table__.columns:
         setattr(copy, column.key, getattr(row, column.key))
     return copy
+
+
+def _seconds_until(moment: datetime | None) -> float:
+    if moment is None:
+        return 0.0
+    return max(0.0, (moment - utcnow()).total_seconds())
 
 
 def _count_finished(row: TaskRow) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.tables import MessageRow
+from agent_orchestrator.db.types import utcnow
 
 
 class MessageRepository:
@@ -37,3 +41,59 @@ class MessageRepository:
         )
         rows = list((await self.db.execute(query)).scalars())
         return split_page(rows, limit, lambda row: (row.created_at, row.id))
+
+    async def latest(
+        self,
+        tenant_id: str,
+        session_id: uuid.UUID,
+        limit: int,
+        *,
+        exclude_task_id: uuid.UUID | None = None,
+    ) -> list[MessageRow]:
+        """The last `limit` messages, oldest first (what an agent reads as history),
+        leaving out the turn being answered (`exclude_task_id`)."""
+        query = select(MessageRow).where(
+            MessageRow.tenant_id == tenant_id, MessageRow.session_id == session_id
+        )
+        if exclude_task_id is not None:
+            query = query.where(
+                (MessageRow.task_id.is_(None)) | (MessageRow.task_id != exclude_task_id)
+            )
+        query = query.order_by(MessageRow.created_at.desc(), MessageRow.id.desc()).limit(limit)
+        rows = list((await self.db.execute(query)).scalars())
+        rows.reverse()
+        return rows
+
+    async def add_once(
+        self,
+        *,
+        tenant_id: str,
+        session_id: uuid.UUID,
+        message_id: uuid.UUID,
+        role: str,
+        content: str,
+        task_id: uuid.UUID | None,
+        metadata: dict[str, Any],
+    ) -> bool:
+        """Insert unless this message (same id, or the assistant reply of the same task)
+        exists: a retried task writes its reply once. True when this call inserted it."""
+        values = {
+            "id": message_id,
+            "session_id": session_id,
+            "tenant_id": tenant_id,
+            "role": role,
+            "content": content,
+            "task_id": task_id,
+            "metadata": metadata,
+            "created_at": utcnow(),
+        }
+        insert = pg_insert if self.db.get_bind().dialect.name == "postgresql" else sqlite_insert
+        statement = insert(MessageRow).values(**values).on_conflict_do_nothing()
+        result = await self.db.execute(statement)
+        return bool(getattr(result, "rowcount", 0))
+
+    async def by_id(self, tenant_id: str, message_id: uuid.UUID) -> MessageRow | None:
+        query = select(MessageRow).where(
+            MessageRow.tenant_id == tenant_id, MessageRow.id == message_id
+        )
+        return (await self.db.execute(query)).scalar_one_or_none()

@@ -12,8 +12,9 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, and_, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
@@ -84,6 +85,32 @@ class TaskRepository:
         )
         return (await self.db.execute(statement)).scalar_one_or_none()
 
+    async def unfinished_in_session(self, tenant_id: str, session_id: uuid.UUID) -> list[TaskRow]:
+        query = (
+            select(TaskRow)
+            .where(
+                TaskRow.tenant_id == tenant_id,
+                TaskRow.session_id == session_id,
+                TaskRow.status.in_(["queued", "running"]),
+            )
+            .order_by(TaskRow.created_at)
+        )
+        return list((await self.db.execute(query)).scalars())
+
+    async def next_in_session(self, tenant_id: str, session_id: uuid.UUID) -> TaskRow | None:
+        """The session's oldest queued task: the turn that may run next."""
+        query = (
+            select(TaskRow)
+            .where(
+                TaskRow.tenant_id == tenant_id,
+                TaskRow.session_id == session_id,
+                TaskRow.status == "queued",
+            )
+            .order_by(TaskRow.id)
+            .limit(1)
+        )
+        return (await self.db.execute(query)).scalar_one_or_none()
+
     async def expired_leases(self, now: datetime, limit: int) -> list[TaskRow]:
         """*System sweep*: running tasks whose worker stopped renewing its lease."""
         query = (
@@ -140,3 +167,20 @@ class TaskRepository:
             ):
                 setattr(existing, name, getattr(row, name))
         await self.db.flush()
+
+
+def session_turn_is_free() -> ColumnElement[bool]:
+    """Claim condition: a session's tasks run one at a time, oldest first. True when the
+    task has no session, or no other task of its session is running or queued before it."""
+    other = aliased(TaskRow)
+    earlier_or_running = exists().where(
+        other.tenant_id == TaskRow.tenant_id,
+        other.session_id == TaskRow.session_id,
+        other.id != TaskRow.id,
+        or_(
+            other.status == "running",
+            # ids are time-ordered (ids.new_id), so a smaller id was submitted earlier
+            and_(other.status == "queued", other.id < TaskRow.id),
+        ),
+    )
+    return or_(TaskRow.session_id.is_(None), ~earlier_or_running)

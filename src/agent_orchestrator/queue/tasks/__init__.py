@@ -1,4 +1,4 @@
-"""Built-in task kinds. Each module registers its handlers with the process's registry."""
+"""Built-in task kinds. Each registers its handlers with the process's registry."""
 
 from __future__ import annotations
 
@@ -11,6 +11,15 @@ if TYPE_CHECKING:
 
 
 def register_builtin_kinds(registry: HandlerRegistry, state: AppState) -> None:
-    """The chat issue adds the first real kind here; tests register their own through
-    TASK_HANDLER_MODULES."""
-    del registry, state
+    from agent_orchestrator.queue.tasks.chat_tasks import ChatTurn
+    from agent_orchestrator.services.orchestrator import CHAT_KIND
+
+    turn = ChatTurn(
+        settings=state.settings,
+        coordinator=state.coordinator,
+        sessions=state.sessions,
+        ledger=state.ledger,
+        bus=state.bus,
+        remote_conversation=bool(state.settings.conversation_service_url),
+    )
+    registry.register(CHAT_KIND, turn.run, on_settled=turn.settled)

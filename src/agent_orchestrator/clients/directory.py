@@ -1,0 +1,71 @@
+"""Which implementation serves each downstream service in this process: the HTTP client
+when its `*_URL` is set, else the local provider when there is one, else nothing (plans
+then skip optional steps on it, and fail required ones with `service_unavailable`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from agent_orchestrator.clients.agent_execution.http import HttpAgentExecutionClient
+from agent_orchestrator.clients.agent_execution.local import LocalAgentExecution
+from agent_orchestrator.clients.agent_management.http import HttpAgentManagementClient
+from agent_orchestrator.clients.agent_management.local import (
+    LocalAgentManagement,
+    load_agents_file,
+)
+from agent_orchestrator.clients.base import HttpServiceClient
+from agent_orchestrator.clients.conversation.http import HttpConversationClient
+from agent_orchestrator.clients.conversation.local import LocalConversation
+from agent_orchestrator.clients.llm import LLMProvider
+from agent_orchestrator.clients.llm.echo import EchoModel
+from agent_orchestrator.clients.llm.openai_compat import OpenAICompatibleLLM
+from agent_orchestrator.clients.query.http import HttpQueryClient
+from agent_orchestrator.config import Settings
+
+HTTP_CLIENTS: dict[str, tuple[str, type[HttpServiceClient]]] = {
+    "conversation": ("conversation_service_url", HttpConversationClient),
+    "agent_management": ("agent_management_url", HttpAgentManagementClient),
+    "agent_execution": ("agent_execution_service_url", HttpAgentExecutionClient),
+    "query": ("query_service_url", HttpQueryClient),
+}
+
+
+def build_llm(settings: Settings) -> LLMProvider:
+    if settings.llm_base_url:
+        key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
+        return OpenAICompatibleLLM(
+            settings.llm_base_url,
+            api_key=key,
+            default_model=settings.llm_model,
+            timeout=settings.llm_timeout,
+        )
+    return EchoModel(chunk_delay=settings.echo_chunk_delay)
+
+
+def build_directory(
+    settings: Settings, factory: async_sessionmaker[AsyncSession]
+) -> tuple[dict[str, Any], list[Any]]:
+    """The service map, and everything in it that must be closed on shutdown."""
+    token = settings.service_token.get_secret_value() if settings.service_token else None
+    services: dict[str, Any] = {}
+    closeable: list[Any] = []
+    for name, (url_field, client_type) in HTTP_CLIENTS.items():
+        url = getattr(settings, url_field)
+        if url:
+            client = client_type(url, token, timeout=settings.downstream_timeout)
+            services[name] = client
+            closeable.append(client)
+    if "conversation" not in services:
+        services["conversation"] = LocalConversation(factory)
+    if "agent_management" not in services:
+        declared = load_agents_file(settings.agents_file) if settings.agents_file else {}
+        services["agent_management"] = LocalAgentManagement(factory, declared)
+    if "agent_execution" not in services:
+        llm = build_llm(settings)
+        services["agent_execution"] = LocalAgentExecution(llm)
+        closeable.append(llm)
+    for name in ("query", "embedding", "ingestion", "workflow", "tools", "identity"):
+        services.setdefault(name, None)
+    return services, closeable

@@ -1,0 +1,132 @@
+"""Any OpenAI-compatible Chat Completions endpoint, streaming (OpenAI, Ollama, vLLM,
+llama.cpp server). Errors map onto the contract's classification; a stream that ends
+without `[DONE]` is a cut stream, never a complete reply."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from agent_orchestrator.clients.base import (
+    DownstreamError,
+    json_object,
+    parse_retry_after,
+    retryable_status,
+    sse_data,
+)
+from agent_orchestrator.models.agent import ExecutionEvent, ReplyChunk, ReplyDone, Usage
+
+SERVICE = "llm"
+
+_CODES = {
+    401: "llm_unauthorized",
+    403: "llm_forbidden",
+    404: "llm_model_not_found",
+    429: "llm_rate_limited",
+}
+
+
+class OpenAICompatibleLLM:
+    name = "openai-compatible"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        default_model: str,
+        timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.default_model = default_model
+        self.http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def stream(
+        self, messages: list[dict[str, Any]], *, model: str | None, temperature: float | None
+    ) -> AsyncIterator[ExecutionEvent]:
+        body: dict[str, Any] = {
+            "model": model or self.default_model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if temperature is not None:
+            body["temperature"] = temperature
+        try:
+            async with self.http.stream("POST", "chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise _error_from(response)
+                async for event in _events(response, body["model"]):
+                    yield event
+        except httpx.TimeoutException as error:
+            raise DownstreamError(
+                SERVICE, "llm_timeout", "the model did not answer in time", retryable=True
+            ) from error
+        except httpx.TransportError as error:
+            # Before the first byte this is a connect failure; after it, a cut stream.
+            raise DownstreamError(
+                SERVICE, "llm_stream_cut", f"connection to the model broke: {error}", retryable=True
+            ) from error
+
+
+async def _events(response: httpx.Response, model: str) -> AsyncIterator[ExecutionEvent]:
+    index = 0
+    usage = Usage()
+    finish = "stop"
+    async for payload in sse_data(response):
+        if payload.strip() == "[DONE]":
+            yield ReplyDone(usage=usage, finish_reason=finish, model=model)
+            return
+        event = json_object(SERVICE, payload)
+        if isinstance(event.get("error"), dict):
+            error = event["error"]
+            raise DownstreamError(
+                SERVICE, "llm_error", str(error.get("message", "error")), retryable=True
+            )
+        if isinstance(event.get("usage"), dict):
+            usage = Usage(
+                prompt_tokens=int(event["usage"].get("prompt_tokens") or 0),
+                completion_tokens=int(event["usage"].get("completion_tokens") or 0),
+            )
+        for choice in event.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                yield ReplyChunk(content=content, index=index)
+                index += 1
+            if choice.get("finish_reason"):
+                finish = str(choice["finish_reason"])
+    raise DownstreamError(
+        SERVICE, "llm_stream_cut", "the model's stream ended before [DONE]", retryable=True
+    )
+
+
+def _error_from(response: httpx.Response) -> DownstreamError:
+    status = response.status_code
+    message = response.reason_phrase or "error"
+    try:
+        body = response.json()
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            message = str(body["error"].get("message") or message)
+    except ValueError:
+        pass
+    code = _CODES.get(status, "llm_unavailable" if status >= 500 else f"llm_http_{status}")
+    return DownstreamError(
+        SERVICE,
+        code,
+        message,
+        retryable=retryable_status(status),
+        status=status,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+    )

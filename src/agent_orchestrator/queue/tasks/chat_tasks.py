@@ -1,0 +1,224 @@
+"""The chat task: run the chat plan, stream the reply, write it once, free the session.
+
+The reply and the task's terminal status commit in one transaction; the reply's id is
+derived from the task, and messages allow one assistant reply per task, so however often
+the task runs (retries, a worker killed mid-turn) the conversation holds one answer.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from agent_orchestrator.clients.base import CallContext, DownstreamError
+from agent_orchestrator.config import Settings
+from agent_orchestrator.db.repositories.messages import MessageRepository
+from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
+from agent_orchestrator.db.types import utcnow
+from agent_orchestrator.events.bus import EventBus
+from agent_orchestrator.events.models import Event, EventType
+from agent_orchestrator.ids import new_id
+from agent_orchestrator.models.agent import AgentConfig, ReplyChunk, Source
+from agent_orchestrator.models.orchestration import StepOutcome
+from agent_orchestrator.models.session import SessionState
+from agent_orchestrator.models.task import TaskStatus
+from agent_orchestrator.queue.consumer import ALREADY_FINISHED, TaskContext
+from agent_orchestrator.queue.registry import TaskFailure
+from agent_orchestrator.services.orchestrator import chat_plan, reply_message_id
+from agent_orchestrator.services.service_coordinator import (
+    PlanFailed,
+    PlanRun,
+    ServiceCoordinator,
+    StreamedReply,
+)
+from agent_orchestrator.services.session_manager import SessionManager
+from agent_orchestrator.services.task_ledger import TaskLedger
+
+
+@dataclass
+class ChatTurn:
+    settings: Settings
+    coordinator: ServiceCoordinator
+    sessions: SessionManager
+    ledger: TaskLedger
+    bus: EventBus
+    remote_conversation: bool
+
+    async def run(self, ctx: TaskContext) -> Any:
+        task = ctx.task
+        if task.session_id is None:
+            raise TaskFailure("invalid_task", "a chat task needs a session")
+        await self._mark_session(task, SessionState.PROCESSING)
+        started = time.perf_counter()
+        degraded: list[dict[str, Any]] = []
+        call_ctx = CallContext(
+            tenant_id=task.tenant_id,
+            correlation_id=str(task.id),
+            session_id=str(task.session_id),
+            task_id=str(task.id),
+        )
+
+        async def on_chunk(chunk: ReplyChunk) -> None:
+            await ctx.emit(EventType.CHAT_STREAM, {"chunk": chunk.content, "index": chunk.index})
+
+        async def on_warning(outcome: StepOutcome) -> None:
+            skipped = {"step": outcome.step, "service": outcome.service, **(outcome.error or {})}
+            degraded.append(skipped)
+            await ctx.emit(
+                EventType.SYSTEM_WARNING,
+                {
+                    "code": "degraded",
+                    "message": f"{outcome.step} was skipped: {skipped.get('message', '')}",
+                    **skipped,
+                },
+            )
+
+        async def on_step(outcome: StepOutcome, latency_ms: float) -> None:
+            await self._record_step(task, outcome)
+            if outcome.step == "agent" and outcome.status == "succeeded":
+                self._check_requirements(outcome)
+
+        run = PlanRun(
+            ctx=call_ctx,
+            request={
+                "session_id": str(task.session_id),
+                "agent_id": task.input.get("agent_id", "default"),
+                "message": task.input["message"],
+                "history_limit": self.settings.history_limit,
+                "task_id": str(task.id),
+                "user_message_id": str(uuid.uuid5(task.id, "user-message")),
+                "reply_message_id": str(reply_message_id(task.id)),
+            },
+            on_chunk=on_chunk,
+            on_progress=lambda done, total: ctx.progress(done, total),
+            on_warning=on_warning,
+            on_step=on_step,
+        )
+        plan = chat_plan(self.settings, remote_conversation=self.remote_conversation)
+        try:
+            outcomes = await self.coordinator.run(plan, run)
+        except PlanFailed as failure:
+            error = failure.error
+            raise TaskFailure(
+                error.code, f"{failure.outcome.step}: {error.message}", retryable=error.retryable
+            ) from failure
+        reply = outcomes["generate"].output
+        assert isinstance(reply, StreamedReply)
+        sources: list[Source] = outcomes["knowledge"].output or []
+        await self._finish(ctx, reply, sources, degraded, time.perf_counter() - started)
+        return ALREADY_FINISHED
+
+    async def _finish(
+        self,
+        ctx: TaskContext,
+        reply: StreamedReply,
+        sources: list[Source],
+        degraded: list[dict[str, Any]],
+        elapsed: float,
+    ) -> None:
+        task = ctx.task
+        message_id = reply_message_id(task.id)
+        metadata = {
+            "model": reply.model,
+            "usage": reply.usage.model_dump(),
+            "finish_reason": reply.finish_reason,
+            "sources": [source.model_dump() for source in sources],
+            "degraded": degraded,
+            "latency_ms": round(elapsed * 1000, 2),
+        }
+        async with ctx.db_factory() as db:
+            await MessageRepository(db).add_once(
+                tenant_id=task.tenant_id,
+                session_id=task.session_id,  # type: ignore[arg-type]
+                message_id=message_id,
+                role="assistant",
+                content=reply.content,
+                task_id=task.id,
+                metadata=metadata,
+            )
+            result = {
+                "message_id": str(message_id),
+                "content": reply.content,
+                "usage": metadata["usage"],
+                "degraded": degraded,
+            }
+            row = await self.ledger.finish(
+                task, ctx.worker_id, TaskStatus.SUCCEEDED, result=result, db=db
+            )
+            if row is None:  # the lease moved on: another worker owns this task now
+                await db.rollback()
+                return
+            await db.commit()
+        await ctx.emit(
+            EventType.CHAT_COMPLETED,
+            {
+                "message_id": str(message_id),
+                "content": reply.content,
+                "sources": metadata["sources"],
+                "usage": metadata["usage"],
+                "latency_ms": metadata["latency_ms"],
+                "degraded": degraded,
+            },
+        )
+        await self.ledger.announce(row)
+
+    async def settled(self, task: TaskRow) -> None:
+        """Whatever the outcome: the session is free again, and its next turn may run."""
+        if task.session_id is None:
+            return
+        await self._mark_session(task, SessionState.ACTIVE)
+        await self.ledger.wake_next_in_session(task.tenant_id, task.session_id)
+
+    async def _mark_session(self, task: TaskRow, target: SessionState) -> None:
+        assert task.session_id is not None
+        async with self.ledger.factory() as db:
+            session = await self.sessions.mark_turn(db, task.tenant_id, task.session_id, target)
+            await db.commit()
+        if session is None:
+            return
+        await self.sessions.refresh_hot_copy(session)
+        await self.bus.publish(
+            Event(
+                type=EventType.SESSION_STATE,
+                tenant_id=task.tenant_id,
+                session_id=str(task.session_id),
+                data={"state": session.state.value, "task_id": str(task.id)},
+            )
+        )
+
+    async def _record_step(self, task: TaskRow, outcome: StepOutcome) -> None:
+        now = utcnow()
+        started = now - timedelta(milliseconds=outcome.latency_ms or 0)
+        await self.ledger.save_service_call(
+            ServiceCallRow(
+                id=new_id(),
+                task_id=task.id,
+                tenant_id=task.tenant_id,
+                step=outcome.step,
+                service=outcome.service,
+                operation=outcome.operation,
+                status=outcome.status,
+                attempts=outcome.attempts,
+                latency_ms=outcome.latency_ms,
+                error=outcome.error,
+                started_at=started,
+                finished_at=now,
+            )
+        )
+
+    def _check_requirements(self, outcome: StepOutcome) -> None:
+        agent = outcome.output
+        if not isinstance(agent, AgentConfig):
+            return
+        missing = [name for name in agent.requires if not self.coordinator.available(name)]
+        if missing:
+            error = DownstreamError(
+                missing[0],
+                "service_unavailable",
+                f"agent {agent.id!r} requires {', '.join(missing)}, which is not configured",
+                retryable=False,
+            )
+            raise PlanFailed(outcome, error)

@@ -1,0 +1,109 @@
+"""Chat routes: submit a turn (async, wait or stream) and cancel one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Response
+from fastapi.responses import JSONResponse
+
+from agent_orchestrator.db.engine import UnitOfWork
+from agent_orchestrator.db.repositories.messages import MessageRepository
+from agent_orchestrator.errors import NotFound
+from agent_orchestrator.events.models import StreamKey
+from agent_orchestrator.middleware.auth import require_scope
+from agent_orchestrator.models.chat import ChatAccepted, ChatMode, ChatRequest, ChatResponse
+from agent_orchestrator.models.principal import Principal, Scope
+from agent_orchestrator.models.task import TERMINAL, TaskView
+from agent_orchestrator.routes.deps import State, UoW
+from agent_orchestrator.routes.sse import event_frames, sse_response
+from agent_orchestrator.routes.tasks import is_terminal_status
+from agent_orchestrator.services.orchestrator import CHAT_KIND, reply_message_id
+from agent_orchestrator.services.session_manager import to_message
+from agent_orchestrator.services.task_ledger import to_view
+from agent_orchestrator.state import AppState
+
+router = APIRouter(prefix="/api/v1/chat", tags=["chat"])
+
+ChatWriter = Annotated[Principal, Depends(require_scope(Scope.CHAT_WRITE))]
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=ChatAccepted,
+    responses={
+        200: {"model": ChatResponse, "description": "mode=wait: the finished turn"},
+        202: {"model": ChatAccepted, "description": "mode=async: the turn is queued"},
+        409: {"description": "the session is closed, expired, or busy (on_busy=reject)"},
+    },
+)
+async def chat(
+    body: ChatRequest,
+    principal: ChatWriter,
+    state: State,
+    uow: UoW,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> Response:
+    submitted = await state.orchestrator.submit(uow, principal, body, idempotency_key)
+    task = submitted.task
+    assert task.session_id is not None
+    if body.mode is ChatMode.ASYNC:
+        accepted = ChatAccepted(
+            task_id=task.id,
+            session_id=task.session_id,
+            status=task.status,
+            events_url=f"/api/v1/tasks/{task.id}/events",
+        )
+        return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
+    await uow.commit()  # the task must be queued before we wait on it
+    stream = StreamKey("task", task.tenant_id, str(task.id))
+    if body.mode is ChatMode.STREAM:
+        return sse_response(
+            event_frames(
+                state.bus,
+                stream,
+                None,
+                is_last=is_terminal_status,
+                keepalive_seconds=state.settings.sse_keepalive_seconds,
+            )
+        )
+    await _wait_until_settled(state, stream)
+    response = await _finished_turn(state, principal, task.id)
+    return JSONResponse(response.model_dump(mode="json"), status_code=200)
+
+
+@router.post("/{task_id}/cancel", status_code=202)
+async def cancel_chat(
+    task_id: uuid.UUID, principal: ChatWriter, state: State, uow: UoW
+) -> TaskView:
+    task = await state.ledger.load_visible(uow.session, principal, task_id)
+    if task.kind != CHAT_KIND:
+        raise NotFound("chat turn not found", details={"task_id": str(task_id)})
+    return to_view(await state.ledger.request_cancel(uow, principal, task_id))
+
+
+async def _wait_until_settled(state: AppState, stream: StreamKey) -> None:
+    """Follow the task's events until a terminal status, for at most TASK_TIMEOUT plus
+    the time a lost worker takes to be noticed."""
+    bound = state.settings.task_timeout + state.settings.lease_ttl + 5
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(bound), state.bus.subscribe(stream) as events:
+            async for event in events:
+                if is_terminal_status(event):
+                    return
+
+
+async def _finished_turn(state: AppState, principal: Principal, task_id: uuid.UUID) -> ChatResponse:
+    async with UnitOfWork(state.db_factory) as uow:
+        view = await state.ledger.view(uow, principal, task_id)
+        message = None
+        if view.status in TERMINAL and view.session_id is not None:
+            row = await MessageRepository(uow.session).by_id(
+                principal.tenant_id, reply_message_id(task_id)
+            )
+            message = to_message(row) if row is not None else None
+    return ChatResponse(task=view, message=message)

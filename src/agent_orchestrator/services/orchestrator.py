@@ -1,0 +1,233 @@
+"""The orchestrator: turns a chat request into a durable task and its plan.
+
+Submission happens in one transaction: the task row (honouring `Idempotency-Key`), the
+session when the request names none, and the user's message. The task is enqueued only
+after that transaction commits. The plan a chat task runs is `chat_plan`: data, readable
+in one place.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from agent_orchestrator.config import Settings
+from agent_orchestrator.db.engine import UnitOfWork
+from agent_orchestrator.db.repositories.messages import MessageRepository
+from agent_orchestrator.db.repositories.tasks import TaskRepository
+from agent_orchestrator.db.tables import TaskRow
+from agent_orchestrator.errors import Conflict
+from agent_orchestrator.ids import new_id
+from agent_orchestrator.models.chat import BusyPolicy, ChatRequest
+from agent_orchestrator.models.orchestration import (
+    OrchestrationPlan,
+    Ref,
+    RetryPolicy,
+    ServiceCall,
+)
+from agent_orchestrator.models.principal import Principal
+from agent_orchestrator.models.session import SessionCreate, ensure_editable
+from agent_orchestrator.observability.metrics import CHAT_TURNS
+from agent_orchestrator.services.session_manager import SessionManager
+from agent_orchestrator.services.task_ledger import Submission, TaskLedger
+
+CHAT_KIND = "chat"
+DEFAULT_AGENT = "default"
+
+
+def reply_message_id(task_id: uuid.UUID) -> uuid.UUID:
+    """The assistant message's id is derived from its task: every attempt writes the
+    same id, so saving it (here or downstream) is idempotent."""
+    return uuid.uuid5(task_id, "assistant-reply")
+
+
+def chat_plan(settings: Settings, *, remote_conversation: bool) -> OrchestrationPlan:
+    """History and agent configuration in parallel; knowledge when the agent has some;
+    then the streamed reply; then, when conversations live in their own service, the
+    turn is saved there (our database keeps its own copy either way)."""
+    retry = RetryPolicy(
+        attempts=settings.step_retry_attempts,
+        initial=settings.step_retry_initial,
+        max_delay=min(5.0, settings.task_timeout / 4),
+    )
+    quick = settings.downstream_timeout
+    steps = [
+        ServiceCall(
+            step="history",
+            service="conversation",
+            operation="get_history",
+            inputs={"session_id": Ref("request.session_id"), "limit": Ref("request.history_limit")},
+            timeout=quick,
+            retry=retry,
+            required=False,
+        ),
+        ServiceCall(
+            step="agent",
+            service="agent_management",
+            operation="get_agent",
+            inputs={"agent_id": Ref("request.agent_id")},
+            timeout=quick,
+            retry=retry,
+        ),
+        ServiceCall(
+            step="knowledge",
+            service="query",
+            operation="search",
+            inputs={
+                "query": Ref("request.message"),
+                "collection_ids": Ref("steps.agent.knowledge.collection_ids", []),
+                "top_k": Ref("steps.agent.knowledge.top_k", 4),
+            },
+            depends_on=("agent",),
+            when=Ref("steps.agent.knowledge"),
+            timeout=quick,
+            retry=retry,
+            required=False,
+        ),
+        ServiceCall(
+            step="generate",
+            service="agent_execution",
+            operation="execute",
+            inputs={
+                "agent": Ref("steps.agent"),
+                "history": Ref("steps.history", []),
+                "message": Ref("request.message"),
+                "sources": Ref("steps.knowledge", []),
+            },
+            depends_on=("history", "agent", "knowledge"),
+            timeout=settings.llm_timeout,
+            retry=retry,
+            stream=True,
+        ),
+    ]
+    if remote_conversation:
+        steps += [
+            ServiceCall(
+                step="save_user_message",
+                service="conversation",
+                operation="save_message",
+                inputs={
+                    "session_id": Ref("request.session_id"),
+                    "message_id": Ref("request.user_message_id"),
+                    "role": "user",
+                    "content": Ref("request.message"),
+                    "task_id": Ref("request.task_id"),
+                    "metadata": {},
+                },
+                depends_on=("generate",),
+                timeout=quick,
+                retry=retry,
+                required=False,
+            ),
+            ServiceCall(
+                step="save_reply",
+                service="conversation",
+                operation="save_message",
+                inputs={
+                    "session_id": Ref("request.session_id"),
+                    "message_id": Ref("request.reply_message_id"),
+                    "role": "assistant",
+                    "content": Ref("steps.generate.content"),
+                    "task_id": Ref("request.task_id"),
+                    "metadata": {},
+                },
+                depends_on=("save_user_message",),
+                timeout=quick,
+                retry=retry,
+                required=False,
+            ),
+        ]
+    return OrchestrationPlan("chat", tuple(steps))
+
+
+@dataclass
+class Submitted:
+    task: TaskRow
+    created: bool
+
+
+class ChatOrchestrator:
+    def __init__(self, settings: Settings, sessions: SessionManager, ledger: TaskLedger) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.ledger = ledger
+
+    async def submit(
+        self,
+        uow: UnitOfWork,
+        principal: Principal,
+        request: ChatRequest,
+        idempotency_key: str | None,
+    ) -> Submitted:
+        if idempotency_key is not None:
+            existing = await TaskRepository(uow.session).by_idempotency_key(
+                principal.tenant_id, idempotency_key
+            )
+            if existing is not None:
+                return Submitted(existing, created=False)
+        if request.session_id is not None:
+            session = await self.sessions.get(uow, principal, request.session_id)
+            ensure_editable(session.state)
+            session_id, agent_id = session.id, request.agent_id or session.agent_id
+            await self._apply_busy_policy(uow, principal, session_id, request.on_busy)
+        else:
+            session_id, agent_id = new_id(), request.agent_id
+        agent_id = agent_id or DEFAULT_AGENT
+        task, created = await self.ledger.submit(
+            uow,
+            principal,
+            Submission(
+                kind=CHAT_KIND,
+                queue=self.settings.queue_interactive,
+                input={
+                    "message": request.message,
+                    "agent_id": agent_id,
+                    "mode": request.mode.value,
+                },
+                session_id=session_id,
+                idempotency_key=idempotency_key,
+            ),
+        )
+        if not created:  # lost an idempotency race: nothing else was written
+            return Submitted(task, created=False)
+        if request.session_id is None:
+            await self.sessions.create(
+                uow, principal, SessionCreate(agent_id=agent_id), session_id=session_id
+            )
+        await MessageRepository(uow.session).add_once(
+            tenant_id=principal.tenant_id,
+            session_id=session_id,
+            message_id=new_id(),
+            role="user",
+            content=request.message,
+            task_id=task.id,
+            metadata=request.metadata,
+        )
+        CHAT_TURNS.labels(request.mode.value).inc()
+        return Submitted(task, created=True)
+
+    async def _apply_busy_policy(
+        self,
+        uow: UnitOfWork,
+        principal: Principal,
+        session_id: uuid.UUID,
+        requested: BusyPolicy | None,
+    ) -> None:
+        policy = requested or BusyPolicy(self.settings.chat_busy_policy)
+        if policy is BusyPolicy.ENQUEUE:
+            return
+        unfinished = await TaskRepository(uow.session).unfinished_in_session(
+            principal.tenant_id, session_id
+        )
+        if not unfinished:
+            return
+        if policy is BusyPolicy.REJECT:
+            raise Conflict(
+                "the session is still answering an earlier message",
+                details={
+                    "session_id": str(session_id),
+                    "task_ids": [str(task.id) for task in unfinished],
+                },
+            )
+        for task in unfinished:  # INTERRUPT
+            await self.ledger.request_cancel(uow, principal, task.id)

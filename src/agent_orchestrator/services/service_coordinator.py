@@ -1,0 +1,351 @@
+"""Runs an orchestration plan across the downstream services.
+
+Independent steps run concurrently; each waits only for the steps it depends on. Every
+attempt passes the service's circuit breaker and concurrency cap, runs under the step's
+timeout, and is retried with backoff and jitter (tenacity) when the failure is retryable
+and the policy allows. An optional step that fails is skipped with a warning; a required
+step that fails fails the plan with the downstream error code. A streaming step forwards
+each chunk as it arrives and is retried only before its first chunk was forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+import tenacity
+
+from agent_orchestrator.clients.base import CallContext, DownstreamError
+from agent_orchestrator.models.agent import ReplyChunk, ReplyDone, Usage
+from agent_orchestrator.models.orchestration import (
+    OrchestrationPlan,
+    Ref,
+    ServiceCall,
+    StepOutcome,
+)
+from agent_orchestrator.observability.logging import get_logger
+from agent_orchestrator.observability.metrics import SERVICE_CALL_FAILURES, SERVICE_CALL_SECONDS
+from agent_orchestrator.resilience.circuit_breaker import CircuitBreaker
+
+log = get_logger(__name__)
+
+
+class PlanFailed(Exception):
+    def __init__(self, outcome: StepOutcome, error: DownstreamError) -> None:
+        super().__init__(f"step {outcome.step} failed: {error.code}")
+        self.outcome = outcome
+        self.error = error
+
+
+@dataclass
+class StreamedReply:
+    content: str
+    usage: Usage
+    finish_reason: str
+    model: str | None
+    chunks: int
+
+
+@dataclass
+class PlanRun:
+    """One execution of a plan: its context, inputs, and where its side channels go."""
+
+    ctx: CallContext
+    request: dict[str, Any]
+    on_chunk: Callable[[ReplyChunk], Awaitable[None]]
+    on_progress: Callable[[int, int], Awaitable[None]]
+    on_warning: Callable[[StepOutcome], Awaitable[None]]
+    on_step: Callable[[StepOutcome, float], Awaitable[None]]
+    outcomes: dict[str, StepOutcome] = field(default_factory=dict)
+
+
+@dataclass
+class ResilienceSettings:
+    failure_threshold: int = 5
+    window_seconds: float = 30.0
+    open_seconds: float = 10.0
+    half_open_probes: int = 1
+    service_concurrency: int = 50
+
+
+class ServiceCoordinator:
+    def __init__(self, services: dict[str, Any], resilience: ResilienceSettings) -> None:
+        self.services = services
+        self.resilience = resilience
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.bulkheads: dict[str, asyncio.Semaphore] = {}
+
+    def available(self, service: str) -> bool:
+        return self.services.get(service) is not None
+
+    def breaker(self, service: str) -> CircuitBreaker:
+        if service not in self.breakers:
+            r = self.resilience
+            self.breakers[service] = CircuitBreaker(
+                service,
+                failure_threshold=r.failure_threshold,
+                window_seconds=r.window_seconds,
+                open_seconds=r.open_seconds,
+                half_open_probes=r.half_open_probes,
+            )
+        return self.breakers[service]
+
+    def bulkhead(self, service: str) -> asyncio.Semaphore:
+        if service not in self.bulkheads:
+            self.bulkheads[service] = asyncio.Semaphore(self.resilience.service_concurrency)
+        return self.bulkheads[service]
+
+    # --- the plan -------------------------------------------------------------------------
+    async def run(self, plan: OrchestrationPlan, run: PlanRun) -> dict[str, StepOutcome]:
+        finished: dict[str, asyncio.Future[StepOutcome]] = {
+            step.step: asyncio.get_running_loop().create_future() for step in plan.steps
+        }
+        total = len(plan.steps)
+        completed = 0
+
+        async def step_task(call: ServiceCall) -> None:
+            nonlocal completed
+            for dependency in call.depends_on:
+                await asyncio.shield(finished[dependency])
+            outcome = await self._run_step(call, run)
+            run.outcomes[call.step] = outcome
+            finished[call.step].set_result(outcome)
+            completed += 1
+            await run.on_progress(completed, total)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for call in plan.steps:
+                    group.create_task(step_task(call), name=f"step-{call.step}")
+        except* PlanFailed as failures:
+            raise failures.exceptions[0] from None
+        return run.outcomes
+
+    async def _run_step(self, call: ServiceCall, run: PlanRun) -> StepOutcome:
+        if call.when is not None and not resolve(call.when, run):
+            outcome = StepOutcome(
+                step=call.step,
+                service=call.service,
+                operation=call.operation,
+                status="skipped",
+            )
+            await run.on_step(outcome, 0.0)
+            return outcome
+        client = self.services.get(call.service)
+        started = time.perf_counter()
+        attempts = 0
+        try:
+            if client is None:
+                raise DownstreamError(
+                    call.service,
+                    "service_unavailable",
+                    f"no {call.service} service is configured",
+                    retryable=False,
+                )
+            inputs = {name: resolve(value, run) for name, value in call.inputs.items()}
+            operation = getattr(client, call.operation)
+
+            async def attempt() -> Any:
+                nonlocal attempts
+                attempts += 1
+                if call.stream:
+                    return await self._stream_once(call, operation, inputs, run)
+                return await self._call_once(call, operation, inputs, run.ctx)
+
+            output = await self._with_retries(call, attempt)
+        except DownstreamError as error:
+            latency = (time.perf_counter() - started) * 1000
+            SERVICE_CALL_FAILURES.labels(call.service, error.code).inc()
+            outcome = StepOutcome(
+                step=call.step,
+                service=call.service,
+                operation=call.operation,
+                status="failed",
+                attempts=attempts,
+                latency_ms=latency,
+                error={"code": error.code, "message": error.message, "retryable": error.retryable},
+            )
+            await run.on_step(outcome, latency)
+            if call.required:
+                raise PlanFailed(outcome, error) from error
+            log.warning("optional step degraded", step=call.step, code=error.code)
+            await run.on_warning(outcome)
+            return outcome
+        latency = (time.perf_counter() - started) * 1000
+        SERVICE_CALL_SECONDS.labels(call.service, call.operation).observe(latency / 1000)
+        outcome = StepOutcome(
+            step=call.step,
+            service=call.service,
+            operation=call.operation,
+            status="succeeded",
+            attempts=attempts,
+            latency_ms=latency,
+            output=output,
+        )
+        await run.on_step(outcome, latency)
+        return outcome
+
+    async def _with_retries(self, call: ServiceCall, attempt: Callable[[], Awaitable[Any]]) -> Any:
+        policy = call.retry
+        backoff = tenacity.wait_exponential_jitter(
+            initial=policy.initial, max=policy.max_delay, jitter=policy.initial
+        )
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, DownstreamError) and error.retry_after is not None:
+                return min(error.retry_after, policy.max_delay)
+            return float(backoff(state))
+
+        def should_retry(error: BaseException) -> bool:
+            return isinstance(error, DownstreamError) and error.retryable
+
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(max(policy.attempts, 1)),
+            wait=wait,
+            retry=tenacity.retry_if_exception(should_retry),
+            reraise=True,
+        )
+        return await retrying(attempt)
+
+    async def _admitted(self, service: str) -> CircuitBreaker:
+        breaker = self.breaker(service)
+        if not breaker.try_acquire():
+            raise DownstreamError(
+                service, "circuit_open", f"{service} is failing; calls are paused", retryable=False
+            )
+        return breaker
+
+    async def _call_once(
+        self,
+        call: ServiceCall,
+        operation: Callable[..., Awaitable[Any]],
+        inputs: dict[str, Any],
+        ctx: CallContext,
+    ) -> Any:
+        breaker = await self._admitted(call.service)
+        async with self.bulkhead(call.service):
+            try:
+                async with asyncio.timeout(call.timeout):
+                    result = await operation(ctx, **inputs)
+            except TimeoutError as error:
+                breaker.record_failure()
+                raise DownstreamError(
+                    call.service,
+                    "timeout",
+                    f"{call.operation} took longer than {call.timeout:g} s",
+                    retryable=True,
+                ) from error
+            except DownstreamError as error:
+                _judge(breaker, error)
+                raise
+            except asyncio.CancelledError:
+                breaker.release_probe()
+                raise
+        breaker.record_success()
+        return result
+
+    async def _stream_once(
+        self,
+        call: ServiceCall,
+        operation: Callable[..., AsyncGenerator[Any]],
+        inputs: dict[str, Any],
+        run: PlanRun,
+    ) -> StreamedReply:
+        breaker = await self._admitted(call.service)
+        pieces: list[str] = []
+        done: ReplyDone | None = None
+        async with self.bulkhead(call.service):
+            try:
+                async with aclosing(operation(run.ctx, **inputs)) as events:
+                    iterator = aiter(events)
+                    while True:
+                        try:
+                            async with asyncio.timeout(call.timeout):
+                                event = await anext(iterator)
+                        except StopAsyncIteration:
+                            break
+                        if isinstance(event, ReplyChunk):
+                            pieces.append(event.content)
+                            await run.on_chunk(
+                                ReplyChunk(content=event.content, index=len(pieces) - 1)
+                            )
+                        elif isinstance(event, ReplyDone):
+                            done = event
+                            break
+            except TimeoutError as error:
+                breaker.record_failure()
+                raise _stream_error(
+                    call, "timeout", f"no event for {call.timeout:g} s", True, pieces
+                ) from error
+            except DownstreamError as error:
+                _judge(breaker, error)
+                raise _stream_error(
+                    call, error.code, error.message, error.retryable, pieces
+                ) from error
+            except asyncio.CancelledError:
+                breaker.release_probe()
+                raise
+        if done is None:
+            breaker.record_failure()
+            raise _stream_error(
+                call, "stream_cut", "the stream ended without its end event", True, pieces
+            )
+        breaker.record_success()
+        return StreamedReply(
+            content="".join(pieces),
+            usage=done.usage,
+            finish_reason=done.finish_reason,
+            model=done.model,
+            chunks=len(pieces),
+        )
+
+
+class _ChunksForwarded(DownstreamError):
+    """A stream failed after chunks reached the client: retrying would repeat the reply."""
+
+
+def _stream_error(
+    call: ServiceCall, code: str, message: str, retryable: bool, pieces: list[str]
+) -> DownstreamError:
+    if pieces:
+        return _ChunksForwarded(
+            call.service, code, f"{message} (after {len(pieces)} chunks)", retryable=False
+        )
+    return DownstreamError(call.service, code, message, retryable=retryable)
+
+
+def _judge(breaker: CircuitBreaker, error: DownstreamError) -> None:
+    if error.retryable:
+        breaker.record_failure()
+    else:
+        breaker.release_probe()
+
+
+def resolve(value: Any, run: PlanRun) -> Any:
+    """Inputs are literals or `Ref`s into the request or earlier steps' outputs. A ref to
+    a step that was skipped or failed (optional) yields the ref's default."""
+    if not isinstance(value, Ref):
+        return value
+    root, _, rest = value.path.partition(".")
+    if root == "request":
+        current: Any = run.request
+        parts = rest.split(".") if rest else []
+    elif root == "steps":
+        name, _, tail = rest.partition(".")
+        outcome = run.outcomes.get(name)
+        if outcome is None or outcome.status != "succeeded":
+            return value.default
+        current = outcome.output
+        parts = tail.split(".") if tail else []
+    else:
+        raise ValueError(f"unknown reference root in {value.path!r}")
+    for part in parts:
+        if current is None:
+            return value.default
+        current = current.get(part) if isinstance(current, dict) else getattr(current, part, None)
+    return value.default if current is None else current
