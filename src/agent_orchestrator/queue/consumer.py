@@ -49,8 +49,14 @@ class TaskContext:
         return self.task.attempt
 
     async def progress(self, steps_completed: int, steps_total: int, **extra: Any) -> None:
-        payload = {"steps_completed": steps_completed, "steps_total": steps_total, **extra}
-        await self.ledger.set_progress(self.task, self.worker_id, payload)
+        """Announced at once as an event; written to the ledger with the next lease
+        renewal and with the final state (a write per step would double a turn's cost)."""
+        self.task.progress = {
+            "steps_completed": steps_completed,
+            "steps_total": steps_total,
+            **extra,
+        }
+        await self.ledger.publish_progress(self.task)
 
     async def emit(self, event_type: str, data: dict[str, Any]) -> Event:
         return await self.bus.publish(

@@ -192,7 +192,7 @@ class ServiceCoordinator:
     async def _with_retries(self, call: ServiceCall, attempt: Callable[[], Awaitable[Any]]) -> Any:
         policy = call.retry
         backoff = tenacity.wait_exponential_jitter(
-            initial=policy.initial, max=policy.max_delay, jitter=policy.initial
+            multiplier=policy.initial, max=policy.max_delay, jitter=policy.initial
         )
 
         def wait(state: tenacity.RetryCallState) -> float:

@@ -277,6 +277,7 @@ class SessionManager:
         try:
             yield
         except ServiceError as error:
+            await uow.session.rollback()  # free the connection before the audit's own
             await audit.record_failure(
                 uow.factory,
                 principal,

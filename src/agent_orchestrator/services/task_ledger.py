@@ -178,8 +178,11 @@ class TaskLedger:
             finished_at=None,
         )
         try:
-            async with uow.session.begin_nested():
+            if key is None:
                 await repo.add(row)
+            else:
+                async with uow.session.begin_nested():  # a racing twin must not poison us
+                    await repo.add(row)
         except IntegrityError:
             # Another request with the same key won the race: answer with its task.
             if key is None:
@@ -307,7 +310,7 @@ class TaskLedger:
                 task.tenant_id,
                 task.id,
                 sources=[TaskStatus.RUNNING.value],
-                values={"lease_expires_at": now + self.lease},
+                values={"lease_expires_at": now + self.lease, "progress": task.progress},
                 conditions=(TaskRow.lease_owner == worker_id,),
             )
             await db.commit()
@@ -315,10 +318,8 @@ class TaskLedger:
             return Renewal.LOST
         return Renewal.CANCEL if row.cancel_requested else Renewal.ALIVE
 
-    async def set_progress(self, task: TaskRow, worker_id: str, progress: dict[str, Any]) -> None:
-        row = await self._write_owned(task, worker_id, None, {"progress": progress})
-        if row is not None:
-            await self.bus.publish(status_event(row))
+    async def publish_progress(self, task: TaskRow) -> None:
+        await self.bus.publish(status_event(task))
 
     async def finish(
         self,
@@ -334,7 +335,9 @@ class TaskLedger:
         the handler's own final transaction (with the assistant message): the caller then
         commits and calls `announce` itself."""
         values = _terminal_values(status, utcnow())
-        values.update(result=result, error=error.model_dump() if error else None)
+        values.update(
+            result=result, error=error.model_dump() if error else None, progress=task.progress
+        )
         row = await self._write_owned(task, worker_id, status, values, db=db)
         if row is not None and db is None:
             await self.announce(row)
@@ -391,10 +394,16 @@ class TaskLedger:
             await self.producer.deliver(row)
         return row
 
-    async def save_service_call(self, call: ServiceCallRow) -> None:
-        async with self.factory() as db:
-            await TaskRepository(db).save_service_call(call)
-            await db.commit()
+    async def save_service_calls(
+        self, task: TaskRow, calls: list[ServiceCallRow], db: AsyncSession | None = None
+    ) -> None:
+        """Record a task's steps; with `db`, inside the caller's transaction."""
+        if db is not None:
+            await TaskRepository(db).replace_service_calls(task.tenant_id, task.id, calls)
+            return
+        async with self.factory() as session:
+            await TaskRepository(session).replace_service_calls(task.tenant_id, task.id, calls)
+            await session.commit()
 
     # --- reconciler (system sweeps; safe to run on every worker at once) ------------------
     async def recover_expired_leases(self, batch: int = 100) -> int:
@@ -499,17 +508,11 @@ class TaskLedger:
         self,
         task: TaskRow,
         worker_id: str,
-        target: TaskStatus | None,
+        target: TaskStatus,
         values: dict[str, Any],
         db: AsyncSession | None = None,
     ) -> TaskRow | None:
         owned = (TaskRow.lease_owner == worker_id,)
-        if target is None:  # progress: same state, only while running and owned
-            values = {**values, "updated_at": utcnow()}
-            running = [TaskStatus.RUNNING.value]
-            return await self._write(
-                task.tenant_id, task.id, TaskStatus.RUNNING, values, owned, db, running
-            )
         return await self._write(task.tenant_id, task.id, target, values, owned, db)
 
 

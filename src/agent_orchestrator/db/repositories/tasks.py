@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -144,28 +144,21 @@ class TaskRepository:
         )
         return list((await self.db.execute(query)).scalars())
 
-    async def save_service_call(self, row: ServiceCallRow) -> None:
-        """One row per (task, step): a retried task updates the step it ran before."""
-        query = select(ServiceCallRow).where(
-            ServiceCallRow.tenant_id == row.tenant_id,
-            ServiceCallRow.task_id == row.task_id,
-            ServiceCallRow.step == row.step,
+    async def replace_service_calls(
+        self, tenant_id: str, task_id: uuid.UUID, rows: list[ServiceCallRow]
+    ) -> None:
+        """One row per (task, step): a retried task's steps replace those it ran before."""
+        steps = [row.step for row in rows]
+        if not steps:
+            return
+        await self.db.execute(
+            delete(ServiceCallRow).where(
+                ServiceCallRow.tenant_id == tenant_id,
+                ServiceCallRow.task_id == task_id,
+                ServiceCallRow.step.in_(steps),
+            )
         )
-        existing = (await self.db.execute(query)).scalar_one_or_none()
-        if existing is None:
-            self.db.add(row)
-        else:
-            for name in (
-                "service",
-                "operation",
-                "status",
-                "attempts",
-                "latency_ms",
-                "error",
-                "started_at",
-                "finished_at",
-            ):
-                setattr(existing, name, getattr(row, name))
+        self.db.add_all(rows)
         await self.db.flush()
 
 

@@ -72,12 +72,16 @@ class ChatTurn:
                 {
                     "code": "degraded",
                     "message": f"{outcome.step} was skipped: {skipped.get('message', '')}",
-                    **skipped,
+                    "step": outcome.step,
+                    "service": outcome.service,
+                    "error": outcome.error,
                 },
             )
 
+        steps: list[ServiceCallRow] = []
+
         async def on_step(outcome: StepOutcome, latency_ms: float) -> None:
-            await self._record_step(task, outcome)
+            steps.append(_service_call(task, outcome))
             if outcome.step == "agent" and outcome.status == "succeeded":
                 self._check_requirements(outcome)
 
@@ -101,14 +105,18 @@ class ChatTurn:
         try:
             outcomes = await self.coordinator.run(plan, run)
         except PlanFailed as failure:
+            await self.ledger.save_service_calls(task, steps)
             error = failure.error
             raise TaskFailure(
                 error.code, f"{failure.outcome.step}: {error.message}", retryable=error.retryable
             ) from failure
+        except BaseException:
+            await self.ledger.save_service_calls(task, steps)  # cancelled: keep the record
+            raise
         reply = outcomes["generate"].output
         assert isinstance(reply, StreamedReply)
         sources: list[Source] = outcomes["knowledge"].output or []
-        await self._finish(ctx, reply, sources, degraded, time.perf_counter() - started)
+        await self._finish(ctx, reply, sources, degraded, steps, time.perf_counter() - started)
         return ALREADY_FINISHED
 
     async def _finish(
@@ -117,6 +125,7 @@ class ChatTurn:
         reply: StreamedReply,
         sources: list[Source],
         degraded: list[dict[str, Any]],
+        steps: list[ServiceCallRow],
         elapsed: float,
     ) -> None:
         task = ctx.task
@@ -130,6 +139,7 @@ class ChatTurn:
             "latency_ms": round(elapsed * 1000, 2),
         }
         async with ctx.db_factory() as db:
+            await self.ledger.save_service_calls(task, steps, db)
             await MessageRepository(db).add_once(
                 tenant_id=task.tenant_id,
                 session_id=task.session_id,  # type: ignore[arg-type]
@@ -189,26 +199,6 @@ class ChatTurn:
             )
         )
 
-    async def _record_step(self, task: TaskRow, outcome: StepOutcome) -> None:
-        now = utcnow()
-        started = now - timedelta(milliseconds=outcome.latency_ms or 0)
-        await self.ledger.save_service_call(
-            ServiceCallRow(
-                id=new_id(),
-                task_id=task.id,
-                tenant_id=task.tenant_id,
-                step=outcome.step,
-                service=outcome.service,
-                operation=outcome.operation,
-                status=outcome.status,
-                attempts=outcome.attempts,
-                latency_ms=outcome.latency_ms,
-                error=outcome.error,
-                started_at=started,
-                finished_at=now,
-            )
-        )
-
     def _check_requirements(self, outcome: StepOutcome) -> None:
         agent = outcome.output
         if not isinstance(agent, AgentConfig):
@@ -222,3 +212,21 @@ class ChatTurn:
                 retryable=False,
             )
             raise PlanFailed(outcome, error)
+
+
+def _service_call(task: TaskRow, outcome: StepOutcome) -> ServiceCallRow:
+    now = utcnow()
+    return ServiceCallRow(
+        id=new_id(),
+        task_id=task.id,
+        tenant_id=task.tenant_id,
+        step=outcome.step,
+        service=outcome.service,
+        operation=outcome.operation,
+        status=outcome.status,
+        attempts=outcome.attempts,
+        latency_ms=outcome.latency_ms,
+        error=outcome.error,
+        started_at=now - timedelta(milliseconds=outcome.latency_ms or 0),
+        finished_at=now,
+    )
