@@ -11,7 +11,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
-from agent_orchestrator.db.tables import MessageRow
+from agent_orchestrator.db.tables import MessageRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 
 
@@ -51,13 +51,24 @@ class MessageRepository:
         exclude_task_id: uuid.UUID | None = None,
     ) -> list[MessageRow]:
         """The last `limit` messages, oldest first (what an agent reads as history),
-        leaving out the turn being answered (`exclude_task_id`)."""
+        leaving out the turn being answered (`exclude_task_id`) and every turn submitted
+        after it: their user messages are stored at submission, while this turn may still
+        be waiting its turn (busy policy `enqueue`), and they are not its past."""
         query = select(MessageRow).where(
             MessageRow.tenant_id == tenant_id, MessageRow.session_id == session_id
         )
         if exclude_task_id is not None:
+            answering = select(TaskRow.created_at).where(
+                TaskRow.tenant_id == tenant_id, TaskRow.id == exclude_task_id
+            )
+            later = select(TaskRow.id).where(
+                TaskRow.tenant_id == tenant_id,
+                TaskRow.session_id == session_id,
+                TaskRow.created_at >= answering.scalar_subquery(),
+            )
             query = query.where(
-                (MessageRow.task_id.is_(None)) | (MessageRow.task_id != exclude_task_id)
+                MessageRow.task_id.is_(None)
+                | ((MessageRow.task_id != exclude_task_id) & MessageRow.task_id.not_in(later))
             )
         query = query.order_by(MessageRow.created_at.desc(), MessageRow.id.desc()).limit(limit)
         rows = list((await self.db.execute(query)).scalars())
