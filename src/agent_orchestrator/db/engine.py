@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from agent_orchestrator.db.sqlite_inline import inline_creator
 from agent_orchestrator.observability.logging import get_logger
 
 log = get_logger(__name__)
@@ -39,7 +40,7 @@ def create_engine(url: str, *, pool_size: int = 10, **connect_args: Any) -> Asyn
             pool_size=1,
             max_overflow=0,
             pool_timeout=60,
-            connect_args={"timeout": 30, **connect_args},
+            async_creator=inline_creator(parsed.database or ":memory:", timeout=30),
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine

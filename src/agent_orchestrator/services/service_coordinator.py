@@ -11,6 +11,7 @@ each chunk as it arrives and is retried only before its first chunk was forwarde
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -24,6 +25,7 @@ from agent_orchestrator.models.agent import ReplyChunk, ReplyDone, Usage
 from agent_orchestrator.models.orchestration import (
     OrchestrationPlan,
     Ref,
+    RetryPolicy,
     ServiceCall,
     StepOutcome,
 )
@@ -190,24 +192,27 @@ class ServiceCoordinator:
         return outcome
 
     async def _with_retries(self, call: ServiceCall, attempt: Callable[[], Awaitable[Any]]) -> Any:
+        """The first attempt runs bare (the common case: it works); retries of retryable
+        failures run in a tenacity loop, waiting Retry-After when the service said so,
+        else exponential backoff with jitter."""
         policy = call.retry
-        backoff = tenacity.wait_exponential_jitter(
-            multiplier=policy.initial, max=policy.max_delay, jitter=policy.initial
-        )
+        try:
+            return await attempt()
+        except DownstreamError as error:
+            if policy.attempts <= 1 or not error.retryable:
+                raise
+            await asyncio.sleep(_delay(policy, error, 1))
 
         def wait(state: tenacity.RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
-            if isinstance(error, DownstreamError) and error.retry_after is not None:
-                return min(error.retry_after, policy.max_delay)
-            return float(backoff(state))
-
-        def should_retry(error: BaseException) -> bool:
-            return isinstance(error, DownstreamError) and error.retryable
+            return _delay(policy, error, state.attempt_number + 1)
 
         retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(max(policy.attempts, 1)),
+            stop=tenacity.stop_after_attempt(policy.attempts - 1),
             wait=wait,
-            retry=tenacity.retry_if_exception(should_retry),
+            retry=tenacity.retry_if_exception(
+                lambda error: isinstance(error, DownstreamError) and error.retryable
+            ),
             reraise=True,
         )
         return await retrying(attempt)
@@ -317,6 +322,15 @@ def _stream_error(
             call.service, code, f"{message} (after {len(pieces)} chunks)", retryable=False
         )
     return DownstreamError(call.service, code, message, retryable=retryable)
+
+
+def _delay(policy: RetryPolicy, error: BaseException | None, failures: int) -> float:
+    """Wait after the `failures`-th failure: Retry-After when given, else exponential
+    backoff (initial x 2^(n-1), capped) plus up to `initial` of jitter."""
+    if isinstance(error, DownstreamError) and error.retry_after is not None:
+        return min(error.retry_after, policy.max_delay)
+    base = min(policy.max_delay, policy.initial * 2.0 ** (failures - 1))
+    return base + random.uniform(0, policy.initial)
 
 
 def _judge(breaker: CircuitBreaker, error: DownstreamError) -> None:

@@ -23,6 +23,7 @@ from agent_orchestrator.ids import new_id
 from agent_orchestrator.models.pagination import Page
 from agent_orchestrator.models.principal import Principal, PrincipalKind, Scope
 from agent_orchestrator.models.session import (
+    EDITABLE,
     TRANSITIONS,
     Message,
     Session,
@@ -213,17 +214,16 @@ class SessionManager:
     ) -> Session | None:
         """A worker moves its session between active and processing. A session that was
         closed or expired meanwhile stays as it is (the turn still finishes)."""
-        row = await SessionRepository(db).get(tenant_id, session_id, for_update=True)
-        if row is None:
-            return None
         now = utcnow()
-        current = effective_state(SessionState(row.state), row.expires_at, now)
-        if current is target or target not in TRANSITIONS[current]:
-            return None
-        await SessionRepository(db).update(
-            row, state=target.value, last_activity_at=now, expires_at=now + self.ttl
+        sources = [state.value for state in EDITABLE if target in TRANSITIONS[state]]
+        row = await SessionRepository(db).transition(
+            tenant_id,
+            session_id,
+            sources=sources,
+            live_at=now,
+            values={"state": target.value, "last_activity_at": now, "expires_at": now + self.ttl},
         )
-        return to_session(row, now)
+        return None if row is None else to_session(row, now)
 
     async def refresh_hot_copy(self, session: Session) -> None:
         await self._cache(session, utcnow())

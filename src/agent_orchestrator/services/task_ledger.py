@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.db.engine import UnitOfWork
-from agent_orchestrator.db.repositories.tasks import TaskRepository, session_turn_is_free
+from agent_orchestrator.db.repositories.tasks import SESSION_TURN_IS_FREE, TaskRepository
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import Conflict, NotFound
@@ -242,6 +242,10 @@ class TaskLedger:
         """Queued: cancelled at once. Running: flagged, and the worker holding it is told
         (it also sees the flag on its next lease renewal). Finished: 409."""
         row = await self.load_visible(uow.session, principal, task_id)
+        # The conditional updates below return the task through RETURNING. While `row` sits
+        # in the session's identity map, the ORM would hand back that same object with its
+        # pre-update values (status still queued, cancel_requested still false).
+        uow.session.expunge(row)
         repo = TaskRepository(uow.session)
         now = utcnow()
         cancelled = await repo.transition(
@@ -258,10 +262,11 @@ class TaskLedger:
                 values={"cancel_requested": True, "updated_at": now},
             )
             if cancelled is None:
-                await uow.session.refresh(row)
+                current = await repo.get(row.tenant_id, row.id)
+                status = current.status if current is not None else row.status
                 raise Conflict(
-                    f"task is {row.status}; only queued or running tasks can be cancelled",
-                    details={"status": row.status},
+                    f"task is {status}; only queued or running tasks can be cancelled",
+                    details={"status": status},
                 )
         await audit.record(uow.session, principal, "task.cancel", "task", str(task_id))
         snapshot = _snapshot(cancelled)
@@ -296,7 +301,7 @@ class TaskLedger:
             (
                 TaskRow.cancel_requested.is_(False),
                 (TaskRow.not_before.is_(None)) | (TaskRow.not_before <= now),
-                session_turn_is_free(),
+                SESSION_TURN_IS_FREE,
             ),
         )
         if row is not None:

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
@@ -58,6 +58,30 @@ class SessionRepository:
         query = keyset_page(query, SessionRow.created_at, SessionRow.id, limit=limit, cursor=cursor)
         rows = list((await self.db.execute(query)).scalars())
         return split_page(rows, limit, lambda row: (row.created_at, row.id))
+
+    async def transition(
+        self,
+        tenant_id: str,
+        session_id: uuid.UUID,
+        *,
+        sources: list[str],
+        live_at: datetime,
+        values: dict[str, Any],
+    ) -> SessionRow | None:
+        """Move a session that is in one of `sources` and not expired at `live_at`."""
+        statement = (
+            update(SessionRow)
+            .where(
+                SessionRow.tenant_id == tenant_id,
+                SessionRow.id == session_id,
+                SessionRow.state.in_(sources),
+                SessionRow.expires_at > live_at,
+            )
+            .values(**values)
+            .returning(SessionRow)
+            .execution_options(synchronize_session=False)
+        )
+        return (await self.db.execute(statement)).scalar_one_or_none()
 
     async def update(self, row: SessionRow, **values: Any) -> SessionRow:
         for name, value in values.items():

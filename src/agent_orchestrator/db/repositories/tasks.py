@@ -12,12 +12,14 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, exists, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
+
+_CALL_COLUMNS = tuple(ServiceCallRow.__table__.columns)
 
 
 class TaskRepository:
@@ -158,11 +160,13 @@ class TaskRepository:
                 ServiceCallRow.step.in_(steps),
             )
         )
-        self.db.add_all(rows)
-        await self.db.flush()
+        await self.db.execute(
+            insert(ServiceCallRow),
+            [{column.key: getattr(row, column.key) for column in _CALL_COLUMNS} for row in rows],
+        )
 
 
-def session_turn_is_free() -> ColumnElement[bool]:
+def _session_turn_is_free() -> ColumnElement[bool]:
     """Claim condition: a session's tasks run one at a time, oldest first. True when the
     task has no session, or no other task of its session is running or queued before it."""
     other = aliased(TaskRow)
@@ -177,3 +181,7 @@ def session_turn_is_free() -> ColumnElement[bool]:
         ),
     )
     return or_(TaskRow.session_id.is_(None), ~earlier_or_running)
+
+
+#: Built once: the expression has no parameters, and building it costs more than the query.
+SESSION_TURN_IS_FREE = _session_turn_is_free()
