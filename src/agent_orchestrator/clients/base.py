@@ -8,10 +8,12 @@ coordinator's job (resilience/), so a client makes exactly one attempt per call.
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -64,7 +66,18 @@ def parse_retry_after(value: str | None) -> float | None:
         seconds = float(value.strip())
     except ValueError:
         return None
-    return seconds if seconds >= 0 else None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def segment(value: str) -> str:
+    """An id as one path segment: ids are opaque strings, so `/`, `?` or `#` in one must
+    not change the path."""
+    return quote(value, safe="")
+
+
+def invalid_response(service: str, message: str, *, status: int | None = None) -> DownstreamError:
+    """A body that is not the contract's shape: a contract violation, never retried."""
+    return DownstreamError(service, "invalid_response", message, retryable=False, status=status)
 
 
 class HttpServiceClient:
@@ -110,11 +123,16 @@ class HttpServiceClient:
         *,
         json_body: Any = None,
         params: dict[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
         ok: tuple[int, ...] = (200, 201, 202),
     ) -> Any:
+        """One attempt; `headers` adds to the common ones (e.g. `Idempotency-Key`)."""
+        sent = self.headers(ctx)
+        if headers:
+            sent.update(headers)
         try:
             response = await self.http.request(
-                method, path.lstrip("/"), json=json_body, params=params, headers=self.headers(ctx)
+                method, path.lstrip("/"), json=json_body, params=params, headers=sent
             )
         except httpx.TimeoutException as error:
             raise DownstreamError(
@@ -129,12 +147,8 @@ class HttpServiceClient:
         try:
             return response.json()
         except ValueError as error:
-            raise DownstreamError(
-                self.service,
-                "invalid_response",
-                "body is not JSON",
-                retryable=False,
-                status=response.status_code,
+            raise invalid_response(
+                self.service, "body is not JSON", status=response.status_code
             ) from error
 
     def error_from(self, response: httpx.Response) -> DownstreamError:

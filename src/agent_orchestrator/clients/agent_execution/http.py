@@ -4,14 +4,17 @@ iterator closes the connection, which cancels the execution downstream."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from agent_orchestrator.clients.agent_execution import conversation_of
 from agent_orchestrator.clients.base import (
     CallContext,
     DownstreamError,
     HttpServiceClient,
+    invalid_response,
     json_object,
     sse_data,
 )
@@ -46,42 +49,60 @@ class HttpAgentExecutionClient(HttpServiceClient):
             "context": {"sources": [s.model_dump() for s in sources or []]},
             "stream": True,
         }
+        started = False  # the response began: a transport failure from now on is a cut
         try:
             async with self.http.stream(
                 "POST", "v1/executions", json=body, headers=self.headers(ctx)
             ) as response:
+                started = True
                 if response.status_code != 200:
                     await response.aread()
                     raise self.error_from(response)
                 async for payload in sse_data(response):
-                    event = json_object(self.service, payload)
-                    kind = event.get("type")
-                    if kind == "chunk":
-                        yield ReplyChunk(
-                            content=str(event.get("content", "")), index=int(event.get("index", 0))
-                        )
-                    elif kind == "done":
-                        yield ReplyDone(
-                            usage=Usage.model_validate(event.get("usage") or {}),
-                            finish_reason=str(event.get("finish_reason") or "stop"),
-                            model=agent.model,
-                        )
+                    event = self._event(json_object(self.service, payload), agent)
+                    if event is None:
+                        continue
+                    yield event
+                    if isinstance(event, ReplyDone):
                         return
-                    elif kind == "error":
-                        raise DownstreamError(
-                            self.service,
-                            str(event.get("code") or "execution_failed"),
-                            str(event.get("message") or "execution failed"),
-                            retryable=bool(event.get("retryable")),
-                        )
         except httpx.TimeoutException as error:
             raise DownstreamError(
                 self.service, "timeout", "execution timed out", retryable=True
             ) from error
         except httpx.TransportError as error:
+            if not started:
+                raise DownstreamError(
+                    self.service, "unreachable", str(error) or "connect error", retryable=True
+                ) from error
             raise DownstreamError(
                 self.service, "stream_cut", f"connection broke: {error}", retryable=True
             ) from error
         raise DownstreamError(
             self.service, "stream_cut", "stream ended without `done`", retryable=True
         )
+
+    def _event(self, event: dict[str, Any], agent: AgentConfig) -> ExecutionEvent | None:
+        """The event as ours; None for an event type this client does not know (ignored,
+        like unknown fields); an `error` event raises its error."""
+        kind = event.get("type")
+        try:
+            if kind == "chunk":
+                return ReplyChunk.model_validate(
+                    {"content": event.get("content"), "index": event.get("index")}
+                )
+            if kind == "done":
+                return ReplyDone(
+                    usage=Usage.model_validate(event.get("usage") or {}),
+                    finish_reason=str(event.get("finish_reason") or "stop"),
+                    model=agent.model,
+                )
+        except ValidationError as error:
+            raise invalid_response(self.service, f"bad `{kind}` event") from error
+        if kind == "error":
+            raise DownstreamError(
+                self.service,
+                str(event.get("code") or "execution_failed"),
+                str(event.get("message") or "execution failed"),
+                retryable=bool(event.get("retryable")),
+            )
+        return None

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent_orchestrator.clients.base import CallContext, DownstreamError, HttpServiceClient
+from agent_orchestrator.clients.base import (
+    CallContext,
+    HttpServiceClient,
+    invalid_response,
+    segment,
+)
 from agent_orchestrator.models.agent import ConversationMessage
 
 
@@ -15,14 +20,12 @@ class HttpConversationClient(HttpServiceClient):
         self, ctx: CallContext, *, session_id: str, limit: int
     ) -> list[ConversationMessage]:
         body = await self.request(
-            ctx, "GET", f"v1/sessions/{session_id}/messages", params={"limit": limit}
+            ctx, "GET", f"v1/sessions/{segment(session_id)}/messages", params={"limit": limit}
         )
         try:
             return [ConversationMessage.model_validate(item) for item in body["messages"]]
         except (KeyError, TypeError, ValueError) as error:
-            raise DownstreamError(
-                self.service, "invalid_response", "no messages list", retryable=False
-            ) from error
+            raise invalid_response(self.service, "no messages list") from error
 
     async def save_message(
         self,
@@ -35,10 +38,10 @@ class HttpConversationClient(HttpServiceClient):
         task_id: str | None,
         metadata: dict[str, Any],
     ) -> None:
-        await self.request(
+        body = await self.request(
             ctx,
             "POST",
-            f"v1/sessions/{session_id}/messages",
+            f"v1/sessions/{segment(session_id)}/messages",
             json_body={
                 "id": message_id,
                 "role": role,
@@ -47,3 +50,5 @@ class HttpConversationClient(HttpServiceClient):
                 "metadata": metadata,
             },
         )
+        if not isinstance(body, dict) or "id" not in body:
+            raise invalid_response(self.service, "no `id` in the answer")

@@ -63,8 +63,10 @@ class OpenAICompatibleLLM:
         }
         if temperature is not None:
             body["temperature"] = temperature
+        started = False  # the response began: a transport failure from now on is a cut
         try:
             async with self.http.stream("POST", "chat/completions", json=body) as response:
+                started = True
                 if response.status_code != 200:
                     await response.aread()
                     raise _error_from(response)
@@ -75,7 +77,11 @@ class OpenAICompatibleLLM:
                 SERVICE, "llm_timeout", "the model did not answer in time", retryable=True
             ) from error
         except httpx.TransportError as error:
-            # Before the first byte this is a connect failure; after it, a cut stream.
+            # Before the response this is a connect failure; after it, a cut stream.
+            if not started:
+                raise DownstreamError(
+                    SERVICE, "llm_unreachable", f"cannot reach the model: {error}", retryable=True
+                ) from error
             raise DownstreamError(
                 SERVICE, "llm_stream_cut", f"connection to the model broke: {error}", retryable=True
             ) from error
@@ -95,18 +101,26 @@ async def _events(response: httpx.Response, model: str) -> AsyncIterator[Executi
             raise DownstreamError(
                 SERVICE, "llm_error", str(error.get("message", "error")), retryable=True
             )
-        if isinstance(event.get("usage"), dict):
-            usage = Usage(
-                prompt_tokens=int(event["usage"].get("prompt_tokens") or 0),
-                completion_tokens=int(event["usage"].get("completion_tokens") or 0),
-            )
-        for choice in event.get("choices") or []:
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                yield ReplyChunk(content=content, index=index)
-                index += 1
-            if choice.get("finish_reason"):
-                finish = str(choice["finish_reason"])
+        try:
+            if isinstance(event.get("usage"), dict):
+                usage = Usage(
+                    prompt_tokens=int(event["usage"].get("prompt_tokens") or 0),
+                    completion_tokens=int(event["usage"].get("completion_tokens") or 0),
+                )
+            pieces: list[str] = []
+            for choice in event.get("choices") or []:
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    pieces.append(str(content))
+                if choice.get("finish_reason"):
+                    finish = str(choice["finish_reason"])
+        except (AttributeError, TypeError, ValueError) as error:
+            raise DownstreamError(
+                SERVICE, "invalid_response", f"not a completion chunk: {error}", retryable=False
+            ) from error
+        for content in pieces:
+            yield ReplyChunk(content=content, index=index)
+            index += 1
     raise DownstreamError(
         SERVICE, "llm_stream_cut", "the model's stream ended before [DONE]", retryable=True
     )
