@@ -4,7 +4,7 @@ then skip optional steps on it, and fail required ones with `service_unavailable
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -18,10 +18,15 @@ from agent_orchestrator.clients.agent_management.local import (
 from agent_orchestrator.clients.base import HttpServiceClient
 from agent_orchestrator.clients.conversation.http import HttpConversationClient
 from agent_orchestrator.clients.conversation.local import LocalConversation
+from agent_orchestrator.clients.embedding.http import HttpEmbeddingClient
+from agent_orchestrator.clients.identity.http import HttpIdentityClient
+from agent_orchestrator.clients.ingestion.http import HttpIngestionClient
 from agent_orchestrator.clients.llm import LLMProvider
 from agent_orchestrator.clients.llm.echo import EchoModel
 from agent_orchestrator.clients.llm.openai_compat import OpenAICompatibleLLM
 from agent_orchestrator.clients.query.http import HttpQueryClient
+from agent_orchestrator.clients.tools.http import HttpToolsClient
+from agent_orchestrator.clients.workflow.http import HttpWorkflowClient
 from agent_orchestrator.config import Settings
 
 HTTP_CLIENTS: dict[str, tuple[str, type[HttpServiceClient]]] = {
@@ -29,7 +34,44 @@ HTTP_CLIENTS: dict[str, tuple[str, type[HttpServiceClient]]] = {
     "agent_management": ("agent_management_url", HttpAgentManagementClient),
     "agent_execution": ("agent_execution_service_url", HttpAgentExecutionClient),
     "query": ("query_service_url", HttpQueryClient),
+    "embedding": ("embedding_service_url", HttpEmbeddingClient),
+    "ingestion": ("ingestion_service_url", HttpIngestionClient),
+    "workflow": ("workflow_engine_url", HttpWorkflowClient),
+    "tools": ("tool_registry_url", HttpToolsClient),
+    "identity": ("identity_service_url", HttpIdentityClient),
 }
+
+if TYPE_CHECKING:
+    # Every implementation satisfies its service's Protocol (checked by mypy, not run).
+    from agent_orchestrator.clients.agent_execution import AgentExecutionClient
+    from agent_orchestrator.clients.agent_management import AgentManagementClient
+    from agent_orchestrator.clients.conversation import ConversationClient
+    from agent_orchestrator.clients.embedding import EmbeddingClient
+    from agent_orchestrator.clients.identity import IdentityClient
+    from agent_orchestrator.clients.ingestion import IngestionClient
+    from agent_orchestrator.clients.query import QueryClient
+    from agent_orchestrator.clients.tools import ToolsClient
+    from agent_orchestrator.clients.workflow import WorkflowClient
+
+    _conversation: tuple[type[ConversationClient], ...] = (
+        HttpConversationClient,
+        LocalConversation,
+    )
+    _agents: tuple[type[AgentManagementClient], ...] = (
+        HttpAgentManagementClient,
+        LocalAgentManagement,
+    )
+    _execution: tuple[type[AgentExecutionClient], ...] = (
+        HttpAgentExecutionClient,
+        LocalAgentExecution,
+    )
+    _query: type[QueryClient] = HttpQueryClient
+    _embedding: type[EmbeddingClient] = HttpEmbeddingClient
+    _ingestion: type[IngestionClient] = HttpIngestionClient
+    _workflow: type[WorkflowClient] = HttpWorkflowClient
+    _tools: type[ToolsClient] = HttpToolsClient
+    _identity: type[IdentityClient] = HttpIdentityClient
+    _llm: tuple[type[LLMProvider], ...] = (EchoModel, OpenAICompatibleLLM)
 
 
 def build_llm(settings: Settings) -> LLMProvider:

@@ -1,0 +1,33 @@
+"""Embedding over HTTP: POST /v1/embeddings."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ValidationError
+
+from agent_orchestrator.clients.base import (
+    CallContext,
+    HttpServiceClient,
+    invalid_response,
+)
+
+
+class _Embeddings(BaseModel):
+    model: str
+    embeddings: list[list[float]]
+
+
+class HttpEmbeddingClient(HttpServiceClient):
+    service = "embedding"
+
+    async def embed(self, ctx: CallContext, *, texts: list[str]) -> list[list[float]]:
+        body = await self.request(ctx, "POST", "v1/embeddings", json_body={"texts": texts})
+        try:
+            answer = _Embeddings.model_validate(body)
+        except ValidationError as error:
+            raise invalid_response(self.service, "not an embeddings object") from error
+        vectors = answer.embeddings
+        if len(vectors) != len(texts):
+            raise invalid_response(self.service, f"{len(vectors)} vectors for {len(texts)} texts")
+        if len({len(vector) for vector in vectors}) > 1:
+            raise invalid_response(self.service, "vectors of different lengths")
+        return vectors
