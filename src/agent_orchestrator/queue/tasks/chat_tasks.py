@@ -107,8 +107,11 @@ class ChatTurn:
         except PlanFailed as failure:
             await self.ledger.save_service_calls(task, steps)
             error = failure.error
+            # Final for this turn: the coordinator already spent the step's retry budget
+            # (STEP_RETRY_ATTEMPTS) on a retryable failure. Retrying the task would run the
+            # whole plan again, multiplying the attempts a failing service receives.
             raise TaskFailure(
-                error.code, f"{failure.outcome.step}: {error.message}", retryable=error.retryable
+                error.code, f"{failure.outcome.step}: {error.message}", retryable=False
             ) from failure
         except BaseException:
             await self.ledger.save_service_calls(task, steps)  # cancelled: keep the record
