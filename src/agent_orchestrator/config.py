@@ -6,6 +6,7 @@ list the same variables; `tests/test_config_docs.py` fails when they drift apart
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from enum import StrEnum
 from pathlib import Path
@@ -142,10 +143,36 @@ class Settings(BaseSettings):
     events_stream_cap: PositiveInt = 10_000
     sse_keepalive_seconds: PositiveFloat = 15.0
 
-    @field_validator("allowed_origins", "task_handler_modules", mode="before")
+    # --- WebSocket gateway (docs/realtime.md) ---------------------------------------------
+    ws_max_connections_per_tenant: PositiveInt = 1000
+    ws_max_connections_per_ip: PositiveInt = 100
+    ws_allow_missing_origin: bool = True
+    ws_auth_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    ws_max_frame_bytes: Annotated[int, Field(ge=1024, le=16_777_216)] = 65_536
+    ws_send_queue: Annotated[int, Field(ge=4, le=100_000)] = 256
+    ws_ping_interval: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    ws_ping_timeout: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    ws_idle_timeout: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    ws_messages_per_second: Annotated[float, Field(gt=0, le=10_000)] = 20.0
+    ws_max_subscriptions: Annotated[int, Field(gt=0, le=10_000)] = 100
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("allowed_origins", "task_handler_modules", "trusted_proxies", mode="before")
     @classmethod
     def _origins(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as error:
+                raise ValueError(
+                    f"TRUSTED_PROXIES: {item!r} is not an IP address or network"
+                ) from error
+        return value
 
     @field_validator("log_level")
     @classmethod
