@@ -8,8 +8,15 @@ from collections import OrderedDict
 from typing import Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from agent_orchestrator.models.session import Session
+from agent_orchestrator.observability.logging import get_logger
+
+log = get_logger(__name__)
+
+#: A hot-copy failure is a cache miss, never a failed request: the database is the truth.
+_UNAVAILABLE = (RedisError, OSError, TimeoutError)
 
 
 def _key(tenant_id: str, session_id: str, namespace: str = "orchestrator") -> str:
@@ -56,12 +63,22 @@ class RedisSessionCache:
         self._namespace = namespace
 
     async def get(self, tenant_id: str, session_id: str) -> Session | None:
-        raw = await self._redis.get(_key(tenant_id, session_id, self._namespace))
+        try:
+            raw = await self._redis.get(_key(tenant_id, session_id, self._namespace))
+        except _UNAVAILABLE as error:
+            log.warning("session hot copy unavailable; reading the database", error=str(error))
+            return None
         return Session.model_validate_json(raw) if raw else None
 
     async def put(self, session: Session, ttl_seconds: int) -> None:
         key = _key(session.tenant_id, str(session.id), self._namespace)
-        await self._redis.set(key, session.model_dump_json(), ex=ttl_seconds)
+        try:
+            await self._redis.set(key, session.model_dump_json(), ex=ttl_seconds)
+        except _UNAVAILABLE as error:
+            log.warning("session hot copy not written", error=str(error))
 
     async def drop(self, tenant_id: str, session_id: str) -> None:
-        await self._redis.delete(_key(tenant_id, session_id, self._namespace))
+        try:
+            await self._redis.delete(_key(tenant_id, session_id, self._namespace))
+        except _UNAVAILABLE as error:
+            log.warning("session hot copy not dropped", error=str(error))
