@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -243,6 +244,75 @@ def make_token(settings: Settings) -> TokenFactory:
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+class TcpProxy:
+    """A TCP relay to a real server that a test can cut (refuse new connections, drop the
+    open ones) and restore: a dependency outage without mocks."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._links:
+            writer.close()
+        self._links.clear()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def close(self) -> None:
+        await self.cut()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.close()
+            return
+        self._links |= {writer, upstream_writer}
+        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def redis_proxy() -> AsyncIterator[TcpProxy]:
+    """A cuttable path to the test Redis; `redis_url(proxy)` is its REDIS_URI."""
+    target = urlsplit(REDIS_URL)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+def redis_url(proxy: TcpProxy) -> str:
+    return f"redis://127.0.0.1:{proxy.port}{urlsplit(REDIS_URL).path}"
 
 
 #: The installed console script, next to the interpreter running the tests.
