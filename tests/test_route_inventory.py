@@ -13,6 +13,7 @@ import pytest
 from fastapi import APIRouter, Depends, FastAPI, WebSocket
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute, APIWebSocketRoute
+from starlette.routing import WebSocketRoute
 
 from agent_orchestrator.app import create_app
 from agent_orchestrator.config import Settings
@@ -30,6 +31,11 @@ PUBLIC = frozenset(
         "/openapi.json",
     }
 )
+#: WebSocket endpoints that authenticate inside the protocol: a dependency cannot, since the
+#: token arrives as the first message (or a subprotocol) after the handshake. Only plain
+#: ASGI WebSocket routes at exactly these paths pass; tests/test_ws_gateway.py shows that
+#: /ws/v1 closes every socket that does not authenticate (1008).
+IN_PROTOCOL_AUTH = frozenset({"/ws/v1"})
 _PARAM = re.compile(r"\{[^}]+\}")
 
 
@@ -66,6 +72,8 @@ def unprotected_routes(app: FastAPI) -> list[str]:
         path = getattr(route, "path", None) or repr(route)
         if path in PUBLIC:
             continue
+        if path in IN_PROTOCOL_AUTH and type(_original(route)) is WebSocketRoute:
+            continue
         is_api = isinstance(_original(route), APIRoute | APIWebSocketRoute)
         if not is_api or not _has_auth(route):
             methods = sorted(getattr(route, "methods", None) or {"WEBSOCKET"})
@@ -93,6 +101,8 @@ def test_every_route_outside_the_allow_list_requires_auth(
     paths = {path for _method, path in _http_routes(app)}
     assert "/api/v1/sessions/{session_id}" in paths
     assert "/internal/v1/ping" in paths
+    gateways = [route for route in effective_routes(app) if route.path in IN_PROTOCOL_AUTH]
+    assert [type(_original(route)) for route in gateways] == [WebSocketRoute]
     assert unprotected_routes(app) == []
 
 

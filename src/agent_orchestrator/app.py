@@ -14,8 +14,9 @@ from agent_orchestrator.middleware.context import BodySizeLimitMiddleware, Conte
 from agent_orchestrator.middleware.errors import install_error_handlers
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import HttpMetricsMiddleware
-from agent_orchestrator.routes import chat, health, internal, sessions, tasks
+from agent_orchestrator.routes import chat, health, internal, sessions, tasks, ws
 from agent_orchestrator.state import build_verifier
+from agent_orchestrator.websocket.gateway import WebSocketGateway
 
 log = get_logger(__name__)
 
@@ -34,9 +35,13 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
             environment=settings.environment.value,
         )
         app.state.core = state
+        gateway = WebSocketGateway(state)
+        app.state.websockets = gateway
+        await gateway.start()
         try:
             yield
         finally:
+            await gateway.stop()
             await close_state(state)
 
     app = FastAPI(
@@ -50,6 +55,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(tasks.router)
     app.include_router(internal.router)
+    app.include_router(ws.router)
     # Added innermost first: requests pass Context -> Metrics -> BodySize -> Auth -> routes.
     app.add_middleware(AuthMiddleware, verifier=verifier)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)

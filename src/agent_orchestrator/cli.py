@@ -44,6 +44,7 @@ def serve(
     from agent_orchestrator.app import create_app
     from agent_orchestrator.lifecycle import SchemaNotMigrated
     from agent_orchestrator.observability.logging import configure_logging
+    from agent_orchestrator.websocket.server import server_options
 
     settings = load_settings()
     configure_logging(settings.log_level)
@@ -63,8 +64,8 @@ def serve(
         port=bind_port,
         log_config=None,
         access_log=False,
-        ws_per_message_deflate=False,
         lifespan="on",
+        **server_options(settings),  # WebSocket limits, pings, trusted proxies
     )
     server = uvicorn.Server(config)
     try:
