@@ -144,7 +144,13 @@ def redis_namespace() -> Iterator[str]:
     async def clean() -> None:
         client = Redis.from_url(REDIS_URL)
         try:
-            for pattern in (f"{namespace}*", f"saq:{namespace}*"):
+            # SAQ keeps jobs and abort marks under `saq:job:` / `saq:abort:` + queue name.
+            for pattern in (
+                f"{namespace}*",
+                f"saq:{namespace}*",
+                f"saq:job:{namespace}:*",
+                f"saq:abort:{namespace}:*",
+            ):
                 keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
                 if keys:
                     await client.delete(*keys)

@@ -26,6 +26,20 @@ from agent_orchestrator.queue.base import Delivery
 FUNCTION = "run_task"
 _PENDING = {Status.NEW, Status.QUEUED, Status.ACTIVE, Status.ABORTING}
 
+# KEYS[1] SAQ's `incomplete` sorted set, KEYS[2] its `queued` list; ARGV[1] now (seconds).
+# SAQ's own `schedule` script minus its lock: that lock is a SETEX in whole seconds, so
+# only one promotion per queue per second ran however often workers asked, and a retry
+# due in 50 ms waited up to a second. The script is atomic and a promoted job's score
+# drops to 0 (out of the range), so concurrent callers never promote a job twice.
+_PROMOTE = """
+local jobs = redis.call('ZRANGEBYSCORE', KEYS[1], 1, ARGV[1])
+for _, v in ipairs(jobs) do
+  redis.call('ZADD', KEYS[1], 0, v)
+  redis.call('RPUSH', KEYS[2], v)
+end
+return #jobs
+"""
+
 
 @dataclass
 class _SaqReceived:
@@ -55,6 +69,7 @@ class SaqTaskQueue:
         self._job_timeout = job_timeout
         self._heartbeat = heartbeat
         self._ttl = result_ttl
+        self._promote = redis.register_script(_PROMOTE)
 
     async def start(self) -> None:
         for queue in self._queues.values():
@@ -93,8 +108,8 @@ class SaqTaskQueue:
 
     async def promote_due(self) -> None:
         for queue in self._queues.values():
-            # lock=0 would make SETEX fail; a short lock lets one worker at a time promote.
-            await queue.schedule(lock=1)
+            keys = [queue.namespace("incomplete"), queue.namespace("queued")]
+            await self._promote(keys=keys, args=[time.time()])
 
     async def maintain(self) -> None:
         for queue in self._queues.values():
