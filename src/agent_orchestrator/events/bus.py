@@ -155,6 +155,12 @@ async def _iterate(subscriber: Subscriber, replay_fn: ReplayFn) -> AsyncIterator
                 getter.cancel()
         if getter in done and not getter.cancelled():
             event = getter.result()
+            if subscriber.needs_replay.is_set():
+                # The live feed broke and came back while we waited: the events it missed
+                # come before this one, so read the log first. This event is in the log
+                # too (it is written there before it is published), so dropping it here
+                # loses nothing; yielding it first would skip the missed ones for good.
+                continue
             if event.cursor > subscriber.last_id:
                 subscriber.last_id = event.cursor
                 yield event
