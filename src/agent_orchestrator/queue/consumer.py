@@ -70,17 +70,35 @@ class TaskContext:
         )
 
 
+#: How often a stopped handler that is still running is cancelled again.
+RECANCEL_EVERY = 0.2
+
+
 class _Attempt:
     """A running handler and why it was stopped, if it was."""
 
     def __init__(self, work: asyncio.Task[Any]) -> None:
         self.work = work
         self.reason: str | None = None
+        self._insisting: asyncio.Task[None] | None = None
 
     def stop(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
         self.work.cancel()
+        if self._insisting is None and not self.work.done():
+            self._insisting = asyncio.create_task(
+                self._insist(), name=f"{self.work.get_name()}-stop"
+            )
+
+    async def _insist(self) -> None:
+        # One cancel is not always enough: redis-py swallows a CancelledError that lands
+        # while a command is in flight (about a third of such cancels here), and the
+        # handler then runs on to its end, side effects included. Cancel until it stops.
+        while not self.work.done():
+            await asyncio.wait({self.work}, timeout=RECANCEL_EVERY)
+            if not self.work.done():
+                self.work.cancel()
 
 
 class TaskRunner:
@@ -167,8 +185,10 @@ class TaskRunner:
                 attempt.stop("timeout")
                 await asyncio.wait({attempt.work})
         finally:
-            keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+            # Not a bare cancel(): the keeper is often inside a Redis call, where redis-py
+            # may swallow the cancellation; the keeper would then renew the lease forever
+            # and this attempt would never record its end.
+            await cancel_and_wait(keeper)
             self._attempts.pop(task.id, None)
             TASK_DURATION.labels(task.kind).observe(time.perf_counter() - started)
         await self._record(task, attempt)
@@ -223,6 +243,8 @@ class TaskRunner:
     async def _keep_lease(self, task: TaskRow, attempt: _Attempt, received: Received) -> None:
         while True:
             await asyncio.sleep(self.renew_every)
+            if attempt.work.done():
+                return
             try:
                 renewal = await self.ledger.renew(task, self.worker_id)
                 await received.heartbeat()

@@ -1,0 +1,144 @@
+"""The task runner when a cancellation is swallowed.
+
+redis-py (8.x, asyncio) swallows a CancelledError that lands while a command is in flight
+(about a third of such cancels on this machine), so code that awaits Redis cannot be
+stopped by one `Task.cancel()`. Two failures of the fault drills came from this:
+- the lease keeper, cancelled inside its SAQ heartbeat, renewed the lease forever and its
+  attempt never recorded an end: a task stayed `running` with a live lease (SIGTERM drill);
+- a handler cancelled inside a Redis publish ran on to its end, side effects included,
+  although the task was recorded `cancelled` (or `timed_out`).
+These tests pin both with fakes that swallow a cancel the way redis-py does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+import pytest
+
+from agent_orchestrator.db.tables import TaskRow
+from agent_orchestrator.models.task import TaskStatus
+from agent_orchestrator.queue.base import Delivery
+from agent_orchestrator.queue.consumer import TaskContext, TaskRunner
+from agent_orchestrator.queue.registry import HandlerRegistry
+from agent_orchestrator.services.task_ledger import Renewal
+
+
+class FakeLedger:
+    def __init__(self, task: TaskRow) -> None:
+        self.task = task
+        self.finished: list[TaskStatus] = []
+        self.renewals = 0
+
+    async def claim(self, tenant_id: str, task_id: uuid.UUID, worker_id: str) -> TaskRow:
+        return self.task
+
+    async def renew(self, task: TaskRow, worker_id: str) -> Renewal:
+        self.renewals += 1
+        return Renewal.ALIVE
+
+    async def finish(self, task: TaskRow, worker_id: str, status: TaskStatus, **_: Any) -> None:
+        self.finished.append(status)
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.control: list[Any] = []
+
+    def on_control(self, handler: Any) -> None:
+        self.control.append(handler)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        for handler in self.control:
+            await handler(message)
+
+
+class Received:
+    def __init__(self, task: TaskRow, *, swallow_in_heartbeat: bool = False) -> None:
+        self.delivery = Delivery(str(task.id), task.tenant_id, "interactive", 1)
+        self.swallow = swallow_in_heartbeat
+        self.in_heartbeat = asyncio.Event()
+
+    async def heartbeat(self) -> None:
+        self.in_heartbeat.set()
+        if not self.swallow:
+            return
+        with contextlib.suppress(asyncio.CancelledError):  # what redis-py does with it
+            await asyncio.sleep(0.3)  # a Redis command in flight
+
+    async def done(self) -> None:
+        return None
+
+
+def make_runner(
+    handler: Any, *, task_timeout: float = 30.0
+) -> tuple[TaskRunner, FakeLedger, FakeBus, TaskRow]:
+    task = TaskRow(
+        id=uuid.uuid4(),
+        tenant_id="tenant-a",
+        session_id=None,
+        kind="test.kind",
+        attempt=1,
+        max_attempts=1,
+        progress={},
+        input={},
+    )
+    ledger, bus = FakeLedger(task), FakeBus()
+    registry = HandlerRegistry()
+    registry.register("test.kind", handler)
+    runner = TaskRunner(
+        ledger=ledger,  # type: ignore[arg-type]
+        registry=registry,
+        bus=bus,  # type: ignore[arg-type]
+        db_factory=None,  # type: ignore[arg-type]
+        worker_id="worker-1",
+        task_timeout=task_timeout,
+        lease_ttl=0.3,  # renew every 0.1 s
+        backoff_initial=0.1,
+        backoff_max=1.0,
+    )
+    return runner, ledger, bus, task
+
+
+async def test_an_attempt_ends_when_the_lease_keeper_swallows_its_cancel() -> None:
+    received: Received | None = None
+
+    async def handler(ctx: TaskContext) -> dict[str, Any]:
+        assert received is not None
+        await received.in_heartbeat.wait()  # finish while the keeper is inside Redis
+        return {"ok": True}
+
+    runner, ledger, _bus, task = make_runner(handler)
+    received = Received(task, swallow_in_heartbeat=True)
+    await asyncio.wait_for(runner.run(received), timeout=3)
+    assert ledger.finished == [TaskStatus.SUCCEEDED]
+    renewals = ledger.renewals
+    await asyncio.sleep(0.3)
+    assert ledger.renewals == renewals, "the lease keeper is still renewing"
+
+
+@pytest.mark.parametrize("stop", ["cancel", "timeout"])
+async def test_a_handler_that_swallows_a_cancel_is_still_stopped(stop: str) -> None:
+    started = asyncio.Event()
+    effects: list[str] = []
+
+    async def handler(ctx: TaskContext) -> dict[str, Any]:
+        started.set()
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, as redis-py may
+            await asyncio.sleep(5)  # a Redis publish in flight
+        await asyncio.sleep(5)  # the rest of the work
+        effects.append("written")
+        return {"ok": True}
+
+    runner, ledger, bus, task = make_runner(handler, task_timeout=0.2 if stop == "timeout" else 30)
+    running = asyncio.create_task(runner.run(Received(task)))
+    await started.wait()
+    if stop == "cancel":
+        await bus.send({"action": "cancel", "task_id": str(task.id)})
+    await asyncio.wait_for(running, timeout=2)
+    expected = TaskStatus.CANCELLED if stop == "cancel" else TaskStatus.TIMED_OUT
+    assert ledger.finished == [expected]
+    assert effects == []
