@@ -10,16 +10,19 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+import httpx
 import pytest
+from prometheus_client import REGISTRY
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from agent_orchestrator.config import Settings
+from agent_orchestrator.events.models import Event
 from agent_orchestrator.models.principal import USER_SCOPES
 from agent_orchestrator.state import build_verifier
-from tests.conftest import TokenFactory
+from tests.conftest import TokenFactory, auth
 from tests.ws_helpers import (
     ServerThread,
     close_code,
@@ -423,3 +426,96 @@ async def test_abrupt_disconnects_leave_no_subscription_or_task_behind(
             assert after["subscriptions"] == 0
             assert after["bus_subscribers"] == 0
             assert after["tasks"] <= baseline["tasks"], (baseline, after)
+
+
+async def _create_session(server: ServerThread, jwt: str) -> str:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+        response = await http.post("/api/v1/sessions", json={}, headers=auth(jwt))
+        assert response.status_code == 201, response.text
+        return str(response.json()["id"])
+
+
+async def test_a_client_that_stops_reading_is_closed_and_others_keep_their_latency(
+    make_settings: SettingsFactory, token: TokenFactory
+) -> None:
+    """The fan-out never waits for a socket: a client that stops reading fills its own
+    outbox and is cut off, while a healthy client's publish-to-receive latency stays
+    near what it was before (a ratio against the same run's baseline)."""
+    with ServerThread(make_settings(ws_send_queue=32, ws_messages_per_second=1000)) as server:
+        jwt = token()
+        probe_session, flood_session = [await _create_session(server, jwt) for _ in range(2)]
+        bus = server.app.state.core.bus
+        healthy, _ = await open_authed(server.url, jwt)
+        await send(healthy, type="subscribe", session_id=probe_session)
+        assert (await recv(healthy))["data"]["for"] == "subscribe"
+        latencies: dict[int, float] = {}
+
+        async def read_probes() -> None:
+            while True:
+                event = json.loads(await healthy.recv())
+                latencies[event["data"]["n"]] = time.time() - event["data"]["sent"]
+
+        async def probe(number: int) -> None:
+            event = Event(
+                type="test.probe",
+                tenant_id="tenant-a",
+                session_id=probe_session,
+                data={"n": number, "sent": time.time()},
+            )
+            await server.call(bus.publish(event))
+
+        async def flood(count: int) -> None:
+            filler = "x" * 4096
+            for _ in range(count):
+                await bus.publish(
+                    Event(
+                        type="test.flood",
+                        tenant_id="tenant-a",
+                        session_id=flood_session,
+                        data={"filler": filler},
+                    )
+                )
+
+        reader = asyncio.create_task(read_probes())
+        for number in range(40):  # baseline: nobody stalls
+            await probe(number)
+            await asyncio.sleep(0.01)
+
+        # A client with a tiny receive buffer that subscribes, then never reads again.
+        raw = socket.create_connection(("127.0.0.1", server.port))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.setblocking(False)
+        closed_1008 = _closed_by_server(1008)
+        stalled, _ = await open_authed(server.url, jwt, sock=raw, max_queue=1)
+        await send(stalled, type="subscribe", session_id=flood_session)
+        assert (await recv(stalled))["data"]["for"] == "subscribe"
+        for number in range(40, 100):  # during: floods to the stalled client
+            await server.call(flood(60))
+            await probe(number)
+            await asyncio.sleep(0.01)
+        counts = await wait_for(server.counts, lambda c: c["connections"] == 1, 5)
+        assert counts["connections"] == 1, "the stalled client was not closed"
+        assert counts["subscriptions"] == 1
+        assert _closed_by_server(1008) == closed_1008 + 1  # by its outbox overflowing
+        await wait_for(_async(lambda: len(latencies) == 100), bool, 5)
+        reader.cancel()
+        assert sorted(latencies) == list(range(100))
+        before = sorted(latencies[n] for n in range(40))
+        during = sorted(latencies[n] for n in range(40, 100))
+        p95_before, p95_during = before[int(0.95 * 40)], during[int(0.95 * 60)]
+        print(f"healthy p95: before {p95_before * 1000:.1f} ms, during {p95_during * 1000:.1f} ms")
+        assert p95_during <= 5 * p95_before + 0.05
+        stalled.transport.abort()
+        await healthy.close()
+
+
+def _async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def probe() -> bool:
+        return predicate()
+
+    return probe
+
+
+def _closed_by_server(code: int) -> float:
+    name = "nooble_orchestrator_websocket_closed_by_server_total"
+    return REGISTRY.get_sample_value(name, {"code": str(code)}) or 0.0
