@@ -1,0 +1,413 @@
+"""The chat API in the embedded default (issue 4), on both backends, with no downstream
+configured: local conversation and agent providers on our database and the echo model.
+
+Modes (wait, stream, async), history across turns, messages, sessions and tenancy,
+Idempotency-Key, the busy-session policies (reject, enqueue, interrupt), cancel
+mid-stream, validation, scopes, and agents from AGENTS_FILE (a required service that is
+missing fails the turn; a missing optional one degrades it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+
+from agent_orchestrator.config import Settings
+from agent_orchestrator.db.engine import session_factory
+from agent_orchestrator.db.tables import MessageRow, SessionRow, TaskRow
+from agent_orchestrator.events.models import EventType
+from tests.chat_helpers import (
+    CHAT,
+    SESSIONS,
+    TASKS,
+    chat,
+    check_stream_shape,
+    events_of,
+    first_chunk,
+    messages,
+    settled,
+    stream_turn,
+    task_view,
+)
+from tests.conftest import TokenFactory, auth, running_app
+from tests.processes import parse_sse
+
+#: A message long enough that, at ECHO_CHUNK_DELAY 0.05 s, the echo reply streams for ~3 s.
+LONG = " ".join(f"word{i}" for i in range(60))
+
+
+async def count(client: httpx.AsyncClient, table: type[Any], **where: Any) -> int:
+    factory = session_factory(client.app.state.core.engine)  # type: ignore[attr-defined]
+    query = select(func.count()).select_from(table)
+    for name, value in where.items():
+        query = query.where(getattr(table, name) == value)
+    async with factory() as db:
+        return int((await db.execute(query)).scalar_one())
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+# --- the three modes -------------------------------------------------------------------------
+async def test_wait_returns_the_echo_reply(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    headers = auth(make_token())
+    body = await chat(client, headers, expect=200, message="hello there", mode="wait")
+
+    assert body["task"]["status"] == "succeeded"
+    assert body["task"]["kind"] == "chat"
+    message = body["message"]
+    assert message["role"] == "assistant"
+    assert "hello there" in message["content"]
+    assert "echo model" in message["content"]
+    assert message["task_id"] == body["task"]["id"]
+    assert message["metadata"]["model"] == "echo"
+    assert message["metadata"]["degraded"] == []
+    assert body["task"]["result"]["content"] == message["content"]
+
+
+async def test_stream_yields_chunks_then_completed_then_status(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    frames = await stream_turn(client, auth(make_token()), message="stream me please")
+    reply = check_stream_shape(frames)
+    assert "stream me please" in reply
+    assert "echo model" in reply
+    session_id = frames[0]["envelope"]["session_id"]
+    stored = await messages(client, auth(make_token()), session_id)
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["content"] == reply
+
+
+async def test_async_then_the_task_shows_its_service_calls(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    headers = auth(make_token())
+    accepted = await chat(client, headers, message="async hello")
+
+    assert set(accepted) == {"task_id", "session_id", "status", "events_url"}
+    assert accepted["status"] == "queued"
+    assert accepted["events_url"] == f"{TASKS}/{accepted['task_id']}/events"
+    view = await settled(client, headers, accepted["task_id"])
+    assert view["status"] == "succeeded", view
+    assert view["session_id"] == accepted["session_id"]
+    calls = {call["step"]: call for call in view["service_calls"]}
+    assert set(calls) == {"history", "agent", "knowledge", "generate"}
+    for step, service in [
+        ("history", "conversation"),
+        ("agent", "agent_management"),
+        ("generate", "agent_execution"),
+    ]:
+        assert calls[step]["service"] == service
+        assert calls[step]["status"] == "succeeded"
+        assert calls[step]["attempts"] == 1
+    assert calls["knowledge"]["status"] == "skipped"  # the default agent has no knowledge
+    assert view["progress"] == {"steps_completed": 4, "steps_total": 4}
+
+    # The events URL replays the whole turn.
+    events = await client.get(accepted["events_url"], headers=headers)
+    kinds = [frame["event"] for frame in parse_sse(events.text.splitlines()) if "event" in frame]
+    assert "chat.stream" in kinds
+    assert kinds[-2:] == ["chat.completed", "task.status"]
+
+
+async def test_second_turn_sees_the_first_and_messages_are_listed_in_order(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    headers = auth(make_token())
+    first = await chat(client, headers, expect=200, message="first question", mode="wait")
+    session_id = first["task"]["session_id"]
+    assert "earlier messages" not in first["message"]["content"]
+
+    second = await chat(
+        client, headers, expect=200, message="second question", session_id=session_id, mode="wait"
+    )
+    assert second["task"]["session_id"] == session_id
+    assert "I can see 2 earlier messages" in second["message"]["content"]
+
+    listed = await messages(client, headers, session_id)
+    assert [(m["role"], m["task_id"]) for m in listed] == [
+        ("user", first["task"]["id"]),
+        ("assistant", first["task"]["id"]),
+        ("user", second["task"]["id"]),
+        ("assistant", second["task"]["id"]),
+    ]
+    assert listed[0]["content"] == "first question"
+    assert listed[1]["content"] == first["message"]["content"]
+    assert listed[2]["content"] == "second question"
+    assert listed[3]["content"] == second["message"]["content"]
+
+
+async def test_no_session_id_creates_a_session(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    headers = auth(make_token(tenant="tenant-a", user="user-9"))
+    accepted = await chat(client, headers, message="new conversation", agent_id="default")
+    response = await client.get(f"{SESSIONS}/{accepted['session_id']}", headers=headers)
+    assert response.status_code == 200, response.text
+    session = response.json()
+    assert session["user_id"] == "user-9"
+    assert session["agent_id"] == "default"
+    assert (await settled(client, headers, accepted["task_id"]))["status"] == "succeeded"
+    # The turn marks its session processing, then active again once it has settled.
+    deadline = time.monotonic() + 5
+    while (await client.get(f"{SESSIONS}/{accepted['session_id']}", headers=headers)).json()[
+        "state"
+    ] != "active":
+        assert time.monotonic() < deadline, "the session stayed busy after its turn"
+        await asyncio.sleep(0.02)
+
+
+async def test_closed_session_is_409_and_other_tenants_session_is_404(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    a, b = auth(make_token(tenant="tenant-a")), auth(make_token(tenant="tenant-b"))
+    session = (await client.post(SESSIONS, json={}, headers=a)).json()
+    foreign = await client.post(
+        CHAT, json={"message": "hi", "session_id": session["id"]}, headers=b
+    )
+    assert foreign.status_code == 404, foreign.text
+
+    assert (await client.delete(f"{SESSIONS}/{session['id']}", headers=a)).status_code == 200
+    closed = await client.post(CHAT, json={"message": "hi", "session_id": session["id"]}, headers=a)
+    assert closed.status_code == 409, closed.text
+    assert await count(client, TaskRow) == 0
+    assert await count(client, MessageRow) == 0
+
+
+async def test_idempotency_key_returns_the_same_task_and_stores_one_message(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    headers = {**auth(make_token()), "Idempotency-Key": "turn-42"}
+    first = await chat(client, headers, message="only once")
+    again = await chat(client, headers, message="only once")
+    assert again["task_id"] == first["task_id"]
+    assert again["session_id"] == first["session_id"]
+    await settled(client, headers, first["task_id"])
+    waited = await chat(client, headers, expect=200, message="only once", mode="wait")
+    assert waited["task"]["id"] == first["task_id"]
+    assert waited["task"]["status"] == "succeeded"
+
+    assert await count(client, TaskRow) == 1
+    assert await count(client, SessionRow) == 1
+    assert await count(client, MessageRow, role="user") == 1
+    assert await count(client, MessageRow, role="assistant") == 1
+
+
+# --- busy sessions -----------------------------------------------------------------------
+async def test_on_busy_reject_is_409_while_a_turn_runs(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    headers = auth(make_token())
+    async with running_app(make_backend_settings(echo_chunk_delay=0.05)) as client:
+        running = await chat(client, headers, message=LONG)
+        await first_chunk(client, "tenant-a", running["task_id"])
+        rejected = await client.post(
+            CHAT,
+            json={"message": "me too", "session_id": running["session_id"], "on_busy": "reject"},
+            headers=headers,
+        )
+        assert rejected.status_code == 409, rejected.text
+        assert rejected.json()["error"]["details"]["task_ids"] == [running["task_id"]]
+        assert await count(client, TaskRow) == 1
+        assert await count(client, MessageRow, role="user") == 1
+        assert (await settled(client, headers, running["task_id"]))["status"] == "succeeded"
+
+
+async def test_on_busy_enqueue_runs_turns_one_at_a_time_in_order(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    headers = auth(make_token())
+    async with running_app(make_backend_settings(echo_chunk_delay=0.02)) as client:
+        first = await chat(client, headers, message="turn one")
+        session_id = first["session_id"]
+        rest = [
+            await chat(client, headers, message=f"turn {name}", session_id=session_id)
+            for name in ("two", "three")
+        ]
+        views = [await settled(client, headers, accepted["task_id"]) for accepted in [first, *rest]]
+        assert [view["status"] for view in views] == ["succeeded"] * 3
+        for earlier, later in itertools.pairwise(views):
+            assert _time(earlier["finished_at"]) <= _time(later["started_at"]), (earlier, later)
+
+        listed = await messages(client, headers, session_id)
+        replies = [m["content"] for m in listed if m["role"] == "assistant"]
+        assert len(replies) == 3
+        for name, reply in zip(("one", "two", "three"), replies, strict=True):
+            assert f"You said: turn {name}" in reply
+        # Each turn saw every earlier one: 0, 2 and 4 earlier messages.
+        assert "earlier messages" not in replies[0]
+        assert "I can see 2 earlier messages" in replies[1]
+        assert "I can see 4 earlier messages" in replies[2]
+
+
+async def test_on_busy_interrupt_cancels_the_running_turn(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    headers = auth(make_token())
+    async with running_app(make_backend_settings(echo_chunk_delay=0.05)) as client:
+        running = await chat(client, headers, message=LONG)
+        await first_chunk(client, "tenant-a", running["task_id"])
+        newer = await chat(
+            client,
+            headers,
+            message="never mind",
+            session_id=running["session_id"],
+            on_busy="interrupt",
+        )
+        assert (await settled(client, headers, running["task_id"]))["status"] == "cancelled"
+        assert (await settled(client, headers, newer["task_id"]))["status"] == "succeeded"
+        replies = [
+            m
+            for m in await messages(client, headers, running["session_id"])
+            if m["role"] == "assistant"
+        ]
+        assert [m["task_id"] for m in replies] == [newer["task_id"]]
+
+
+async def test_cancel_mid_stream_stops_within_a_second_and_stores_no_reply(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    headers = auth(make_token())
+    async with running_app(make_backend_settings(echo_chunk_delay=0.05)) as client:
+        accepted = await chat(client, headers, message=LONG)
+        await first_chunk(client, "tenant-a", accepted["task_id"])
+        asked = time.monotonic()
+        response = await client.post(f"{CHAT}/{accepted['task_id']}/cancel", headers=headers)
+        assert response.status_code == 202, response.text
+        view = await settled(client, headers, accepted["task_id"], timeout=5)
+        assert time.monotonic() - asked < 1.0
+        assert view["status"] == "cancelled"
+        assert await count(client, MessageRow, role="assistant") == 0
+        events = await events_of(client, "tenant-a", accepted["task_id"])
+        assert EventType.CHAT_COMPLETED not in {event.type for event in events}
+        # The session is free again.
+        after = await chat(
+            client,
+            headers,
+            expect=200,
+            message="hi",
+            session_id=accepted["session_id"],
+            mode="wait",
+        )
+        assert after["task"]["status"] == "succeeded"
+
+        again = await client.post(f"{CHAT}/{accepted['task_id']}/cancel", headers=headers)
+        assert again.status_code == 409, again.text
+
+
+# --- bad input and permissions -------------------------------------------------------------
+async def test_bad_input_is_422_naming_the_field_and_writes_nothing(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    headers = auth(make_token())
+    for body, field in [
+        ({"message": ""}, "message"),
+        ({"message": "hi", "mode": "shout"}, "mode"),
+        ({"message": "hi", "colour": "blue"}, "colour"),
+        ({"message": "hi", "on_busy": "later"}, "on_busy"),
+        ({"message": "hi", "session_id": "not-a-uuid"}, "session_id"),
+    ]:
+        response = await client.post(CHAT, json=body, headers=headers)
+        assert response.status_code == 422, (body, response.text)
+        named = {item["field"] for item in response.json()["error"]["details"]}
+        assert any(field in name for name in named), (body, named)
+    assert await count(client, TaskRow) == 0
+    assert await count(client, SessionRow) == 0
+    assert await count(client, MessageRow) == 0
+
+
+async def test_chat_needs_the_chat_write_scope(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    reader = auth(make_token(scopes=["sessions:read", "tasks:read"]))
+    response = await client.post(CHAT, json={"message": "hi"}, headers=reader)
+    assert response.status_code == 403, response.text
+    assert (await client.post(CHAT, json={"message": "hi"})).status_code == 401
+    cancel = await client.post(f"{CHAT}/{uuid.uuid4()}/cancel", headers=reader)
+    assert cancel.status_code == 403
+    assert await count(client, TaskRow) == 0
+
+
+# --- agents from AGENTS_FILE ---------------------------------------------------------------
+AGENTS_YAML = """
+agents:
+  - id: researcher
+    name: Researcher
+    system_prompt: Answer with citations.
+    requires: ["query"]
+  - id: librarian
+    name: Librarian
+    system_prompt: Use the handbook.
+    knowledge: {collection_ids: ["handbook"], top_k: 3}
+"""
+
+
+async def test_agent_requiring_a_missing_service_fails_with_service_unavailable(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory, tmp_path: Path
+) -> None:
+    agents = tmp_path / "agents.yaml"
+    agents.write_text(AGENTS_YAML)
+    headers = auth(make_token())
+    async with running_app(make_backend_settings(agents_file=agents)) as client:
+        body = await chat(
+            client, headers, expect=200, message="cite this", agent_id="researcher", mode="wait"
+        )
+        assert body["task"]["status"] == "failed", body
+        assert body["task"]["error"]["code"] == "service_unavailable"
+        assert "query" in body["task"]["error"]["message"]
+        assert body["message"] is None
+        assert await count(client, MessageRow, role="assistant") == 0
+        assert body["task"]["attempt"] == 1  # a configuration error is not retried
+
+        unknown = await chat(
+            client, headers, expect=200, message="hi", agent_id="nobody", mode="wait"
+        )
+        assert unknown["task"]["status"] == "failed"
+        assert unknown["task"]["error"]["code"] == "not_found"
+
+
+async def test_agent_with_knowledge_and_no_query_service_degrades(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory, tmp_path: Path
+) -> None:
+    agents = tmp_path / "agents.yaml"
+    agents.write_text(AGENTS_YAML)
+    headers = auth(make_token())
+    async with running_app(make_backend_settings(agents_file=agents)) as client:
+        body = await chat(
+            client, headers, expect=200, message="what is policy", agent_id="librarian", mode="wait"
+        )
+        task = body["task"]
+        assert task["status"] == "succeeded", task
+        assert "what is policy" in body["message"]["content"]
+        degraded = body["message"]["metadata"]["degraded"]
+        assert [item["step"] for item in degraded] == ["knowledge"]
+        assert degraded[0]["code"] == "service_unavailable"
+        assert task["result"]["degraded"] == degraded
+
+        view = await task_view(client, headers, task["id"])
+        calls = {call["step"]: call for call in view["service_calls"]}
+        assert calls["knowledge"]["status"] == "failed"
+        assert calls["knowledge"]["error"]["code"] == "service_unavailable"
+        assert calls["generate"]["status"] == "succeeded"
+
+        events = await events_of(client, "tenant-a", task["id"])
+        warnings = [event for event in events if event.type == EventType.SYSTEM_WARNING]
+        assert len(warnings) == 1
+        assert warnings[0].data["step"] == "knowledge"
+        assert warnings[0].data["code"] == "degraded"
+        assert warnings[0].data["message"].startswith("knowledge was skipped")
+        assert warnings[0].data["error"]["code"] == "service_unavailable"
+        kinds = [event.type for event in events]
+        assert kinds.index(EventType.SYSTEM_WARNING) < kinds.index(EventType.CHAT_COMPLETED)
