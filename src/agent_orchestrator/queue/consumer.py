@@ -192,11 +192,18 @@ class TaskRunner:
             self._attempts.pop(task.id, None)
             TASK_DURATION.labels(task.kind).observe(time.perf_counter() - started)
         await self._record(task, attempt)
-        if kind.on_settled is not None and attempt.reason not in ("shutdown", "lease_lost"):
-            try:
+        if attempt.reason in ("shutdown", "lease_lost"):
+            return
+        try:
+            if kind.on_settled is not None:
                 await kind.on_settled(task)
-            except Exception:
-                log.exception("settled hook failed")
+            elif task.session_id is not None:
+                # The claim lets a session's tasks run one at a time, so deliveries of its
+                # next task were dropped while this one ran: hand it a fresh one now (a kind
+                # with its own hook, like chat, does this there).
+                await self.ledger.wake_next_in_session(task.tenant_id, task.session_id)
+        except Exception:
+            log.exception("settled hook failed")
 
     async def _record(self, task: TaskRow, attempt: _Attempt) -> None:
         work, owner = attempt.work, self.worker_id
