@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
+from agent_orchestrator.db.tables import TaskRow
+from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import ValidationFailed
+from agent_orchestrator.events.bus import REPLAY_PAGE, EventBus
 from agent_orchestrator.events.models import Event, EventType, StreamKey, parse_cursor
 from agent_orchestrator.middleware.auth import require_scope
 from agent_orchestrator.models.pagination import Page
@@ -40,6 +44,32 @@ def cursor_from(last_event_id: str | None, after: str | None) -> int | None:
         ) from error
 
 
+#: How long after a task finished its final event may still be on its way to the log.
+FINAL_EVENT_GRACE = timedelta(seconds=5)
+
+
+async def nothing_more_to_stream(
+    bus: EventBus, stream: StreamKey, row: TaskRow, cursor: int | None
+) -> bool:
+    """A finished task whose log holds nothing after the client's cursor, and never will:
+    the client already has the terminal event (an EventSource reconnects whenever a
+    stream ends, with the last id it saw), or the log no longer holds the task's events
+    (EVENTS_TTL passed, or Redis lost them). Streaming would only wait forever."""
+    if row.status not in TERMINAL or await bus.replay(stream, cursor, 1):
+        return False
+    after = None
+    while True:
+        page = await bus.replay(stream, after, REPLAY_PAGE)
+        if any(is_terminal_status(event) for event in page):
+            return True  # and it is at or before the cursor, since nothing is after it
+        if len(page) < REPLAY_PAGE:
+            break
+        after = page[-1].cursor
+    # No terminal event in the log: gone, unless the task finished a moment ago and its
+    # final event is being published right now (then the live stream delivers it).
+    return row.finished_at is not None and row.finished_at < utcnow() - FINAL_EVENT_GRACE
+
+
 @router.get("")
 async def list_tasks(
     principal: TasksReader,
@@ -67,7 +97,10 @@ async def get_task(task_id: uuid.UUID, principal: TasksReader, state: State, uow
 @router.get(
     "/{task_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        204: {"description": "the task is finished and the client has its last event"},
+    },
 )
 async def task_events(
     task_id: uuid.UUID,
@@ -76,10 +109,13 @@ async def task_events(
     uow: UoW,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[str | None, Query(max_length=32)] = None,
-) -> StreamingResponse:
+) -> Response:
     cursor = cursor_from(last_event_id, after)
     row = await state.ledger.load_visible(uow.session, principal, task_id)
     stream = StreamKey("task", row.tenant_id, str(row.id))
+    if await nothing_more_to_stream(state.bus, stream, row, cursor):
+        # 204 also tells an EventSource to stop reconnecting.
+        return Response(status_code=204)
     return sse_response(
         event_frames(
             state.bus,
