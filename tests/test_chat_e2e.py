@@ -143,20 +143,29 @@ def start_stack(
     return start
 
 
-def check_platform_headers(requests: list[dict[str, Any]], task_ids: set[str]) -> None:
+def turn(headers: dict[str, str], correlation_id: str) -> dict[str, str]:
+    return {**headers, "X-Correlation-ID": correlation_id}
+
+
+TURNS = {"e2e-wait", "e2e-stream", "e2e-async"}
+
+
+def check_platform_headers(requests: list[dict[str, Any]], correlation_ids: set[str]) -> None:
     """Every call to a platform service carried the service token, the tenant, the
-    correlation id (the task that caused it) and a W3C traceparent, one trace per turn."""
+    correlation id of the client request that caused it (carried through the queue to
+    the worker) and a W3C traceparent, one trace per turn."""
     assert requests
     traces: dict[str, set[str]] = {}
     for request in requests:
         headers = request["headers"]
         assert headers.get("authorization") == f"Bearer {SERVICE_TOKEN}", request
         assert headers.get("x-tenant-id") == TENANT, request
-        assert headers.get("x-correlation-id") in task_ids, request
+        assert headers.get("x-correlation-id") in correlation_ids, request
         found = TRACEPARENT.match(headers.get("traceparent", ""))
         assert found, request
         traces.setdefault(headers["x-correlation-id"], set()).add(found.group(1))
     assert all(len(ids) == 1 for ids in traces.values()), traces
+    assert set(traces) == correlation_ids, traces
 
 
 async def test_three_modes_through_api_worker_and_double(
@@ -164,16 +173,21 @@ async def test_three_modes_through_api_worker_and_double(
 ) -> None:
     async with start_stack() as stack:
         h = stack.headers
-        waited = await chat(stack.api, h, expect=200, message="hello from wait", mode="wait")
+        waited = await chat(
+            stack.api, turn(h, "e2e-wait"), expect=200, message="hello from wait", mode="wait"
+        )
         assert waited["task"]["status"] == "succeeded", waited
         assert waited["message"]["content"] == "double says: hello from wait"
         session_id = waited["task"]["session_id"]
 
-        frames = await stream_turn(stack.api, h, message="hello from stream", session_id=session_id)
+        frames = await stream_turn(
+            stack.api, turn(h, "e2e-stream"), message="hello from stream", session_id=session_id
+        )
         assert check_stream_shape(frames) == "double says: hello from stream"
-        streamed_task = frames[-1]["envelope"]["task_id"]
 
-        accepted = await chat(stack.api, h, message="hello from async", session_id=session_id)
+        accepted = await chat(
+            stack.api, turn(h, "e2e-async"), message="hello from async", session_id=session_id
+        )
         assert accepted["session_id"] == session_id
         view = await settled(stack.api, h, accepted["task_id"])
         assert view["status"] == "succeeded", view
@@ -216,8 +230,7 @@ async def test_three_modes_through_api_worker_and_double(
         assert last["agent"]["id"] == "default"
         assert await stack.recorded("llm") == []  # agent execution is its own service here
 
-        task_ids = {waited["task"]["id"], streamed_task, accepted["task_id"]}
-        check_platform_headers(await stack.recorded(), task_ids)
+        check_platform_headers(await stack.recorded(), TURNS)
         streams = (await stack.double.get("/_control/streams")).json()
         assert streams["completed"] == 3
         assert streams["client_disconnected"] == 0
@@ -258,7 +271,9 @@ async def test_local_agent_execution_streams_from_the_openai_compatible_endpoint
 ) -> None:
     async with start_stack(AGENT_EXECUTION_SERVICE_URL="", LLM_MODEL="double-7b") as stack:
         h = stack.headers
-        waited = await chat(stack.api, h, expect=200, message="hi model", mode="wait")
+        waited = await chat(
+            stack.api, turn(h, "e2e-wait"), expect=200, message="hi model", mode="wait"
+        )
         assert waited["task"]["status"] == "succeeded", waited
         assert waited["message"]["content"] == "double says: hi model"
         assert waited["message"]["metadata"]["model"] == "double-7b"
@@ -266,11 +281,14 @@ async def test_local_agent_execution_streams_from_the_openai_compatible_endpoint
         assert usage["completion_tokens"] == 4
 
         frames = await stream_turn(
-            stack.api, h, message="and stream it", session_id=waited["task"]["session_id"]
+            stack.api,
+            turn(h, "e2e-stream"),
+            message="and stream it",
+            session_id=waited["task"]["session_id"],
         )
         assert check_stream_shape(frames) == "double says: and stream it"
 
-        accepted = await chat(stack.api, h, message="async too")
+        accepted = await chat(stack.api, turn(h, "e2e-async"), message="async too")
         view = await settled(stack.api, h, accepted["task_id"])
         assert view["status"] == "succeeded", view
         assert view["result"]["content"] == "double says: async too"
@@ -291,5 +309,4 @@ async def test_local_agent_execution_streams_from_the_openai_compatible_endpoint
         ]
         assert await stack.recorded("agent_execution") == []
         platform = [r for r in await stack.recorded() if r["service"] != "llm"]
-        task_ids = {waited["task"]["id"], frames[-1]["envelope"]["task_id"], accepted["task_id"]}
-        check_platform_headers(platform, task_ids)
+        check_platform_headers(platform, TURNS)

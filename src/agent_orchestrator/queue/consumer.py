@@ -160,7 +160,11 @@ class TaskRunner:
             log.debug("delivery dropped: task not claimable", task_id=delivery.task_id)
             return
         with structlog.contextvars.bound_contextvars(
-            task_id=str(task.id), tenant_id=task.tenant_id, attempt=task.attempt
+            task_id=str(task.id),
+            tenant_id=task.tenant_id,
+            session_id=str(task.session_id) if task.session_id else None,
+            attempt=task.attempt,
+            correlation_id=task.input.get("correlation_id"),
         ):
             await self._run_claimed(task, received)
 

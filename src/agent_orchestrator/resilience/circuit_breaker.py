@@ -77,9 +77,11 @@ class CircuitBreaker:
         return False
 
     def record_success(self) -> None:
+        # A success in the closed state does not wipe the window: the breaker trips on
+        # FAILURE_THRESHOLD failures within WINDOW seconds, interleaved successes or not.
         if self._state is not CircuitState.CLOSED:
             self._move(CircuitState.CLOSED)
-        self._failures.clear()
+            self._failures.clear()
 
     def record_failure(self) -> None:
         now = self._now()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+import structlog
+
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.repositories.messages import MessageRepository
@@ -180,6 +182,9 @@ class ChatOrchestrator:
                 kind=CHAT_KIND,
                 queue=self.settings.queue_interactive,
                 input={
+                    # The request's correlation id travels with the task, so the worker's
+                    # logs and every downstream call carry the id the client saw.
+                    "correlation_id": structlog.contextvars.get_contextvars().get("correlation_id"),
                     "message": request.message,
                     "agent_id": agent_id,
                     "mode": request.mode.value,

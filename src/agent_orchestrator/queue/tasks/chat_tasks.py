@@ -56,7 +56,7 @@ class ChatTurn:
         degraded: list[dict[str, Any]] = []
         call_ctx = CallContext(
             tenant_id=task.tenant_id,
-            correlation_id=str(task.id),
+            correlation_id=task.input.get("correlation_id") or str(task.id),
             session_id=str(task.session_id),
             task_id=str(task.id),
         )
