@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -154,13 +154,18 @@ async def test_state_filter_and_expiry(
     make_backend_settings: Callable[..., Settings], make_token: TokenFactory
 ) -> None:
     headers = auth(make_token())
-    async with running_app(make_backend_settings(session_ttl=1)) as client:
-        stale = (await _create(client, headers))["id"]
-        closed = (await _create(client, headers))["id"]
-        assert (await client.delete(f"{SESSIONS}/{closed}", headers=headers)).status_code == 200
-        assert await _ids(client, headers, state="active") == [stale]
+    # SESSION_TTL=1 for the sessions that are to expire; the checks then run on an app with
+    # the usual TTL over the same database, so nothing else expires while they run.
+    async with running_app(make_backend_settings(session_ttl=1)) as short_lived:
+        created = await _create(short_lived, headers)
+        stale = created["id"]
+        closed = (await _create(short_lived, headers))["id"]
+        response = await short_lived.delete(f"{SESSIONS}/{closed}", headers=headers)
+        assert response.status_code == 200
+    remaining = (_time(created["expires_at"]) - datetime.now(UTC)).total_seconds()
+    await asyncio.sleep(max(0.0, remaining) + 0.1)  # past expires_at, without any write
 
-        await asyncio.sleep(1.3)  # past SESSION_TTL=1: `stale` expires without any write
+    async with running_app(make_backend_settings()) as client:
         fresh = (await _create(client, headers))["id"]
 
         read = await client.get(f"{SESSIONS}/{stale}", headers=headers)
