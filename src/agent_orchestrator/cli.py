@@ -28,6 +28,17 @@ def load_settings() -> Settings:
         _fail(format_settings_error(error))
 
 
+def _preflight(settings: Settings) -> None:
+    """Database reachable and migrated (or migrated now, in development), Redis reachable:
+    otherwise one line on stderr and a non-zero exit, before anything listens."""
+    from agent_orchestrator.lifecycle import StartupError, preflight
+
+    try:
+        asyncio.run(preflight(settings))
+    except StartupError as error:
+        _fail(str(error))
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="interface to bind (SERVICE_HOST)")] = None,
@@ -42,7 +53,7 @@ def serve(
     import uvicorn
 
     from agent_orchestrator.app import create_app
-    from agent_orchestrator.lifecycle import SchemaNotMigrated
+    from agent_orchestrator.lifecycle import StartupError
     from agent_orchestrator.observability.logging import configure_logging
     from agent_orchestrator.websocket.server import server_options
 
@@ -50,6 +61,7 @@ def serve(
     configure_logging(settings.log_level)
     bind_host = host or settings.service_host
     bind_port = port if port is not None else settings.service_port
+    _preflight(settings)
     mode = "production" if settings.uses_redis else "embedded"
     role = "API only" if no_worker else "API + worker"
     typer.echo(
@@ -70,7 +82,7 @@ def serve(
     server = uvicorn.Server(config)
     try:
         server.run()
-    except SchemaNotMigrated as error:
+    except StartupError as error:
         _fail(str(error))
     if not server.started:
         _fail("the server did not start (see the log above)")
@@ -82,12 +94,13 @@ def worker() -> None:
     then stop claiming and finish or release running tasks within SHUTDOWN_GRACE."""
     import signal
 
-    from agent_orchestrator.lifecycle import SchemaNotMigrated, build_state, close_state
+    from agent_orchestrator.lifecycle import StartupError, build_state, close_state
     from agent_orchestrator.observability.logging import configure_logging
     from agent_orchestrator.state import build_verifier
 
     settings = load_settings()
     configure_logging(settings.log_level)
+    _preflight(settings)
 
     async def run() -> None:
         state = await build_state(settings, build_verifier(settings), run_worker=True)
@@ -106,7 +119,7 @@ def worker() -> None:
 
     try:
         asyncio.run(run())
-    except SchemaNotMigrated as error:
+    except StartupError as error:
         _fail(str(error))
 
 

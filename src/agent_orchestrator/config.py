@@ -6,8 +6,11 @@ list the same variables; `tests/test_config_docs.py` fails when they drift apart
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import secrets
+import tempfile
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -266,18 +269,20 @@ class Settings(BaseSettings):
         if self.is_production:  # unreachable: validation requires it
             raise RuntimeError("SECRET_KEY is required in production")
         path = self.data_dir / "secret_key"
-        if path.exists():
-            return path.read_text().strip()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_urlsafe(48)
-        # O_EXCL: two processes starting together agree on one key.
-        try:
-            with path.open("x") as handle:
-                handle.write(key)
-            path.chmod(0o600)
-        except FileExistsError:
-            return path.read_text().strip()
-        return key
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # Written whole to a private temporary file, then linked into place: a process
+            # starting at the same moment sees either no file or the complete key, and the
+            # key is never readable by others, not even briefly.
+            descriptor, temporary = tempfile.mkstemp(dir=self.data_dir, prefix=".secret_key.")
+            try:
+                with os.fdopen(descriptor, "w") as handle:
+                    handle.write(secrets.token_urlsafe(48))
+                with contextlib.suppress(FileExistsError):  # another process won the race
+                    os.link(temporary, path)
+            finally:
+                os.unlink(temporary)
+        return path.read_text().strip()
 
 
 def format_settings_error(error: Exception) -> str:

@@ -24,8 +24,39 @@ from agent_orchestrator.services.session_manager import SessionManager
 from agent_orchestrator.state import AppState
 
 
-class SchemaNotMigrated(RuntimeError):
+class StartupError(RuntimeError):
+    """A dependency is missing or not ready: said in one line, and the process exits."""
+
+
+class SchemaNotMigrated(StartupError):
     pass
+
+
+async def preflight(settings: Settings) -> None:
+    """Check what start-up needs before serving, so that a missing database, an
+    unmigrated schema or an unreachable Redis ends the process with one clear line."""
+    engine = create_engine(settings.resolved_database_url(), pool_size=1)
+    try:
+        if settings.should_auto_migrate:
+            await upgrade(engine)
+        elif not await is_up_to_date(engine):
+            raise SchemaNotMigrated(
+                "database schema is not at head: run `agent-orchestrator migrate`"
+            )
+    except StartupError:
+        raise
+    except Exception as error:
+        raise StartupError(f"database unreachable ({type(error).__name__}: {error})") from error
+    finally:
+        await engine.dispose()
+    if settings.redis_uri:
+        redis = Redis.from_url(settings.redis_uri, socket_connect_timeout=3)
+        try:
+            await redis.ping()
+        except Exception as error:
+            raise StartupError(f"Redis unreachable at REDIS_URI ({error})") from error
+        finally:
+            await redis.aclose()
 
 
 async def build_state(settings: Settings, verifier: TokenVerifier, *, run_worker: bool) -> AppState:
