@@ -168,7 +168,7 @@ class ChatOrchestrator:
             if existing is not None:
                 return Submitted(existing, created=False)
         if request.session_id is not None:
-            session = await self.sessions.get(uow, principal, request.session_id)
+            session = await self.sessions.read_truth(uow, principal, request.session_id)
             ensure_editable(session.state)
             session_id, agent_id = session.id, request.agent_id or session.agent_id
             await self._apply_busy_policy(uow, principal, session_id, request.on_busy)

@@ -87,6 +87,13 @@ class SessionManager:
         await self._cache(session, now)
         return session
 
+    async def read_truth(
+        self, uow: UnitOfWork, principal: Principal, session_id: uuid.UUID
+    ) -> Session:
+        """The session from the database, never from the hot copy: for decisions that
+        write (accepting a chat turn), where a stale copy must not be trusted."""
+        return to_session(await self._load(uow, principal, session_id), utcnow())
+
     async def page(
         self,
         uow: UnitOfWork,
