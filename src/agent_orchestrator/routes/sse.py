@@ -12,6 +12,7 @@ from contextlib import suppress
 
 from fastapi.responses import StreamingResponse
 
+from agent_orchestrator.aio import cancel_and_wait
 from agent_orchestrator.events.bus import EventBus
 from agent_orchestrator.events.models import Event, StreamKey
 
@@ -60,9 +61,10 @@ async def event_frames(
             if is_last(item):
                 return
     finally:
-        pumping.cancel()
-        with suppress(asyncio.CancelledError, Exception):
-            await pumping
+        # Cancel until it ends: a cancellation landing inside a Redis read can be
+        # swallowed, and a reader left behind would keep its subscription forever.
+        with suppress(Exception):
+            await cancel_and_wait(pumping)
 
 
 def sse_response(frames: AsyncIterator[bytes]) -> StreamingResponse:

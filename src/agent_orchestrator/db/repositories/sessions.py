@@ -79,7 +79,7 @@ class SessionRepository:
             )
             .values(**values)
             .returning(SessionRow)
-            .execution_options(synchronize_session=False)
+            .execution_options(synchronize_session=False, populate_existing=True)
         )
         return (await self.db.execute(statement)).scalar_one_or_none()
 

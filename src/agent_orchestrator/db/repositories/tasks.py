@@ -83,7 +83,9 @@ class TaskRepository:
             )
             .values(**values)
             .returning(TaskRow)
-            .execution_options(synchronize_session=False)
+            # populate_existing: a row this session already holds is refreshed with the
+            # updated values instead of being handed back as it was before the update.
+            .execution_options(synchronize_session=False, populate_existing=True)
         )
         return (await self.db.execute(statement)).scalar_one_or_none()
 
