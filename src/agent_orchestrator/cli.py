@@ -61,6 +61,8 @@ def serve(
     configure_logging(settings.log_level)
     bind_host = host or settings.service_host
     bind_port = port if port is not None else settings.service_port
+    if no_worker and not settings.uses_redis:
+        _fail("--no-worker needs REDIS_URI: without Redis the queue lives in this process")
     _preflight(settings)
     mode = "production" if settings.uses_redis else "embedded"
     role = "API only" if no_worker else "API + worker"
@@ -100,7 +102,13 @@ def worker() -> None:
 
     settings = load_settings()
     configure_logging(settings.log_level)
+    if not settings.uses_redis:
+        _fail("worker needs REDIS_URI: in embedded mode `serve` runs the worker itself")
     _preflight(settings)
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port, addr=settings.service_host)
 
     async def run() -> None:
         state = await build_state(settings, build_verifier(settings), run_worker=True)

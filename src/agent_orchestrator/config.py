@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     retry_backoff_initial: PositiveFloat = 0.5
     retry_backoff_max: PositiveFloat = 30.0
     task_handler_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
 
     # --- chat and downstream services ---------------------------------------------------
     llm_base_url: str | None = None

@@ -161,7 +161,8 @@ def require_scope(scope: str) -> AuthDependency:
     async def dependency(request: Request) -> Principal:
         principal = current_principal(request)
         if not principal.has_scope(scope):
-            raise Forbidden(f"this operation needs the {scope!r} scope", details={"scope": scope})
+            needed = str(scope)
+            raise Forbidden(f"this operation needs the '{needed}' scope", details={"scope": needed})
         return principal
 
     dependency.__name__ = f"require_scope_{scope.replace(':', '_')}"

@@ -37,6 +37,12 @@ CHAT_KIND = "chat"
 DEFAULT_AGENT = "default"
 
 
+def user_message_id(task_id: uuid.UUID) -> uuid.UUID:
+    """The user's message of a turn, derived from its task like the reply's, so the id we
+    store and the id saved in a remote conversation service are the same."""
+    return uuid.uuid5(task_id, "user-message")
+
+
 def reply_message_id(task_id: uuid.UUID) -> uuid.UUID:
     """The assistant message's id is derived from its task: every attempt writes the
     same id, so saving it (here or downstream) is idempotent."""
@@ -166,7 +172,7 @@ class ChatOrchestrator:
                 principal.tenant_id, idempotency_key
             )
             if existing is not None:
-                return Submitted(existing, created=False)
+                return Submitted(self._same_request(principal, existing, request), False)
         if request.session_id is not None:
             session = await self.sessions.read_truth(uow, principal, request.session_id)
             ensure_editable(session.state)
@@ -194,7 +200,7 @@ class ChatOrchestrator:
             ),
         )
         if not created:  # lost an idempotency race: nothing else was written
-            return Submitted(task, created=False)
+            return Submitted(self._same_request(principal, task, request), created=False)
         if request.session_id is None:
             await self.sessions.create(
                 uow, principal, SessionCreate(agent_id=agent_id), session_id=session_id
@@ -202,7 +208,7 @@ class ChatOrchestrator:
         await MessageRepository(uow.session).add_once(
             tenant_id=principal.tenant_id,
             session_id=session_id,
-            message_id=new_id(),
+            message_id=user_message_id(task.id),
             role="user",
             content=request.message,
             task_id=task.id,
@@ -210,6 +216,17 @@ class ChatOrchestrator:
         )
         CHAT_TURNS.labels(request.mode.value).inc()
         return Submitted(task, created=True)
+
+    @staticmethod
+    def _same_request(principal: Principal, task: TaskRow, request: ChatRequest) -> TaskRow:
+        """An Idempotency-Key answers with its first task only for a repeat of the same
+        request by whoever made it; anything else is a conflict that reveals nothing."""
+        if task.user_id != principal.user_id or task.input.get("message") != request.message:
+            raise Conflict(
+                "this Idempotency-Key was already used for a different request",
+                details={"header": "Idempotency-Key"},
+            )
+        return task
 
     async def _apply_busy_policy(
         self,

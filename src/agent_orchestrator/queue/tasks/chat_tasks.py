@@ -8,7 +8,6 @@ the task runs (retries, a worker killed mid-turn) the conversation holds one ans
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -27,7 +26,11 @@ from agent_orchestrator.models.session import SessionState
 from agent_orchestrator.models.task import TaskStatus
 from agent_orchestrator.queue.consumer import ALREADY_FINISHED, TaskContext
 from agent_orchestrator.queue.registry import TaskFailure
-from agent_orchestrator.services.orchestrator import chat_plan, reply_message_id
+from agent_orchestrator.services.orchestrator import (
+    chat_plan,
+    reply_message_id,
+    user_message_id,
+)
 from agent_orchestrator.services.service_coordinator import (
     PlanFailed,
     PlanRun,
@@ -93,7 +96,7 @@ class ChatTurn:
                 "message": task.input["message"],
                 "history_limit": self.settings.history_limit,
                 "task_id": str(task.id),
-                "user_message_id": str(uuid.uuid5(task.id, "user-message")),
+                "user_message_id": str(user_message_id(task.id)),
                 "reply_message_id": str(reply_message_id(task.id)),
             },
             on_chunk=on_chunk,
