@@ -21,6 +21,7 @@ from agent_orchestrator.db.tables import TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import Conflict
 from agent_orchestrator.events.models import StreamKey
+from agent_orchestrator.ids import new_id
 from agent_orchestrator.lifecycle import build_state, close_state
 from agent_orchestrator.models.principal import USER_SCOPES, Principal
 from agent_orchestrator.models.task import TERMINAL, TRANSITIONS, TaskErrorInfo, TaskStatus
@@ -418,3 +419,53 @@ async def test_concurrent_reconcilers_never_double_deliver(
     assert (await load(core, lost)).delivery == 2
     assert (await load(core, expired)).delivery == 2
     assert await core.queue.depth("interactive") == 2
+
+
+async def submit_in_session(core: AppState, session_id: Any, max_attempts: int) -> TaskRow:
+    async with UnitOfWork(core.db_factory) as uow:
+        row, _ = await core.ledger.submit(
+            uow,
+            ALICE,
+            Submission(
+                kind="test.sleep",
+                queue="interactive",
+                input={"seconds": 0.01},
+                session_id=session_id,
+                max_attempts=max_attempts,
+            ),
+        )
+    return row
+
+
+async def test_a_session_turn_lost_with_its_worker_wakes_the_next_turn(core: AppState) -> None:
+    """When the reconciler gives up on a session's running task, the session's next queued
+    task gets a fresh delivery at once instead of waiting for QUEUED_STALE_AFTER."""
+    session_id = new_id()
+    first = await submit_in_session(core, session_id, max_attempts=1)
+    second = await submit_in_session(core, session_id, max_attempts=1)
+    assert await core.ledger.claim(first.tenant_id, first.id, "dead-worker") is not None
+    # The second turn's delivery was dropped while the first held the session.
+    assert await core.ledger.claim(second.tenant_id, second.id, "other") is None
+    before = (await load(core, second)).delivery
+    await force(core, first, lease_expires_at=utcnow() - timedelta(seconds=1))
+
+    assert await core.ledger.recover_expired_leases() == 1
+
+    assert (await load(core, first)).status == TaskStatus.FAILED
+    woken = await load(core, second)
+    assert woken.delivery == before + 1
+    assert await core.queue.is_pending(delivery_of(woken))
+    assert await core.ledger.claim(second.tenant_id, second.id, "other") is not None
+
+
+async def test_cancelling_a_queued_turn_wakes_the_turn_after_it(core: AppState) -> None:
+    session_id = new_id()
+    first = await submit_in_session(core, session_id, max_attempts=1)
+    second = await submit_in_session(core, session_id, max_attempts=1)
+    before = (await load(core, second)).delivery
+    async with UnitOfWork(core.db_factory) as uow:
+        await core.ledger.request_cancel(uow, ALICE, first.id)
+
+    woken = await load(core, second)
+    assert woken.delivery == before + 1
+    assert await core.ledger.claim(second.tenant_id, second.id, "worker") is not None

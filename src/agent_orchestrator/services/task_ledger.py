@@ -275,6 +275,7 @@ class TaskLedger:
             if snapshot.status == TaskStatus.CANCELLED:
                 _count_finished(snapshot)
                 await self.bus.publish(status_event(snapshot))
+                await self._wake_session_of(snapshot)  # it may have been next in line
             else:
                 await self.bus.publish_control({"action": "cancel", "task_id": str(snapshot.id)})
 
@@ -457,7 +458,13 @@ class TaskLedger:
             await self.bus.publish(status_event(done))
             if done.status == TaskStatus.QUEUED:
                 await self.producer.deliver(done)
+            else:  # its worker is gone: nobody else frees the session's next turn
+                await self._wake_session_of(done)
         return recovered
+
+    async def _wake_session_of(self, row: TaskRow) -> None:
+        if row.session_id is not None:
+            await self.wake_next_in_session(row.tenant_id, row.session_id)
 
     async def redeliver_lost(self, stale_after: float, batch: int = 100) -> int:
         """Queued tasks whose delivery the queue no longer holds (Redis lost it, or a
