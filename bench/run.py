@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.run queue            # this engine vs RQ (about 5 minutes)
     .venv/bin/python -m bench.run queue --rq-tasks 100   # quick: RQ extrapolated per task
+    .venv/bin/python -m bench.run chat             # chat turns and overhead (about 2.5 minutes)
+    .venv/bin/python -m bench.run chat --quick     # the same, shorter phases
     .venv/bin/python -m bench.run all              # every benchmark with its defaults
 
 Each benchmark is a module with `NAME`, `add_arguments(parser)` and
@@ -17,10 +19,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from bench import queue_bench
+from bench import chat, queue_bench
 from bench.common import RESULTS, append_results
 
-BENCHMARKS: dict[str, ModuleType] = {queue_bench.NAME: queue_bench}
+BENCHMARKS: dict[str, ModuleType] = {queue_bench.NAME: queue_bench, chat.NAME: chat}
 
 
 def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
