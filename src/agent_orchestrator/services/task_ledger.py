@@ -197,6 +197,8 @@ class TaskLedger:
         snapshot = _snapshot(row)
 
         async def announce_and_enqueue() -> None:
+            # Announce first: the `queued` event must get a smaller id than the `running`
+            # event the worker publishes once it has the delivery.
             await self.bus.publish(status_event(snapshot))
             await self.producer.deliver(snapshot)
 
