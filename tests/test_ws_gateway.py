@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 from prometheus_client import REGISTRY
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from agent_orchestrator.config import Settings
@@ -405,7 +405,7 @@ async def test_abrupt_disconnects_leave_no_subscription_or_task_behind(
             busy = await server.counts()
             assert busy["connections"] == 12
             assert busy["subscriptions"] == 12
-            assert busy["bus_subscribers"] == 12
+            assert busy["bus_subscribers"] == 1  # one per stream per instance, not per socket
             for number, ws in enumerate(sockets):
                 if number % 3 == 0:  # RST, no close frame
                     sock = ws.transport.get_extra_info("socket")
@@ -519,3 +519,44 @@ def _async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
 def _closed_by_server(code: int) -> float:
     name = "nooble_orchestrator_websocket_closed_by_server_total"
     return REGISTRY.get_sample_value(name, {"code": str(code)}) or 0.0
+
+
+async def test_subscribe_after_replays_the_log_at_the_clients_pace_then_goes_live(
+    make_settings: SettingsFactory, token: TokenFactory
+) -> None:
+    """A replay larger than the send queue waits for the client instead of overflowing;
+    `after` resumes exactly after that id; live events then reach every follower once."""
+    with ServerThread(make_settings(ws_send_queue=8)) as server:
+        jwt = token()
+        session_id = await _create_session(server, jwt)
+        bus = server.app.state.core.bus
+
+        async def publish(numbers: range) -> list[str]:
+            ids = []
+            for number in numbers:
+                event = Event(type="test.note", tenant_id="tenant-a", session_id=session_id,
+                              data={"n": number})  # fmt: skip
+                ids.append((await bus.publish(event)).id)
+            return ids
+
+        ids = await server.call(publish(range(100)))
+        whole, resumed, live = [(await open_authed(server.url, jwt))[0] for _ in range(3)]
+        await send(whole, type="subscribe", session_id=session_id, after="0")
+        await send(resumed, type="subscribe", session_id=session_id, after=ids[59])
+        await send(live, type="subscribe", session_id=session_id)
+        for ws in (whole, resumed, live):
+            assert (await recv(ws))["data"]["for"] == "subscribe"
+
+        async def numbers(ws: ClientConnection, count: int) -> list[int]:
+            return [(await recv(ws))["data"]["n"] for _ in range(count)]
+
+        assert await numbers(whole, 100) == list(range(100))
+        assert await numbers(resumed, 40) == list(range(60, 100))
+        await server.call(publish(range(100, 105)))
+        for ws in (whole, resumed, live):
+            assert await numbers(ws, 5) == list(range(100, 105))
+            await send(ws, type="system.ping")
+            assert (await recv(ws))["type"] == "system.pong"  # nothing else was queued
+        assert (await server.counts())["bus_subscribers"] == 1
+        for ws in (whole, resumed, live):
+            await ws.close()

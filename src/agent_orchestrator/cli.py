@@ -56,7 +56,7 @@ def serve(
     from agent_orchestrator.app import create_app
     from agent_orchestrator.lifecycle import StartupError
     from agent_orchestrator.observability.logging import configure_logging
-    from agent_orchestrator.websocket.server import server_options
+    from agent_orchestrator.websocket.server import server_options, tune_collector
 
     settings = load_settings()
     configure_logging(settings.log_level)
@@ -83,6 +83,7 @@ def serve(
         **server_options(settings),  # WebSocket limits, pings, trusted proxies
     )
     server = uvicorn.Server(config)
+    tune_collector()
     try:
         server.run()
     except StartupError as error:

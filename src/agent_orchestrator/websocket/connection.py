@@ -1,5 +1,5 @@
-"""One open WebSocket: a bounded outbox drained by one sender task, the subscriptions that
-feed it, and its close.
+"""One open WebSocket: a bounded outbox drained by one sender task, its subscriptions
+(members of the instance's stream hubs, fanout.py), and its close.
 
 Nothing that produces messages (the bus fan-out, the handlers) ever awaits the socket:
 `send` appends to the outbox and returns. A client that stops reading makes its outbox
@@ -16,22 +16,16 @@ from typing import Any
 
 from starlette.types import Send
 
-from agent_orchestrator.events.bus import EventBus, SubscriberOverflow
-from agent_orchestrator.events.models import Event, EventType, StreamKey
+from agent_orchestrator.events.models import StreamKey
 from agent_orchestrator.models.principal import Principal
-from agent_orchestrator.models.task import TERMINAL
-from agent_orchestrator.observability.logging import get_logger
-from agent_orchestrator.websocket.events import EventEncoder, error_message
+from agent_orchestrator.websocket.fanout import Member, StreamFanout
 from agent_orchestrator.websocket.limits import MessageRateLimiter
-from agent_orchestrator.websocket.metrics import CLOSED, SUBSCRIPTIONS
-
-log = get_logger(__name__)
+from agent_orchestrator.websocket.metrics import CLOSED
 
 _CLOSE = object()
 #: How long a close may take to be written before the connection's task is cancelled.
 #: Only reached on servers that cannot drop a peer that stopped reading (see server.py).
 CLOSE_GRACE = 5.0
-_TERMINAL_VALUES = frozenset(status.value for status in TERMINAL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,16 +35,12 @@ class ConnectionLimits:
     max_subscriptions: int
 
 
-def ends_task_stream(event: Event) -> bool:
-    return event.type == EventType.TASK_STATUS and event.data.get("status") in _TERMINAL_VALUES
-
-
 class Connection:
     __slots__ = (
-        "_bus",
-        "_encoder",
+        "_fanout",
         "_main",
         "_outbox",
+        "_room",
         "_send",
         "_sender",
         "_watchdog",
@@ -75,8 +65,7 @@ class Connection:
         connection_id: str,
         ip: str,
         send: Send,
-        bus: EventBus,
-        encoder: EventEncoder,
+        fanout: StreamFanout,
         limits: ConnectionLimits,
     ) -> None:
         now = time.monotonic()
@@ -92,11 +81,11 @@ class Connection:
         self.close_code = 1000
         self.close_reason = ""
         self.forced = False
-        self.subscriptions: dict[StreamKey, asyncio.Task[None]] = {}
+        self.subscriptions: dict[StreamKey, Member] = {}
         self._send = send
-        self._bus = bus
-        self._encoder = encoder
+        self._fanout = fanout
         self._outbox: deque[Any] = deque()
+        self._room: asyncio.Future[None] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._main = asyncio.current_task()
@@ -124,6 +113,7 @@ class Connection:
         if self.closing:
             return
         self.closing = True
+        self._wake_waiters()
         self.close_code, self.close_reason = code, reason[:120]
         CLOSED.labels(str(code)).inc()
         if not flush:
@@ -157,6 +147,8 @@ class Connection:
                     return
                 await self._send({"type": "websocket.send", "text": item})
                 self.last_activity = time.monotonic()
+                if self._room is not None and len(self._outbox) < self.limits.send_queue // 2:
+                    self._wake_waiters()
         except (OSError, RuntimeError):
             # The peer is gone (uvicorn raises ClientDisconnected, an OSError) or the socket
             # is already closed: nothing more can be written; the receive side ends it.
@@ -171,8 +163,21 @@ class Connection:
             self.forced = True
             self._main.cancel()
 
+    async def wait_for_room(self) -> None:
+        """For producers that can wait (a log being replayed): until the outbox is at most
+        half full, or the socket is closing."""
+        while not self.closing and len(self._outbox) >= self.limits.send_queue // 2:
+            if self._room is None:
+                self._room = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._room)
+
+    def _wake_waiters(self) -> None:
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
+
     # --- subscriptions --------------------------------------------------------------------
-    def subscribe(
+    async def subscribe(
         self,
         key: StreamKey,
         *,
@@ -181,80 +186,29 @@ class Connection:
         ack: str | None,
         until_terminal: bool,
     ) -> None:
-        """Replace any subscription to `key` with one from `after`; `ack` is queued once
-        the subscription is registered, before any of its events."""
-        self.unsubscribe(key)
-        pump = self._pump(key, after, replay, ack, until_terminal)
-        self.subscriptions[key] = asyncio.get_running_loop().create_task(pump)
-        SUBSCRIPTIONS.inc()
+        """Replace any subscription to `key` with one from `after` (or from the start of
+        the log when `replay`); `ack` is queued once registered, before any event."""
+        await self._fanout.join(
+            self, key, after=after, replay=replay, until_terminal=until_terminal, ack=ack
+        )
 
     def unsubscribe(self, key: StreamKey) -> bool:
-        task = self.subscriptions.pop(key, None)
-        if task is None:
-            return False
-        SUBSCRIPTIONS.dec()
-        task.cancel()
-        return True
-
-    async def _pump(
-        self,
-        key: StreamKey,
-        cursor: int | None,
-        replay: bool,
-        ack: str | None,
-        until_terminal: bool,
-    ) -> None:
-        try:
-            while True:
-                try:
-                    async with self._bus.subscribe(
-                        key, cursor, replay=replay, max_queue=self.limits.send_queue
-                    ) as events:
-                        if ack is not None:
-                            self.send(ack)
-                            ack = None
-                        async for event in events:
-                            cursor = event.cursor
-                            if not self.send(self._encoder.encode(event)):
-                                return
-                            if until_terminal and ends_task_stream(event):
-                                return
-                    return
-                except SubscriberOverflow:
-                    # This process, not the client, fell behind the bus: read the log
-                    # again from the last event sent. Nothing lost, nothing repeated.
-                    replay = True
-        except Exception as error:
-            log.warning("websocket subscription lost", stream=key.kind, error=repr(error))
-            self.send(
-                error_message(
-                    "subscription_lost",
-                    f"the {key.kind} subscription stopped; subscribe again with 'after'",
-                    tenant_id=self.tenant_id,
-                    details={"after": str(cursor) if cursor is not None else None},
-                    retryable=True,
-                )
-            )
-        finally:
-            if self.subscriptions.get(key) is asyncio.current_task():
-                del self.subscriptions[key]
-                SUBSCRIPTIONS.dec()
+        return self._fanout.leave(self, key)
 
     # --- the end --------------------------------------------------------------------------
     async def teardown(self) -> None:
         """Runs on every exit path: every task of this socket ends, every subscription is
-        left (the bus forgets its subscriber), nothing stays queued."""
+        left (a hub left empty leaves the bus), nothing stays queued."""
         self.closing = True
+        self._wake_waiters()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        tasks = list(self.subscriptions.values())
-        for key in list(self.subscriptions):
-            self.unsubscribe(key)
+        ending = self._fanout.leave_all(self)
         if self._sender is not None:
             self._sender.cancel()
-            tasks.append(self._sender)
+            ending.append(self._sender)
             self._sender = None
         self._outbox.clear()
-        if tasks:
-            await asyncio.wait(tasks, timeout=CLOSE_GRACE)
+        if ending:
+            await asyncio.wait(ending, timeout=CLOSE_GRACE)

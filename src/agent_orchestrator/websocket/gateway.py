@@ -39,6 +39,7 @@ from agent_orchestrator.websocket.events import (
     error_message,
     parse_client_message,
 )
+from agent_orchestrator.websocket.fanout import StreamFanout
 from agent_orchestrator.websocket.handlers import MessageHandlers
 from agent_orchestrator.websocket.limits import Verdict
 from agent_orchestrator.websocket.metrics import RECEIVED, REFUSED
@@ -70,7 +71,7 @@ class WebSocketGateway:
         )
         self.max_message_bytes = settings.ws_max_frame_bytes
         self.handlers = MessageHandlers(state)
-        self.encoder = EventEncoder()
+        self.fanout = StreamFanout(state.bus, EventEncoder())
 
     async def start(self) -> None:
         await self.manager.start()
@@ -88,8 +89,7 @@ class WebSocketGateway:
             connection_id=secrets.token_hex(6),
             ip=client_address(scope),
             send=send,
-            bus=self.state.bus,
-            encoder=self.encoder,
+            fanout=self.fanout,
             limits=self.limits,
         )
         refusal = self.manager.admit(conn)

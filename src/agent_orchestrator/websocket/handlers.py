@@ -111,7 +111,7 @@ class MessageHandlers:
         if follow:
             # From the task's first event: whatever it published before this line is in
             # its log, so nothing between the commit and now is missed.
-            conn.subscribe(
+            await conn.subscribe(
                 StreamKey("task", principal.tenant_id, str(task.id)),
                 after=None,
                 replay=True,
@@ -175,7 +175,7 @@ class MessageHandlers:
         # subscription ends with its terminal status. A session's is long-lived: without
         # `after`, live events only.
         is_task = key.kind == "task"
-        conn.subscribe(
+        await conn.subscribe(
             key,
             after=after,
             replay=is_task or after is not None,
