@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.run queue --rq-tasks 100   # quick: RQ extrapolated per task
     .venv/bin/python -m bench.run chat             # chat turns and overhead (about 2.5 minutes)
     .venv/bin/python -m bench.run chat --quick     # the same, shorter phases
+    .venv/bin/python -m bench.run websocket        # memory per connection, fan-out latency (~2 min)
     .venv/bin/python -m bench.run all              # every benchmark with its defaults
 
 Each benchmark is a module with `NAME`, `add_arguments(parser)` and
@@ -19,10 +20,14 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from bench import chat, queue_bench
+from bench import chat, queue_bench, websocket
 from bench.common import RESULTS, append_results
 
-BENCHMARKS: dict[str, ModuleType] = {queue_bench.NAME: queue_bench, chat.NAME: chat}
+BENCHMARKS: dict[str, ModuleType] = {
+    queue_bench.NAME: queue_bench,
+    chat.NAME: chat,
+    websocket.NAME: websocket,
+}
 
 
 def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
