@@ -158,10 +158,23 @@ class Connection:
                 self._sender = None
 
     def _force(self) -> None:
+        """The close is overdue. First drop what the client is not reading so the close
+        frame goes now (our server protocol then drops a peer that stopped reading); if
+        even that does not end the socket, cancel its task."""
         self._watchdog = None
-        if self._main is not None and not self._main.done():
-            self.forced = True
-            self._main.cancel()
+        if self._main is None or self._main.done():
+            return
+        if self._outbox or self._sender is not None:
+            self._outbox.clear()
+            if self._sender is not None:
+                self._sender.cancel()
+                self._sender = None
+            self._outbox.append(_CLOSE)
+            self._wake_sender()
+            self._watchdog = asyncio.get_running_loop().call_later(CLOSE_GRACE, self._force)
+            return
+        self.forced = True
+        self._main.cancel()
 
     async def wait_for_room(self) -> None:
         """For producers that can wait (a log being replayed): until the outbox is at most
