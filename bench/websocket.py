@@ -348,10 +348,16 @@ async def _measure(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
         return bench.results, redis_version
 
 
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def run(args: argparse.Namespace, command: str) -> Report:
+    load_start = _loadavg()
     with tempfile.TemporaryDirectory(prefix="aobench-ws-") as tmp:
         results, redis_version = asyncio.run(_measure(args, Path(tmp)))
     report = Report("websocket", command, machine(redis_version, "not used (SQLite)"))
+    report.machine["load average (1/5/15 min) at start / end"] = f"{load_start} / {_loadavg()}"
     report.machine["layout"] = (
         f"1 server process (serve --no-worker, uvloop), {args.clients} client processes,"
         " publisher = the bench process, Redis on the same machine"
