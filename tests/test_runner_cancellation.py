@@ -33,8 +33,13 @@ class FakeLedger:
         self.finished: list[TaskStatus] = []
         self.renewals = 0
 
-    async def claim(self, tenant_id: str, task_id: uuid.UUID, worker_id: str) -> TaskRow:
+    async def claim(
+        self, tenant_id: str, task_id: uuid.UUID, worker_id: str, *, announce: bool = True
+    ) -> TaskRow:
         return self.task
+
+    async def announce(self, task: TaskRow) -> None:
+        return None
 
     async def renew(self, task: TaskRow, worker_id: str) -> Renewal:
         self.renewals += 1

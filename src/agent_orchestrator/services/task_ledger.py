@@ -285,7 +285,9 @@ class TaskLedger:
         return cancelled
 
     # --- worker side: each call is its own transaction ------------------------------------
-    async def claim(self, tenant_id: str, task_id: uuid.UUID, worker_id: str) -> TaskRow | None:
+    async def claim(
+        self, tenant_id: str, task_id: uuid.UUID, worker_id: str, *, announce: bool = True
+    ) -> TaskRow | None:
         """Take the lease: exactly one claimant wins; a duplicate delivery loses and is
         dropped (the task is running elsewhere, finished, cancelled, or not yet due)."""
         now = utcnow()
@@ -307,7 +309,7 @@ class TaskLedger:
                 SESSION_TURN_IS_FREE,
             ),
         )
-        if row is not None:
+        if row is not None and announce:
             await self.bus.publish(status_event(row))
         return row
 
