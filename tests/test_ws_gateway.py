@@ -16,7 +16,9 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
+from websockets.uri import parse_uri
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.events.models import Event
@@ -560,3 +562,53 @@ async def test_subscribe_after_replays_the_log_at_the_clients_pace_then_goes_liv
         assert (await server.counts())["bus_subscribers"] == 1
         for ws in (whole, resumed, live):
             await ws.close()
+
+
+async def test_idle_sockets_close_1000_and_dead_peers_are_dropped_by_ping_timeout(
+    make_settings: SettingsFactory, token: TokenFactory
+) -> None:
+    settings = make_settings(ws_idle_timeout=0.6, ws_ping_interval=0.2, ws_ping_timeout=0.3)
+    with ServerThread(settings) as server:
+        idle, _ = await open_authed(server.url, token())
+        started = time.monotonic()
+        assert await close_code(idle, timeout=5) == 1000
+        assert idle.close_reason == "idle timeout"
+        assert 0.5 < time.monotonic() - started < 2.5
+
+        # A peer that authenticates, then never reads again: it answers no ping.
+        dead = ClientProtocol(parse_uri(server.url))
+        raw = socket.create_connection(("127.0.0.1", server.port))
+        dead.send_request(dead.connect())
+        raw.sendall(b"".join(dead.data_to_send()))
+        dead.receive_data(raw.recv(65536))
+        assert dead.handshake_exc is None
+        dead.send_text(json.dumps({"type": "auth", "token": token()}).encode())
+        raw.sendall(b"".join(dead.data_to_send()))
+        assert (await wait_for(server.counts, lambda c: c["connections"] == 1, 2))["connections"]
+        gone = await wait_for(server.counts, lambda c: c["connections"] == 0, 3)
+        assert gone["connections"] == 0  # within ping interval + ping timeout
+        raw.close()
+
+
+async def test_chat_cancel_stops_the_running_turn(
+    make_settings: SettingsFactory, token: TokenFactory
+) -> None:
+    with ServerThread(make_settings(echo_chunk_delay=0.1)) as server:
+        ws, _ = await open_authed(server.url, token())
+        await send(ws, type="chat.send", message="a b c d e f g h i j k l")
+        task_id = (await recv(ws))["task_id"]
+        await recv_until(ws, lambda m: m["type"] == "chat.stream")
+        await send(ws, type="chat.cancel", task_id=task_id, request_id="stop")
+        seen = await recv_until(ws, is_terminal, timeout=10)
+        acks = [m for m in seen if m["type"] == "system.ack"]
+        assert [(a["data"]["for"], a["data"]["request_id"]) for a in acks] == [
+            ("chat.cancel", "stop")
+        ]
+        assert acks[0]["data"]["status"] in {"running", "cancelled"}
+        assert seen[-1]["data"]["status"] == "cancelled"
+        assert not [m for m in seen if m["type"] == "chat.completed"]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+            metrics = (await http.get("/metrics")).text
+        assert "nooble_orchestrator_websocket_connections_active" in metrics
+        assert "nooble_orchestrator_websocket_subscriptions_active" in metrics
+        await ws.close()
