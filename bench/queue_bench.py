@@ -547,6 +547,14 @@ async def _engine_phase(
     return runs, lats, engine.peak_rss_mib
 
 
+def _uvloop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 async def _versions(args: argparse.Namespace) -> tuple[str, str]:
     import asyncpg
     from redis.asyncio import Redis
@@ -571,7 +579,9 @@ def run(args: argparse.Namespace, command: str) -> Report:
     with tempfile.TemporaryDirectory(prefix="aobench-") as tmp:
         workdir = Path(tmp)
         print(f"queue: engine, {args.tasks} x {args.seconds} s, {args.repeat} runs", flush=True)
-        engine_runs, engine_lats, rss = asyncio.run(_engine_phase(args, workdir))
+        # The submitting process stands in for an API instance, which uvicorn runs on uvloop.
+        with asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
+            engine_runs, engine_lats, rss = runner.run(_engine_phase(args, workdir))
         rq_runs: list[Throughput] = []
         rq_lats: list[Latency] = []
         if not args.skip_rq:
@@ -610,7 +620,8 @@ def _summarise(
         "",
         "Wall time from the first submit/enqueue to the last task finished. This engine: "
         "submitted through `TaskLedger.submit` (one transaction per task, "
-        f"{args.submit_concurrency} concurrent submitters, as API requests would), one "
+        f"{args.submit_concurrency} concurrent submitters on uvloop, as API requests "
+        "would be), one "
         f"`agent-orchestrator worker` (MAX_CONCURRENT_TASKS={max(n, 100)}, "
         f"DB_POOL_SIZE={args.db_pool_size}); the finish time is the ledger's `finished_at`. "
         "RQ: `Queue.enqueue` one by one, then one `rq worker --burst` (fork per job, "
