@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from typing import Any
 import httpx
 
 from bench.common import DEFAULT_REDIS, ROOT, VENV_BIN, Report, machine, percentile, table
+from bench.ws_harness import Client, cpu_seconds, free_port, raise_nofile, rss_mib, split, wait_ok
 
 NAME = "websocket"
 SECRET = "bench-ws-secret-key-0123456789abcdef0123456789abcdef"
@@ -57,67 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS))
 
 
-def _raise_nofile() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Client:
-    """One ws_client.py process, spoken to in JSON lines."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    @classmethod
-    async def start(cls, url: str, token: str) -> Client:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.ws_client", "--url", url, "--token", token,
-            cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            limit=2**26,
-        )  # fmt: skip
-        return cls(proc)
-
-    async def send(self, **command: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(command) + "\n").encode())
-        await self.proc.stdin.drain()
-
-    async def read(self, timeout: float = 600) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise RuntimeError(f"client process exited ({await self.proc.wait()})")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    async def ask(self, **command: Any) -> dict[str, Any]:
-        await self.send(**command)
-        return await self.read()
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            await self.send(cmd="exit")
-            await asyncio.wait_for(self.proc.wait(), 60)
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
         self.namespace = f"aobench-ws-{uuid.uuid4().hex[:8]}"
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = f"ws://127.0.0.1:{self.port}/ws/v1"
         self.log = workdir / "serve.log"
@@ -150,9 +94,9 @@ class Bench:
         with self.log.open("wb") as log:
             self.server = subprocess.Popen(
                 [cli, "serve", "--no-worker", "--port", str(self.port)],
-                env=self.env(), cwd=ROOT, stdout=log, stderr=log, preexec_fn=_raise_nofile,
+                env=self.env(), cwd=ROOT, stdout=log, stderr=log, preexec_fn=raise_nofile,
             )  # fmt: skip
-        await _wait_ok(f"{self.base}/health", self.server)
+        await wait_ok(f"{self.base}/health", self.server)
         from agent_orchestrator.middleware.auth import TokenVerifier
         from agent_orchestrator.models.principal import USER_SCOPES
 
@@ -208,7 +152,7 @@ class Bench:
 
     def rss(self) -> float:
         assert self.server is not None
-        return _rss_mib(self.server.pid)
+        return rss_mib(self.server.pid)
 
     async def memory_step(self, total: int, idle_rss: float) -> None:
         seconds = await self.open_to(total)
@@ -241,7 +185,7 @@ class Bench:
         from agent_orchestrator.events.models import Event
         from agent_orchestrator.events.redis import RedisEventBus
 
-        counts = _split(subscribers, self.opened)
+        counts = split(subscribers, self.opened)
         offsets = [sum(counts[:index]) for index in range(len(counts))]
         shares = [(c, n) for c, n in zip(self.clients, counts, strict=True) if n]
         await asyncio.gather(
@@ -253,7 +197,7 @@ class Bench:
         )
         redis = Redis.from_url(self.args.redis_url)
         bus = RedisEventBus(redis, namespace=self.namespace, stream_cap=1000, ttl_seconds=600)
-        cpu_before = _cpu_seconds(self.server.pid) if self.server else 0.0
+        cpu_before = cpu_seconds(self.server.pid) if self.server else 0.0
         started = time.monotonic()
         gap = 1.0 / len(sessions)
         for tick in range(seconds * len(sessions)):
@@ -265,7 +209,7 @@ class Bench:
                           data={"sent": time.time(), "tick": tick})  # fmt: skip
             await bus.publish(event)
         await asyncio.sleep(2)  # the last events arrive
-        cpu = (_cpu_seconds(self.server.pid) if self.server else 0.0) - cpu_before
+        cpu = (cpu_seconds(self.server.pid) if self.server else 0.0) - cpu_before
         await redis.aclose()
         answers = await asyncio.gather(*(c.ask(cmd="collect") for c in self.clients))
         samples = [s for a in answers for s in a["latencies_ms"]]
@@ -278,38 +222,6 @@ class Bench:
             f" p99 {percentile(samples, 99):.1f} ms",
             flush=True,
         )
-
-
-def _split(total: int, capacity: list[int]) -> list[int]:
-    shares, left = [], total
-    for index, room in enumerate(capacity):
-        share = min(room, -(-left // (len(capacity) - index)))
-        shares.append(share)
-        left -= share
-    return shares
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _wait_ok(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=1) as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if (await http.get(url)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 async def _measure(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
