@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     default_page_size: PositiveInt = 20
     session_cache_size: PositiveInt = 10_000
     db_pool_size: PositiveInt = 10
+    db_pool_pre_ping: bool = False
 
     # --- task engine --------------------------------------------------------------------
     lease_ttl: Annotated[float, Field(ge=1, le=600)] = 10.0

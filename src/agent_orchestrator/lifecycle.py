@@ -60,7 +60,11 @@ async def preflight(settings: Settings) -> None:
 
 
 async def build_state(settings: Settings, verifier: TokenVerifier, *, run_worker: bool) -> AppState:
-    engine = create_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size)
+    engine = create_engine(
+        settings.resolved_database_url(),
+        pool_size=settings.db_pool_size,
+        pre_ping=settings.db_pool_pre_ping,
+    )
     if settings.should_auto_migrate:
         await upgrade(engine)
     elif not await is_up_to_date(engine):

@@ -101,9 +101,13 @@ class SaqTaskQueue:
         job = await self._queues[queue].dequeue(timeout=wait_seconds)
         if job is None:
             return None
-        job.started = int(time.time() * 1000)
+        # Mark it active as SAQ's worker would (its sweeper reads the status), but with
+        # one SET and no Pub/Sub notification: nothing here listens to SAQ's job channel,
+        # and this sits between the enqueue and the task's start.
+        job.started = job.touched = int(time.time() * 1000)
         job.attempts += 1
-        await job.update(status=Status.ACTIVE)
+        job.status = Status.ACTIVE
+        await self._redis.set(job.id, self._queues[queue].serialize(job))
         return _SaqReceived(Delivery(**(job.kwargs or {})), job)
 
     async def promote_due(self) -> None:
