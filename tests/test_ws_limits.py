@@ -322,3 +322,21 @@ async def test_idle_sockets_close_1000_and_dead_peers_are_dropped_by_ping_timeou
         gone = await wait_for(server.counts, lambda c: c["connections"] == 0, 3)
         assert gone["connections"] == 0  # within ping interval + ping timeout
         raw.close()
+
+
+async def test_subscriptions_per_socket_are_capped(
+    make_settings: SettingsFactory, token: TokenFactory
+) -> None:
+    with ServerThread(make_settings(ws_max_subscriptions=2)) as server:
+        jwt = token()
+        sessions = [await _create_session(server, jwt) for _ in range(3)]
+        ws, _ = await open_authed(server.url, jwt)
+        for number, session_id in enumerate(sessions):
+            await send(ws, type="subscribe", session_id=session_id, request_id=str(number))
+        answers = [await recv(ws) for _ in sessions]
+        assert [a["type"] for a in answers] == ["system.ack", "system.ack", "system.error"]
+        assert answers[2]["data"]["code"] == "too_many_subscriptions"
+        await send(ws, type="subscribe", session_id=sessions[0], after="0")  # a replacement
+        assert (await recv(ws))["type"] == "system.ack"
+        assert (await server.counts())["subscriptions"] == 2
+        await ws.close()
