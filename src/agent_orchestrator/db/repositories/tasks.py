@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, exists, insert, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, delete, exists, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -20,6 +20,7 @@ from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
 
 _CALL_COLUMNS = tuple(ServiceCallRow.__table__.columns)
+_TASKS: Table = TaskRow.__table__  # type: ignore[assignment]
 
 
 class TaskRepository:
@@ -73,21 +74,24 @@ class TaskRepository:
     ) -> TaskRow | None:
         """Move one task if it is in one of `sources` (and `conditions` hold): exactly one
         concurrent caller can win. Returns the updated row, or None when it lost."""
+        # A Core UPDATE on the table, its row rebuilt as a detached TaskRow: the ORM's
+        # bulk-update path was a sixth of a worker's busy time (claim and finish of every
+        # task). Detached also means a row the session already holds is never handed back
+        # with its values from before the update.
+        status = _TASKS.c.status
         statement = (
-            update(TaskRow)
+            update(_TASKS)
             .where(
-                TaskRow.tenant_id == tenant_id,
-                TaskRow.id == task_id,
-                TaskRow.status.in_(sources),
+                _TASKS.c.tenant_id == tenant_id,
+                _TASKS.c.id == task_id,
+                status == sources[0] if len(sources) == 1 else status.in_(sources),
                 *conditions,
             )
             .values(**values)
-            .returning(TaskRow)
-            # populate_existing: a row this session already holds is refreshed with the
-            # updated values instead of being handed back as it was before the update.
-            .execution_options(synchronize_session=False, populate_existing=True)
+            .returning(*_TASKS.c)
         )
-        return (await self.db.execute(statement)).scalar_one_or_none()
+        row = (await self.db.execute(statement)).mappings().one_or_none()
+        return None if row is None else TaskRow(**row)
 
     async def unfinished_in_session(self, tenant_id: str, session_id: uuid.UUID) -> list[TaskRow]:
         query = (
