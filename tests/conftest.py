@@ -81,51 +81,33 @@ def pg_template() -> Iterator[str]:
     _run_in_thread(drop)
 
 
+def _temporary_database(prefix: str, template: str | None = None) -> Iterator[str]:
+    """Create a database (a copy of `template`, or empty), yield its URL, drop it."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+
+    async def run(statement: str) -> None:
+        admin = await _admin()
+        try:
+            await admin.execute(statement)
+        finally:
+            await admin.close()
+
+    _run_in_thread(lambda: run(f'CREATE DATABASE "{name}"{clause}'))
+    yield _pg_url_for(name)
+    _run_in_thread(lambda: run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture
 def pg_database(pg_template: str) -> Iterator[str]:
-    name = f"ao_test_{uuid.uuid4().hex[:12]}"
-
-    async def create() -> None:
-        admin = await _admin()
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
-        finally:
-            await admin.close()
-
-    async def drop() -> None:
-        admin = await _admin()
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-    _run_in_thread(create)
-    yield _pg_url_for(name)
-    _run_in_thread(drop)
+    """A fresh, migrated PostgreSQL database (a copy of the run's template)."""
+    yield from _temporary_database("ao_test", pg_template)
 
 
 @pytest.fixture
 def pg_empty_database() -> Iterator[str]:
     """A fresh PostgreSQL database with no schema at all (for migration tests)."""
-    name = f"ao_empty_{uuid.uuid4().hex[:12]}"
-
-    async def create() -> None:
-        admin = await _admin()
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
-
-    async def drop() -> None:
-        admin = await _admin()
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-    _run_in_thread(create)
-    yield _pg_url_for(name)
-    _run_in_thread(drop)
+    yield from _temporary_database("ao_empty")
 
 
 @pytest.fixture
