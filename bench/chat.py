@@ -57,6 +57,7 @@ from bench.common import (
     DEFAULT_REDIS,
     VENV_BIN,
     Report,
+    drop_run_resources,
     machine,
     median,
     percentile,
@@ -661,21 +662,9 @@ class Production:
             await admin.close()
 
     async def drop(self) -> None:
-        import asyncpg
-        from redis.asyncio import Redis
-
-        redis = Redis.from_url(self.args.redis_url)
-        try:
-            keys = [k async for k in redis.scan_iter(match=f"*{self.namespace}*", count=1000)]
-            for start in range(0, len(keys), 500):
-                await redis.delete(*keys[start : start + 500])
-        finally:
-            await redis.aclose()
-        admin = await asyncpg.connect(self.args.postgres_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_run_resources(
+            self.args.redis_url, self.namespace, self.args.postgres_url, self.database
+        )
 
 
 async def _production(args: argparse.Namespace, workdir: Path) -> Setup:

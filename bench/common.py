@@ -115,3 +115,25 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
         return "| " + " | ".join(padded) + " |"
 
     return [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+
+
+async def drop_run_resources(
+    redis_url: str, namespace: str, postgres_url: str, database: str
+) -> None:
+    """Delete a benchmark run's Redis keys (every key holding its namespace) and drop its
+    PostgreSQL database."""
+    import asyncpg
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in redis.scan_iter(match=f"*{namespace}*", count=1000)]
+        for start in range(0, len(keys), 500):
+            await redis.delete(*keys[start : start + 500])
+    finally:
+        await redis.aclose()
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    finally:
+        await admin.close()

@@ -36,6 +36,7 @@ from bench.common import (
     ROOT,
     VENV_BIN,
     Report,
+    drop_run_resources,
     machine,
     median,
     percentile,
@@ -276,9 +277,6 @@ class EngineHarness:
         self.state = await build_state(settings, build_verifier(settings), run_worker=False)
 
     async def __aexit__(self, *exc: object) -> None:
-        import asyncpg
-        from redis.asyncio import Redis
-
         from agent_orchestrator.lifecycle import close_state
 
         if self.worker is not None:
@@ -286,18 +284,9 @@ class EngineHarness:
             await asyncio.to_thread(_stop, self.worker)
         if self.state is not None:
             await close_state(self.state)
-        redis = Redis.from_url(self.args.redis_url)
-        try:
-            keys = [k async for k in redis.scan_iter(match=f"*{self.namespace}*", count=1000)]
-            for start in range(0, len(keys), 500):
-                await redis.delete(*keys[start : start + 500])
-        finally:
-            await redis.aclose()
-        admin = await asyncpg.connect(self.args.postgres_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_run_resources(
+            self.args.redis_url, self.namespace, self.args.postgres_url, self.database
+        )
 
     # --- measurements -----------------------------------------------------------------
     def _principal(self, tenant: str) -> Any:

@@ -310,3 +310,12 @@ CLI = str(Path(sys.executable).with_name("agent-orchestrator"))
 def clean_env(**variables: str) -> dict[str, str]:
     """An environment holding nothing of the caller's but PATH, plus `variables`."""
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **variables}
+
+
+@pytest.fixture
+def token(make_settings: Callable[..., Settings]) -> TokenFactory:
+    """Tokens for embedded-only tests (`make_token` follows `backend`, so a test using it
+    runs on both backends)."""
+    from tests.ws_helpers import token_factory
+
+    return token_factory(make_settings())

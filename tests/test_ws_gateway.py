@@ -19,26 +19,16 @@ from tests.conftest import TokenFactory
 from tests.ws_helpers import (
     ServerThread,
     close_code,
+    connections_settled,
     is_terminal,
     open_authed,
     recv,
     recv_until,
     send,
-    token_factory,
     wait_for,
 )
 
 SettingsFactory = Callable[..., Settings]
-
-
-@pytest.fixture
-def token(make_settings: SettingsFactory) -> TokenFactory:
-    """Tokens for the embedded-only tests (`make_token` would run them on both backends)."""
-    return token_factory(make_settings())
-
-
-def _settled(counts: dict[str, int]) -> bool:
-    return counts["connections"] == 0 and counts["subscriptions"] == 0
 
 
 async def test_auth_by_first_message_gets_hello_then_pong(
@@ -100,7 +90,7 @@ async def test_unauthenticated_sockets_are_closed_1008(
         await send(expired, type="auth", token=token(ttl=-60))
         assert "expired" in (await recv(expired))["data"]["message"]
         assert await close_code(expired) == 1008
-        assert _settled(await wait_for(server.counts, _settled, 5))
+        assert connections_settled(await wait_for(server.counts, connections_settled, 5))
 
 
 @pytest.mark.parametrize("allow_missing", [True, False])

@@ -12,7 +12,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import httpx
-import pytest
 from prometheus_client import REGISTRY
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
@@ -24,26 +23,16 @@ from tests.conftest import TokenFactory, auth
 from tests.ws_helpers import (
     ServerThread,
     close_code,
+    connections_settled,
     is_terminal,
     open_authed,
     recv,
     recv_until,
     send,
-    token_factory,
     wait_for,
 )
 
 SettingsFactory = Callable[..., Settings]
-
-
-@pytest.fixture
-def token(make_settings: SettingsFactory) -> TokenFactory:
-    """Tokens for the embedded-only tests (`make_token` would run them on both backends)."""
-    return token_factory(make_settings())
-
-
-def _settled(counts: dict[str, int]) -> bool:
-    return counts["connections"] == 0 and counts["subscriptions"] == 0
 
 
 async def test_oversized_message_closes_1009_and_others_go_on(
@@ -101,7 +90,7 @@ async def test_per_ip_cap_holds_under_a_flood_and_earlier_sockets_work(
         assert (await server.counts())["connections"] == 5
         for ws in first:
             await ws.close()
-        assert _settled(await wait_for(server.counts, _settled, 5))
+        assert connections_settled(await wait_for(server.counts, connections_settled, 5))
 
 
 async def test_tenant_and_instance_caps_close_1013(
@@ -132,7 +121,7 @@ async def test_abrupt_disconnects_leave_no_subscription_or_task_behind(
         session_id = (await recv(seed))["session_id"]
         await recv_until(seed, is_terminal, timeout=20)
         await seed.close()
-        baseline = await wait_for(server.counts, _settled, 5)
+        baseline = await wait_for(server.counts, connections_settled, 5)
         for round_number in range(3):
             sockets = [(await open_authed(server.url, token))[0] for _ in range(12)]
             for ws in sockets:
@@ -154,7 +143,9 @@ async def test_abrupt_disconnects_leave_no_subscription_or_task_behind(
             after = await wait_for(
                 server.counts,
                 lambda c: (
-                    _settled(c) and c["bus_subscribers"] == 0 and c["tasks"] <= baseline["tasks"]
+                    connections_settled(c)
+                    and c["bus_subscribers"] == 0
+                    and c["tasks"] <= baseline["tasks"]
                 ),
                 5,
             )

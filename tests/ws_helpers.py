@@ -183,3 +183,8 @@ def is_terminal(message: Message) -> bool:
         "cancelled",
         "timed_out",
     }
+
+
+def connections_settled(counts: dict[str, int]) -> bool:
+    """No connection and no subscription left on the instance."""
+    return counts["connections"] == 0 and counts["subscriptions"] == 0
