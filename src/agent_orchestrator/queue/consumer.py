@@ -27,7 +27,7 @@ from agent_orchestrator.models.task import TaskErrorInfo, TaskStatus
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import TASK_DURATION
 from agent_orchestrator.queue.base import Received, TaskQueue
-from agent_orchestrator.queue.registry import HandlerRegistry, TaskFailure
+from agent_orchestrator.queue.registry import HandlerRegistry, TaskFailure, TaskKind
 from agent_orchestrator.services.task_ledger import Renewal, TaskLedger
 
 log = get_logger(__name__)
@@ -220,10 +220,16 @@ class TaskRunner:
             await cancel_and_wait(keeper)
             self._attempts.pop(task.id, None)
             TASK_DURATION.labels(task.kind).observe(time.perf_counter() - started)
-        await announced  # the terminal event must follow `running`
-        await self._record(task, attempt)
-        if attempt.reason in ("shutdown", "lease_lost"):
-            return
+        try:
+            await announced  # the terminal event must follow `running`
+            await self._record(task, attempt)
+        finally:
+            # Even when recording failed (the database or Redis away): the session must
+            # not stay busy for want of its hook.
+            if attempt.reason not in ("shutdown", "lease_lost"):
+                await self._settle(kind, task)
+
+    async def _settle(self, kind: TaskKind, task: TaskRow) -> None:
         try:
             if kind.on_settled is not None:
                 await kind.on_settled(task)
