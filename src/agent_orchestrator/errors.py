@@ -60,26 +60,6 @@ class Conflict(ServiceError):
     code = "conflict"
 
 
-class PayloadTooLarge(ServiceError):
-    status_code = 413
-    code = "payload_too_large"
-
-
-class RateLimited(ServiceError):
-    status_code = 429
-    code = "rate_limited"
-
-
-class ServiceUnavailable(ServiceError):
-    status_code = 503
-    code = "service_unavailable"
-
-
-class GatewayTimeout(ServiceError):
-    status_code = 504
-    code = "timeout"
-
-
 #: Default code for a bare HTTP status (framework-raised errors such as 404 and 405).
 STATUS_CODES: dict[int, str] = {
     400: "bad_request",

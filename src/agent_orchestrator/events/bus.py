@@ -164,3 +164,32 @@ async def _iterate(subscriber: Subscriber, replay_fn: ReplayFn) -> AsyncIterator
             if event.cursor > subscriber.last_id:
                 subscriber.last_id = event.cursor
                 yield event
+
+
+class LocalFanoutBus:
+    """What both backends share: this process's subscribers, fed by the backend's one
+    live feed, and the subscription logic over the backend's `replay`."""
+
+    def __init__(self) -> None:
+        self._fanout = LocalFanout()
+
+    async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]:
+        raise NotImplementedError
+
+    def subscribe(
+        self,
+        stream: StreamKey,
+        after: int | None = None,
+        *,
+        replay: bool = True,
+        max_queue: int = 1000,
+    ) -> AbstractSubscription:
+        return subscription(
+            self._fanout, self.replay, stream, after, replay=replay, max_queue=max_queue
+        )
+
+    def on_control(self, handler: ControlHandler) -> None:
+        self._fanout.on_control(handler)
+
+    def subscriber_count(self) -> int:
+        return self._fanout.count()

@@ -6,18 +6,18 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
-from agent_orchestrator.events.bus import ControlHandler, LocalFanout, subscription
+from agent_orchestrator.events.bus import LocalFanoutBus
 from agent_orchestrator.events.models import Event, StreamKey
 
 
-class MemoryEventBus:
+class MemoryEventBus(LocalFanoutBus):
     def __init__(self, *, stream_cap: int, ttl_seconds: float, max_streams: int = 10_000) -> None:
+        super().__init__()
         self._streams: OrderedDict[StreamKey, deque[tuple[float, Event]]] = OrderedDict()
         self._cap = stream_cap
         self._ttl = ttl_seconds
         self._max_streams = max_streams
         self._last_id = 0
-        self._fanout = LocalFanout()
 
     async def start(self) -> None:
         return None
@@ -51,23 +51,5 @@ class MemoryEventBus:
         floor = after or 0
         return [event for _, event in log if event.cursor > floor][:limit]
 
-    def subscribe(
-        self,
-        stream: StreamKey,
-        after: int | None = None,
-        *,
-        replay: bool = True,
-        max_queue: int = 1000,
-    ) -> Any:
-        return subscription(
-            self._fanout, self.replay, stream, after, replay=replay, max_queue=max_queue
-        )
-
     async def publish_control(self, message: dict[str, Any]) -> None:
         await self._fanout.dispatch_control(message)
-
-    def on_control(self, handler: ControlHandler) -> None:
-        self._fanout.on_control(handler)
-
-    def subscriber_count(self) -> int:
-        return self._fanout.count()

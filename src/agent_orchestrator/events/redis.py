@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agent_orchestrator.aio import cancel_and_wait
-from agent_orchestrator.events.bus import ControlHandler, LocalFanout, subscription
+from agent_orchestrator.events.bus import LocalFanoutBus
 from agent_orchestrator.events.models import Event, StreamKey
 from agent_orchestrator.observability.logging import get_logger
 
@@ -39,8 +39,9 @@ return string.format('%d', id)
 """
 
 
-class RedisEventBus:
+class RedisEventBus(LocalFanoutBus):
     def __init__(self, redis: Redis, *, namespace: str, stream_cap: int, ttl_seconds: int) -> None:
+        super().__init__()
         self._redis = redis
         self._ns = namespace
         self._cap = stream_cap
@@ -49,7 +50,6 @@ class RedisEventBus:
         self._control_channel = f"{namespace}:control"
         self._counter = f"{namespace}:events:seq"
         self._script = redis.register_script(_PUBLISH)
-        self._fanout = LocalFanout()
         self._reader: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
@@ -80,26 +80,8 @@ class RedisEventBus:
             events.append(event.model_copy(update={"id": entry_id.decode().split("-", 1)[0]}))
         return events
 
-    def subscribe(
-        self,
-        stream: StreamKey,
-        after: int | None = None,
-        *,
-        replay: bool = True,
-        max_queue: int = 1000,
-    ) -> Any:
-        return subscription(
-            self._fanout, self.replay, stream, after, replay=replay, max_queue=max_queue
-        )
-
     async def publish_control(self, message: dict[str, Any]) -> None:
         await self._redis.publish(self._control_channel, json.dumps(message))
-
-    def on_control(self, handler: ControlHandler) -> None:
-        self._fanout.on_control(handler)
-
-    def subscriber_count(self) -> int:
-        return self._fanout.count()
 
     # --- the one live listener of this process -------------------------------------------
     async def _read_forever(self) -> None:
