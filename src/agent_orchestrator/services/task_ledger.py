@@ -244,10 +244,6 @@ class TaskLedger:
         """Queued: cancelled at once. Running: flagged, and the worker holding it is told
         (it also sees the flag on its next lease renewal). Finished: 409."""
         row = await self.load_visible(uow.session, principal, task_id)
-        # The conditional updates below return the task through RETURNING. While `row` sits
-        # in the session's identity map, the ORM would hand back that same object with its
-        # pre-update values (status still queued, cancel_requested still false).
-        uow.session.expunge(row)
         repo = TaskRepository(uow.session)
         now = utcnow()
         cancelled = await repo.transition(
