@@ -14,12 +14,11 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.db.engine import UnitOfWork
-from agent_orchestrator.db.repositories.tasks import SESSION_TURN_IS_FREE, TaskRepository
+from agent_orchestrator.db.repositories.tasks import Add, Guard, TaskRepository
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import Conflict, NotFound
@@ -194,13 +193,12 @@ class TaskLedger:
         await audit.record(
             uow.session, principal, "task.submit", "task", str(row.id), {"kind": row.kind}
         )
-        snapshot = _snapshot(row)
 
         async def announce_and_enqueue() -> None:
             # Announce first: the `queued` event must get a smaller id than the `running`
             # event the worker publishes once it has the delivery.
-            await self.bus.publish(status_event(snapshot))
-            await self.producer.deliver(snapshot)
+            await self.bus.publish(status_event(row))
+            await self.producer.deliver(row)
 
         uow.after_commit(announce_and_enqueue)
         return row, True
@@ -267,15 +265,14 @@ class TaskLedger:
                     details={"status": status},
                 )
         await audit.record(uow.session, principal, "task.cancel", "task", str(task_id))
-        snapshot = _snapshot(cancelled)
 
         async def notify() -> None:
-            if snapshot.status == TaskStatus.CANCELLED:
-                _count_finished(snapshot)
-                await self.bus.publish(status_event(snapshot))
-                await self._wake_session_of(snapshot)  # it may have been next in line
+            if cancelled.status == TaskStatus.CANCELLED:
+                _count_finished(cancelled)
+                await self.bus.publish(status_event(cancelled))
+                await self._wake_session_of(cancelled)  # it may have been next in line
             else:
-                await self.bus.publish_control({"action": "cancel", "task_id": str(snapshot.id)})
+                await self.bus.publish_control({"action": "cancel", "task_id": str(cancelled.id)})
 
         uow.after_commit(notify)
         return cancelled
@@ -294,16 +291,12 @@ class TaskLedger:
             {
                 "lease_owner": worker_id,
                 "lease_expires_at": now + self.lease,
-                "attempt": TaskRow.attempt + 1,
+                "attempt": Add(1),
                 "started_at": now,
                 "updated_at": now,
                 "not_before": None,
             },
-            (
-                TaskRow.cancel_requested.is_(False),
-                (TaskRow.not_before.is_(None)) | (TaskRow.not_before <= now),
-                SESSION_TURN_IS_FREE,
-            ),
+            Guard(not_cancelled=True, due_at=now, turn_free=True),
         )
         if row is not None and announce:
             await self.bus.publish(status_event(row))
@@ -317,7 +310,7 @@ class TaskLedger:
                 task.id,
                 sources=[TaskStatus.RUNNING.value],
                 values={"lease_expires_at": now + self.lease, "progress": task.progress},
-                conditions=(TaskRow.lease_owner == worker_id,),
+                guard=Guard(lease_owner=worker_id),
             )
             await db.commit()
         if row is None:
@@ -366,8 +359,8 @@ class TaskLedger:
             nxt.tenant_id,
             nxt.id,
             TaskStatus.QUEUED,
-            {"delivery": TaskRow.delivery + 1, "updated_at": utcnow()},
-            (TaskRow.delivery == nxt.delivery,),
+            {"delivery": Add(1), "updated_at": utcnow()},
+            Guard(delivery=nxt.delivery),
             same_state=[TaskStatus.QUEUED.value],
         )
         if bumped is not None:
@@ -380,7 +373,7 @@ class TaskLedger:
         values = {
             "error": error.model_dump(),
             "not_before": now + timedelta(seconds=delay),
-            "delivery": TaskRow.delivery + 1,
+            "delivery": Add(1),
             **_unleased(now),
         }
         row = await self._write_owned(task, worker_id, TaskStatus.QUEUED, values)
@@ -392,7 +385,7 @@ class TaskLedger:
     async def release(self, task: TaskRow, worker_id: str) -> TaskRow | None:
         """Give a task back on shutdown; the interrupted attempt is not counted."""
         now = utcnow()
-        values = {"attempt": TaskRow.attempt - 1, "delivery": TaskRow.delivery + 1}
+        values: dict[str, Any] = {"attempt": Add(-1), "delivery": Add(1)}
         values.update(_unleased(now))
         row = await self._write_owned(task, worker_id, TaskStatus.QUEUED, values)
         if row is not None:
@@ -418,7 +411,7 @@ class TaskLedger:
             expired = await TaskRepository(db).expired_leases(now, batch)
         recovered = 0
         for row in expired:
-            still_expired = (TaskRow.lease_expires_at < now,)
+            still_expired = Guard(lease_expired_before=now)
             if row.cancel_requested:
                 done = await self._write(
                     row.tenant_id,
@@ -440,7 +433,7 @@ class TaskLedger:
                     row.tenant_id, row.id, TaskStatus.FAILED, values, still_expired
                 )
             else:
-                values = {"delivery": TaskRow.delivery + 1, **_unleased(now)}
+                values = {"delivery": Add(1), **_unleased(now)}
                 done = await self._write(
                     row.tenant_id, row.id, TaskStatus.QUEUED, values, still_expired
                 )
@@ -482,8 +475,8 @@ class TaskLedger:
                 row.tenant_id,
                 row.id,
                 TaskStatus.QUEUED,
-                {"delivery": TaskRow.delivery + 1, "updated_at": now},
-                (TaskRow.delivery == row.delivery,),
+                {"delivery": Add(1), "updated_at": now},
+                Guard(delivery=row.delivery),
                 same_state=[TaskStatus.QUEUED.value],  # a redelivery, not a transition
             )
             if bumped is not None:
@@ -499,7 +492,7 @@ class TaskLedger:
         task_id: uuid.UUID,
         target: TaskStatus,
         values: dict[str, Any],
-        conditions: tuple[ColumnElement[bool], ...] = (),
+        guard: Guard = Guard(),
         db: AsyncSession | None = None,
         same_state: list[str] | None = None,
     ) -> TaskRow | None:
@@ -507,11 +500,11 @@ class TaskLedger:
         sources = same_state or sources_of(target)
         if db is not None:
             return await TaskRepository(db).transition(
-                tenant_id, task_id, sources=sources, values=values, conditions=conditions
+                tenant_id, task_id, sources=sources, values=values, guard=guard
             )
         async with self.factory() as session:
             row = await TaskRepository(session).transition(
-                tenant_id, task_id, sources=sources, values=values, conditions=conditions
+                tenant_id, task_id, sources=sources, values=values, guard=guard
             )
             await session.commit()
         return row
@@ -524,7 +517,7 @@ class TaskLedger:
         values: dict[str, Any],
         db: AsyncSession | None = None,
     ) -> TaskRow | None:
-        owned = (TaskRow.lease_owner == worker_id,)
+        owned = Guard(lease_owner=worker_id)
         return await self._write(task.tenant_id, task.id, target, values, owned, db)
 
 
@@ -540,14 +533,6 @@ def _terminal_values(status: TaskStatus, now: datetime) -> dict[str, Any]:
 
 def _unleased(now: datetime) -> dict[str, Any]:
     return {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
-
-
-def _snapshot(row: TaskRow) -> TaskRow:
-    """A detached copy for after-commit hooks (the session is closed by then)."""
-    copy = TaskRow()
-    for column in TaskRow.__table__.columns:
-        setattr(copy, column.key, getattr(row, column.key))
-    return copy
 
 
 def _seconds_until(moment: datetime | None) -> float:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from agent_orchestrator.db.repositories.rows import RowCodec
 from agent_orchestrator.db.tables import AuditEntryRow
+
+ENTRIES = RowCodec(AuditEntryRow)
 
 
 class AuditRepository:
@@ -13,8 +16,7 @@ class AuditRepository:
         self.db = db
 
     async def add(self, row: AuditEntryRow) -> None:
-        self.db.add(row)
-        await self.db.flush()
+        await ENTRIES.add(self.db, row)
 
     async def list_for_resource(self, tenant_id: str, resource_id: str) -> list[AuditEntryRow]:
         query = (

@@ -1,18 +1,54 @@
-"""Every query on messages. Each method takes the tenant and filters by it."""
+"""Every query on messages. Each method takes the tenant and filters by it. The statements
+each chat turn runs are built once (see `rows.py`)."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Insert, Select, bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
-from agent_orchestrator.db.tables import MessageRow, TaskRow
+from agent_orchestrator.db.repositories.rows import RowCodec
+from agent_orchestrator.db.repositories.tasks import TASKS
+from agent_orchestrator.db.tables import MessageRow
 from agent_orchestrator.db.types import utcnow
+
+MESSAGES = RowCodec(MessageRow)
+_M = MESSAGES.columns
+
+
+def _latest(*, excluding_task: bool) -> Select[Any]:
+    tenant = bindparam("tenant_id", type_=_M.tenant_id.type)
+    session = bindparam("session_id", type_=_M.session_id.type)
+    query = select(MESSAGES.table).where(_M.tenant_id == tenant, _M.session_id == session)
+    if excluding_task:
+        tasks, answered = TASKS.columns, bindparam("task_id", type_=_M.task_id.type)
+        answering = select(tasks.created_at).where(tasks.tenant_id == tenant, tasks.id == answered)
+        later = select(tasks.id).where(
+            tasks.tenant_id == tenant,
+            tasks.session_id == session,
+            tasks.created_at >= answering.scalar_subquery(),
+        )
+        query = query.where(
+            _M.task_id.is_(None) | ((_M.task_id != answered) & _M.task_id.not_in(later))
+        )
+    return query.order_by(_M.created_at.desc(), _M.id.desc()).limit(bindparam("limit"))
+
+
+_LATEST = _latest(excluding_task=False)
+_LATEST_BEFORE_TASK = _latest(excluding_task=True)
+_BY_ID = select(MESSAGES.table).where(
+    _M.tenant_id == bindparam("tenant_id"), _M.id == bindparam("message_id")
+)
+#: INSERT ... ON CONFLICT DO NOTHING, per dialect.
+_ADD_ONCE: dict[str, Insert] = {
+    "postgresql": pg_insert(MESSAGES.table).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(MESSAGES.table).on_conflict_do_nothing(),
+}
 
 
 class MessageRepository:
@@ -20,8 +56,7 @@ class MessageRepository:
         self.db = db
 
     async def add(self, row: MessageRow) -> MessageRow:
-        self.db.add(row)
-        await self.db.flush()
+        await MESSAGES.add(self.db, row)
         return row
 
     async def list_for_session(
@@ -54,24 +89,11 @@ class MessageRepository:
         leaving out the turn being answered (`exclude_task_id`) and every turn submitted
         after it: their user messages are stored at submission, while this turn may still
         be waiting its turn (busy policy `enqueue`), and they are not its past."""
-        query = select(MessageRow).where(
-            MessageRow.tenant_id == tenant_id, MessageRow.session_id == session_id
-        )
+        params: dict[str, Any] = {"tenant_id": tenant_id, "session_id": session_id, "limit": limit}
+        statement = _LATEST
         if exclude_task_id is not None:
-            answering = select(TaskRow.created_at).where(
-                TaskRow.tenant_id == tenant_id, TaskRow.id == exclude_task_id
-            )
-            later = select(TaskRow.id).where(
-                TaskRow.tenant_id == tenant_id,
-                TaskRow.session_id == session_id,
-                TaskRow.created_at >= answering.scalar_subquery(),
-            )
-            query = query.where(
-                MessageRow.task_id.is_(None)
-                | ((MessageRow.task_id != exclude_task_id) & MessageRow.task_id.not_in(later))
-            )
-        query = query.order_by(MessageRow.created_at.desc(), MessageRow.id.desc()).limit(limit)
-        rows = list((await self.db.execute(query)).scalars())
+            statement, params["task_id"] = _LATEST_BEFORE_TASK, exclude_task_id
+        rows = await MESSAGES.all(self.db, statement, params)
         rows.reverse()
         return rows
 
@@ -98,13 +120,10 @@ class MessageRepository:
             "metadata": metadata,
             "created_at": utcnow(),
         }
-        insert = pg_insert if self.db.get_bind().dialect.name == "postgresql" else sqlite_insert
-        statement = insert(MessageRow).values(**values).on_conflict_do_nothing()
-        result = await self.db.execute(statement)
+        statement = _ADD_ONCE[self.db.get_bind().dialect.name]
+        result = await self.db.execute(statement, values)
         return bool(getattr(result, "rowcount", 0))
 
     async def by_id(self, tenant_id: str, message_id: uuid.UUID) -> MessageRow | None:
-        query = select(MessageRow).where(
-            MessageRow.tenant_id == tenant_id, MessageRow.id == message_id
-        )
-        return (await self.db.execute(query)).scalar_one_or_none()
+        params = {"tenant_id": tenant_id, "message_id": message_id}
+        return await MESSAGES.one(self.db, _BY_ID, params)

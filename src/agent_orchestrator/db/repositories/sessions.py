@@ -1,4 +1,5 @@
-"""Every query on sessions. Each method takes the tenant and filters by it."""
+"""Every query on sessions. Each method takes the tenant and filters by it. The statements
+each chat turn runs are built once (see `rows.py`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,44 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Update, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
+from agent_orchestrator.db.repositories.rows import RowCodec
 from agent_orchestrator.db.tables import SessionRow
+
+SESSIONS = RowCodec(SessionRow)
+_S = SESSIONS.columns
+
+_GET = select(SESSIONS.table).where(
+    _S.tenant_id == bindparam("tenant_id"), _S.id == bindparam("session_id")
+)
+_GET_FOR_UPDATE = _GET.with_for_update()
+
+_updates: dict[tuple[tuple[str, ...], tuple[str, ...]], Update] = {}
+
+
+def _update_statement(sources: tuple[str, ...], columns: tuple[str, ...]) -> Update:
+    """UPDATE ... RETURNING of one session, built once per (source states, columns set);
+    no source states means any state and any expiry."""
+    key = (sources, columns)
+    statement = _updates.get(key)
+    if statement is None:
+        conditions = [_S.tenant_id == bindparam("w_tenant_id"), _S.id == bindparam("w_id")]
+        if sources:
+            conditions += [
+                _S.state.in_(sources),
+                _S.expires_at > bindparam("w_live_at", type_=_S.expires_at.type),
+            ]
+        statement = (
+            update(SESSIONS.table)
+            .where(*conditions)
+            .values({name: bindparam(f"v_{name}", type_=_S[name].type) for name in columns})
+            .returning(*_S)
+        )
+        _updates[key] = statement
+    return statement
 
 
 class SessionRepository:
@@ -18,20 +52,15 @@ class SessionRepository:
         self.db = db
 
     async def add(self, row: SessionRow) -> SessionRow:
-        self.db.add(row)
-        await self.db.flush()
+        await SESSIONS.add(self.db, row)
         return row
 
     async def get(
         self, tenant_id: str, session_id: uuid.UUID, *, for_update: bool = False
     ) -> SessionRow | None:
-        query = select(SessionRow).where(
-            SessionRow.tenant_id == tenant_id, SessionRow.id == session_id
-        )
-        if for_update:
-            query = query.with_for_update()
-        result = await self.db.execute(query)
-        return result.scalar_one_or_none()
+        statement = _GET_FOR_UPDATE if for_update else _GET
+        params = {"tenant_id": tenant_id, "session_id": session_id}
+        return await SESSIONS.one(self.db, statement, params)
 
     async def page(
         self,
@@ -69,22 +98,27 @@ class SessionRepository:
         values: dict[str, Any],
     ) -> SessionRow | None:
         """Move a session that is in one of `sources` and not expired at `live_at`."""
-        statement = (
-            update(SessionRow)
-            .where(
-                SessionRow.tenant_id == tenant_id,
-                SessionRow.id == session_id,
-                SessionRow.state.in_(sources),
-                SessionRow.expires_at > live_at,
-            )
-            .values(**values)
-            .returning(SessionRow)
-            .execution_options(synchronize_session=False, populate_existing=True)
-        )
-        return (await self.db.execute(statement)).scalar_one_or_none()
+        return await self._write(tenant_id, session_id, tuple(sources), values, live_at)
 
     async def update(self, row: SessionRow, **values: Any) -> SessionRow:
+        """Write `values` (attribute names) to a session the caller loaded, and to `row`."""
+        await self._write(row.tenant_id, row.id, (), values, None)
         for name, value in values.items():
             setattr(row, name, value)
-        await self.db.flush()
         return row
+
+    async def _write(
+        self,
+        tenant_id: str,
+        session_id: uuid.UUID,
+        sources: tuple[str, ...],
+        values: dict[str, Any],
+        live_at: datetime | None,
+    ) -> SessionRow | None:
+        changes = SESSIONS.column_values(values)
+        statement = _update_statement(sources, tuple(sorted(changes)))
+        params = {f"v_{name}": value for name, value in changes.items()}
+        params.update(w_tenant_id=tenant_id, w_id=session_id)
+        if sources:
+            params["w_live_at"] = live_at
+        return await SESSIONS.one(self.db, statement, params)

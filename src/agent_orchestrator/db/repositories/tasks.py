@@ -3,24 +3,176 @@
 Each method takes the tenant and filters by it, except the few marked *system sweep*: the
 reconciler looks across tenants by design (it repairs the ledger, it serves no caller).
 Status writes are conditional updates whose WHERE clause names the allowed source states;
-only `services.task_ledger` calls them.
+only `services.task_ledger` calls them. The statements every task runs are built once
+(see `rows.py`); a transition's statement is built once per shape (sources, columns set,
+guard) and kept.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_, delete, exists, insert, or_, select, update
+from sqlalchemy import ColumnElement, Update, and_, bindparam, delete, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
+from agent_orchestrator.db.repositories.rows import RowCodec
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
 
-_CALL_COLUMNS = tuple(ServiceCallRow.__table__.columns)
-_TASKS: Table = TaskRow.__table__  # type: ignore[assignment]
+TASKS = RowCodec(TaskRow)
+CALLS = RowCodec(ServiceCallRow)
+_T = TASKS.columns
+_C = CALLS.columns
+
+
+@dataclass(frozen=True)
+class Add:
+    """A transition value computed from the column itself: `attempt = attempt + 1`."""
+
+    amount: int
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Conditions a transition adds to its source states. Data rather than expressions,
+    so that the statement of each combination is built once; a field left None (or False)
+    adds nothing."""
+
+    lease_owner: str | None = None
+    #: cancel has not been requested
+    not_cancelled: bool = False
+    #: due by this moment (no `not_before`, or one at or before it)
+    due_at: datetime | None = None
+    #: the session's earlier turns are done (see `_session_turn_is_free`)
+    turn_free: bool = False
+    lease_expired_before: datetime | None = None
+    #: still the delivery the caller saw (nobody re-delivered it meanwhile)
+    delivery: int | None = None
+
+    def shape(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+
+    def params(self) -> dict[str, Any]:
+        return {f"g_{name}": getattr(self, name) for name in self.shape()}
+
+
+def _session_turn_is_free() -> ColumnElement[bool]:
+    """Claim condition: a session's tasks run one at a time, oldest first. True when the
+    task has no session, or no other task of its session is running or queued before it."""
+    other = aliased(TaskRow)
+    earlier_or_running = exists().where(
+        other.tenant_id == TaskRow.tenant_id,
+        other.session_id == TaskRow.session_id,
+        other.id != TaskRow.id,
+        or_(
+            other.status == "running",
+            # ids are time-ordered (ids.new_id), so a smaller id was submitted earlier
+            and_(other.status == "queued", other.id < TaskRow.id),
+        ),
+    )
+    return or_(TaskRow.session_id.is_(None), ~earlier_or_running)
+
+
+def _guard_condition(name: str) -> ColumnElement[bool]:
+    if name == "turn_free":
+        return _session_turn_is_free()
+    if name == "not_cancelled":
+        return _T.cancel_requested.is_(False)
+    if name == "due_at":
+        due = bindparam("g_due_at", type_=_T.not_before.type)
+        return or_(_T.not_before.is_(None), _T.not_before <= due)
+    if name == "lease_expired_before":
+        return _T.lease_expires_at < bindparam(
+            "g_lease_expired_before", type_=_T.lease_expires_at.type
+        )
+    column = _T[name]
+    return column == bindparam(f"g_{name}", type_=column.type)
+
+
+_Shape = tuple[tuple[str, ...], tuple[tuple[str, int | None], ...], tuple[str, ...]]
+_transitions: dict[_Shape, Update] = {}
+
+
+def _transition_statement(shape: _Shape) -> Update:
+    statement = _transitions.get(shape)
+    if statement is None:
+        sources, columns, guard = shape
+        status = _T.status
+        statement = (
+            update(TASKS.table)
+            .where(
+                _T.tenant_id == bindparam("w_tenant_id"),
+                _T.id == bindparam("w_id"),
+                status == sources[0] if len(sources) == 1 else status.in_(sources),
+                *(_guard_condition(name) for name in guard),
+            )
+            .values(
+                {
+                    name: _T[name] + amount
+                    if amount is not None
+                    else bindparam(f"v_{name}", type_=_T[name].type)
+                    for name, amount in columns
+                }
+            )
+            .returning(*_T)
+        )
+        _transitions[shape] = statement
+    return statement
+
+
+def _by_tenant(*conditions: ColumnElement[bool]) -> tuple[ColumnElement[bool], ...]:
+    return (_T.tenant_id == bindparam("tenant_id"), *conditions)
+
+
+_GET = select(TASKS.table).where(*_by_tenant(_T.id == bindparam("task_id")))
+_BY_IDEMPOTENCY_KEY = select(TASKS.table).where(*_by_tenant(_T.idempotency_key == bindparam("key")))
+_UNFINISHED_IN_SESSION = (
+    select(TASKS.table)
+    .where(
+        *_by_tenant(_T.session_id == bindparam("session_id"), _T.status.in_(["queued", "running"]))
+    )
+    .order_by(_T.created_at)
+)
+_NEXT_IN_SESSION = (
+    select(TASKS.table)
+    .where(*_by_tenant(_T.session_id == bindparam("session_id"), _T.status == "queued"))
+    .order_by(_T.id)
+    .limit(1)
+)
+_EXPIRED_LEASES = (
+    select(TASKS.table)
+    .where(
+        _T.status == "running",
+        _T.lease_expires_at < bindparam("now", type_=_T.lease_expires_at.type),
+    )
+    .order_by(_T.lease_expires_at)
+    .limit(bindparam("limit"))
+)
+_MOMENT = bindparam("moment", type_=_T.updated_at.type)
+_QUEUED_BEFORE = (
+    select(TASKS.table)
+    .where(
+        _T.status == "queued",
+        _T.updated_at < _MOMENT,
+        or_(_T.not_before.is_(None), _T.not_before < _MOMENT),
+    )
+    .order_by(_T.updated_at)
+    .limit(bindparam("limit"))
+)
+_SERVICE_CALLS = (
+    select(CALLS.table)
+    .where(_C.tenant_id == bindparam("tenant_id"), _C.task_id == bindparam("task_id"))
+    .order_by(_C.started_at, _C.step)
+)
+_DELETE_SERVICE_CALLS = delete(CALLS.table).where(
+    _C.tenant_id == bindparam("tenant_id"),
+    _C.task_id == bindparam("task_id"),
+    _C.step.in_(bindparam("steps", expanding=True)),
+)
 
 
 class TaskRepository:
@@ -28,19 +180,14 @@ class TaskRepository:
         self.db = db
 
     async def add(self, row: TaskRow) -> TaskRow:
-        self.db.add(row)
-        await self.db.flush()
+        await TASKS.add(self.db, row)
         return row
 
     async def get(self, tenant_id: str, task_id: uuid.UUID) -> TaskRow | None:
-        query = select(TaskRow).where(TaskRow.tenant_id == tenant_id, TaskRow.id == task_id)
-        return (await self.db.execute(query)).scalar_one_or_none()
+        return await TASKS.one(self.db, _GET, {"tenant_id": tenant_id, "task_id": task_id})
 
     async def by_idempotency_key(self, tenant_id: str, key: str) -> TaskRow | None:
-        query = select(TaskRow).where(
-            TaskRow.tenant_id == tenant_id, TaskRow.idempotency_key == key
-        )
-        return (await self.db.execute(query)).scalar_one_or_none()
+        return await TASKS.one(self.db, _BY_IDEMPOTENCY_KEY, {"tenant_id": tenant_id, "key": key})
 
     async def page(
         self,
@@ -70,87 +217,44 @@ class TaskRepository:
         *,
         sources: list[str],
         values: dict[str, Any],
-        conditions: tuple[ColumnElement[bool], ...] = (),
+        guard: Guard = Guard(),
     ) -> TaskRow | None:
-        """Move one task if it is in one of `sources` (and `conditions` hold): exactly one
-        concurrent caller can win. Returns the updated row, or None when it lost."""
-        # A Core UPDATE on the table, its row rebuilt as a detached TaskRow: the ORM's
-        # bulk-update path was a sixth of a worker's busy time (claim and finish of every
-        # task). Detached also means a row the session already holds is never handed back
-        # with its values from before the update.
-        status = _TASKS.c.status
-        statement = (
-            update(_TASKS)
-            .where(
-                _TASKS.c.tenant_id == tenant_id,
-                _TASKS.c.id == task_id,
-                status == sources[0] if len(sources) == 1 else status.in_(sources),
-                *conditions,
-            )
-            .values(**values)
-            .returning(*_TASKS.c)
+        """Move one task if it is in one of `sources` (and `guard` holds): exactly one
+        concurrent caller can win. Returns the updated row (detached), or None when it
+        lost. `values` maps columns to values, or to `Add` for a column's own value plus
+        an amount."""
+        columns = tuple(
+            (name, value.amount if isinstance(value, Add) else None)
+            for name, value in sorted(values.items())
         )
-        row = (await self.db.execute(statement)).mappings().one_or_none()
-        return None if row is None else TaskRow(**row)
+        statement = _transition_statement((tuple(sources), columns, guard.shape()))
+        params = {
+            f"v_{name}": value for name, value in values.items() if not isinstance(value, Add)
+        }
+        params.update(guard.params(), w_tenant_id=tenant_id, w_id=task_id)
+        return await TASKS.one(self.db, statement, params)
 
     async def unfinished_in_session(self, tenant_id: str, session_id: uuid.UUID) -> list[TaskRow]:
-        query = (
-            select(TaskRow)
-            .where(
-                TaskRow.tenant_id == tenant_id,
-                TaskRow.session_id == session_id,
-                TaskRow.status.in_(["queued", "running"]),
-            )
-            .order_by(TaskRow.created_at)
-        )
-        return list((await self.db.execute(query)).scalars())
+        params = {"tenant_id": tenant_id, "session_id": session_id}
+        return await TASKS.all(self.db, _UNFINISHED_IN_SESSION, params)
 
     async def next_in_session(self, tenant_id: str, session_id: uuid.UUID) -> TaskRow | None:
         """The session's oldest queued task: the turn that may run next."""
-        query = (
-            select(TaskRow)
-            .where(
-                TaskRow.tenant_id == tenant_id,
-                TaskRow.session_id == session_id,
-                TaskRow.status == "queued",
-            )
-            .order_by(TaskRow.id)
-            .limit(1)
-        )
-        return (await self.db.execute(query)).scalar_one_or_none()
+        params = {"tenant_id": tenant_id, "session_id": session_id}
+        return await TASKS.one(self.db, _NEXT_IN_SESSION, params)
 
     async def expired_leases(self, now: datetime, limit: int) -> list[TaskRow]:
         """*System sweep*: running tasks whose worker stopped renewing its lease."""
-        query = (
-            select(TaskRow)
-            .where(TaskRow.status == "running", TaskRow.lease_expires_at < now)
-            .order_by(TaskRow.lease_expires_at)
-            .limit(limit)
-        )
-        return list((await self.db.execute(query)).scalars())
+        return await TASKS.all(self.db, _EXPIRED_LEASES, {"now": now, "limit": limit})
 
     async def queued_before(self, moment: datetime, limit: int) -> list[TaskRow]:
         """*System sweep*: tasks queued (and due) since before `moment`."""
-        query = (
-            select(TaskRow)
-            .where(
-                TaskRow.status == "queued",
-                TaskRow.updated_at < moment,
-                (TaskRow.not_before.is_(None)) | (TaskRow.not_before < moment),
-            )
-            .order_by(TaskRow.updated_at)
-            .limit(limit)
-        )
-        return list((await self.db.execute(query)).scalars())
+        return await TASKS.all(self.db, _QUEUED_BEFORE, {"moment": moment, "limit": limit})
 
     # --- service calls ------------------------------------------------------------------
     async def service_calls(self, tenant_id: str, task_id: uuid.UUID) -> list[ServiceCallRow]:
-        query = (
-            select(ServiceCallRow)
-            .where(ServiceCallRow.tenant_id == tenant_id, ServiceCallRow.task_id == task_id)
-            .order_by(ServiceCallRow.started_at, ServiceCallRow.step)
-        )
-        return list((await self.db.execute(query)).scalars())
+        params = {"tenant_id": tenant_id, "task_id": task_id}
+        return await CALLS.all(self.db, _SERVICE_CALLS, params)
 
     async def replace_service_calls(
         self, tenant_id: str, task_id: uuid.UUID, rows: list[ServiceCallRow]
@@ -159,35 +263,6 @@ class TaskRepository:
         steps = [row.step for row in rows]
         if not steps:
             return
-        await self.db.execute(
-            delete(ServiceCallRow).where(
-                ServiceCallRow.tenant_id == tenant_id,
-                ServiceCallRow.task_id == task_id,
-                ServiceCallRow.step.in_(steps),
-            )
-        )
-        await self.db.execute(
-            insert(ServiceCallRow),
-            [{column.key: getattr(row, column.key) for column in _CALL_COLUMNS} for row in rows],
-        )
-
-
-def _session_turn_is_free() -> ColumnElement[bool]:
-    """Claim condition: a session's tasks run one at a time, oldest first. True when the
-    task has no session, or no other task of its session is running or queued before it."""
-    other = aliased(TaskRow)
-    earlier_or_running = exists().where(
-        other.tenant_id == TaskRow.tenant_id,
-        other.session_id == TaskRow.session_id,
-        other.id != TaskRow.id,
-        or_(
-            other.status == "running",
-            # ids are time-ordered (ids.new_id), so a smaller id was submitted earlier
-            and_(other.status == "queued", other.id < TaskRow.id),
-        ),
-    )
-    return or_(TaskRow.session_id.is_(None), ~earlier_or_running)
-
-
-#: Built once: the expression has no parameters, and building it costs more than the query.
-SESSION_TURN_IS_FREE = _session_turn_is_free()
+        params = {"tenant_id": tenant_id, "task_id": task_id, "steps": steps}
+        await self.db.execute(_DELETE_SERVICE_CALLS, params)
+        await CALLS.add(self.db, *rows)
