@@ -18,6 +18,8 @@ import jwt
 import pytest
 
 from agent_orchestrator.config import Settings
+from agent_orchestrator.errors import Unauthorized
+from agent_orchestrator.middleware.auth import TokenVerifier
 from tests.conftest import TokenFactory, auth, running_app
 
 
@@ -248,3 +250,69 @@ async def test_internal_routes_closed_without_a_configured_service_token(
         for headers in ({}, auth(""), auth("None"), auth("test-service-token")):
             response = await client.get("/internal/v1/ping", headers=headers)
             _assert_error(response, 401, "unauthorized")
+
+
+class _Clock:
+    """A settable clock for the verifier's cache; PyJWT's first decode uses the real one."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _verifier(clock: _Clock, **options: Any) -> TokenVerifier:
+    return TokenVerifier(OTHER_KEY, leeway_seconds=30, clock=clock, **options)
+
+
+def test_a_cached_token_returns_the_same_principal() -> None:
+    verifier = _verifier(_Clock())
+    token = jwt.encode(_claims(), OTHER_KEY, algorithm="HS256")
+    first = verifier.verify(token)
+    assert verifier.verify(token) is first
+    assert first.tenant_id == "tenant-a"
+    assert first.scopes == frozenset({"sessions:read", "sessions:write"})
+
+
+def test_a_cached_token_is_refused_once_it_expires() -> None:
+    clock = _Clock()
+    verifier = _verifier(clock)
+    exp = int(clock.now) + 60
+    token = jwt.encode(_claims(exp=exp), OTHER_KEY, algorithm="HS256")
+    verifier.verify(token)
+
+    clock.now = exp + 29.9  # still inside the 30 s leeway
+    assert verifier.verify(token).user_id == "user-1"
+    clock.now = exp + 30  # PyJWT's rule: expired once exp <= now - leeway
+    with pytest.raises(Unauthorized, match="token has expired"):
+        verifier.verify(token)
+
+
+def test_refused_tokens_are_refused_every_time() -> None:
+    verifier = _verifier(_Clock())
+    for token in (
+        jwt.encode(_claims(), "a-different-key-that-is-long-enough-for-hs256", algorithm="HS256"),
+        jwt.encode(_claims(tenant_id=None), OTHER_KEY, algorithm="HS256"),
+        jwt.encode(_claims(exp=int(time.time()) - 120), OTHER_KEY, algorithm="HS256"),
+    ):
+        for _ in range(2):
+            with pytest.raises(Unauthorized):
+                verifier.verify(token)
+
+
+def test_the_token_cache_is_bounded_and_drops_the_oldest() -> None:
+    verifier = _verifier(_Clock(), cache_size=2)
+    tokens = [jwt.encode(_claims(sub=f"user-{n}"), OTHER_KEY, algorithm="HS256") for n in range(3)]
+    principals = [verifier.verify(token) for token in tokens]
+    assert verifier.verify(tokens[2]) is principals[2]
+    assert verifier.verify(tokens[1]) is principals[1]
+    again = verifier.verify(tokens[0])  # evicted by the third: decoded afresh
+    assert again == principals[0]
+    assert again is not principals[0]
+
+
+def test_a_zero_size_cache_decodes_every_time() -> None:
+    verifier = _verifier(_Clock(), cache_size=0)
+    token = jwt.encode(_claims(), OTHER_KEY, algorithm="HS256")
+    assert verifier.verify(token) is not verifier.verify(token)

@@ -4,11 +4,16 @@ route dependencies then demand a scope (403) or a principal at all (401).
 Tokens are verified with a pinned algorithm list, `exp` required, `iss`/`aud` checked when
 configured and a bounded clock skew. Header fields such as `jku`, `x5u` or `kid` are never
 followed: the key is the configured one, nothing is fetched.
+
+A client sends the same token on every request until it expires, and decoding it is most
+of what authentication costs, so tokens that passed are remembered (bounded, keyed by the
+exact token string) and only their expiry is checked again on later requests.
 """
 
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -31,14 +36,40 @@ class TokenVerifier:
         issuer: str | None = None,
         audience: str | None = None,
         leeway_seconds: int = 30,
+        cache_size: int = 4096,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._secret = secret
         self._algorithms = [algorithm]
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_seconds
+        self._cache_size = cache_size
+        self._clock = clock
+        # token -> (principal, exp as PyJWT compared it). Only tokens that passed every
+        # check get in; the signature, iss, aud, nbf and iat cannot change for the same
+        # string (nbf and iat only ever get further into the past), exp can.
+        self._verified: dict[str, tuple[Principal, int]] = {}
 
     def verify(self, token: str) -> Principal:
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, expires = cached
+            # The comparison PyJWT makes: expired once exp <= now - leeway.
+            if expires > self._clock() - self._leeway:
+                return principal
+            self._verified.pop(token, None)
+            raise Unauthorized("token has expired")
+        principal, expires = self._decode(token)
+        if self._cache_size > 0:
+            if len(self._verified) >= self._cache_size:
+                # Oldest first: dicts keep insertion order, and an evicted token that is
+                # still in use just pays one more full decode.
+                self._verified.pop(next(iter(self._verified)))
+            self._verified[token] = (principal, expires)
+        return principal
+
+    def _decode(self, token: str) -> tuple[Principal, int]:
         required = (
             ["exp", "sub"] + (["iss"] if self._issuer else []) + (["aud"] if self._audience else [])
         )
@@ -58,7 +89,8 @@ class TokenVerifier:
             raise Unauthorized(f"token lacks the {exc.claim!r} claim") from exc
         except jwt.PyJWTError as exc:
             raise Unauthorized("token is not valid") from exc
-        return _principal_from(claims)
+        # PyJWT has checked that int() of exp works and compared exactly this value.
+        return _principal_from(claims), int(claims["exp"])
 
     def issue(
         self,
