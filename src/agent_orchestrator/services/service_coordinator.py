@@ -5,7 +5,8 @@ attempt passes the service's circuit breaker and concurrency cap, runs under the
 timeout, and is retried with backoff and jitter (tenacity) when the failure is retryable
 and the policy allows. An optional step that fails is skipped with a warning; a required
 step that fails fails the plan with the downstream error code. A streaming step forwards
-each chunk as it arrives and is retried only before its first chunk was forwarded.
+its chunks as they arrive (coalescing those that arrive while one is being published:
+reply_chunks.py) and is retried only before its first chunk arrived.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from agent_orchestrator.models.orchestration import (
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import SERVICE_CALL_FAILURES, SERVICE_CALL_SECONDS
 from agent_orchestrator.resilience.circuit_breaker import CircuitBreaker
+from agent_orchestrator.services.reply_chunks import ChunkForwarder
 
 log = get_logger(__name__)
 
@@ -264,6 +266,7 @@ class ServiceCoordinator:
         breaker = await self._admitted(call.service)
         pieces: list[str] = []
         done: ReplyDone | None = None
+        forward = ChunkForwarder(run.on_chunk)
         async with self.bulkhead(call.service):
             try:
                 async with aclosing(operation(run.ctx, **inputs)) as events:
@@ -276,25 +279,30 @@ class ServiceCoordinator:
                             break
                         if isinstance(event, ReplyChunk):
                             pieces.append(event.content)
-                            await run.on_chunk(
-                                ReplyChunk(content=event.content, index=len(pieces) - 1)
-                            )
+                            await forward.add(event.content)
                         elif isinstance(event, ReplyDone):
                             done = event
                             break
             except TimeoutError as error:
                 breaker.record_failure()
+                await forward.flush()  # what arrived before the failure still goes out
                 raise _stream_error(
                     call, "timeout", f"no event for {call.timeout:g} s", True, pieces
                 ) from error
             except DownstreamError as error:
                 _judge(breaker, error)
+                await forward.flush()
                 raise _stream_error(
                     call, error.code, error.message, error.retryable, pieces
                 ) from error
             except asyncio.CancelledError:
                 breaker.release_probe()
+                forward.cancel()
                 raise
+            except BaseException:
+                forward.cancel()
+                raise
+        await forward.flush()
         if done is None:
             breaker.record_failure()
             raise _stream_error(
