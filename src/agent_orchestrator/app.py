@@ -9,11 +9,9 @@ from fastapi import FastAPI
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.lifecycle import build_state, close_state
-from agent_orchestrator.middleware.auth import AuthMiddleware
-from agent_orchestrator.middleware.context import BodySizeLimitMiddleware, ContextMiddleware
 from agent_orchestrator.middleware.errors import install_error_handlers
+from agent_orchestrator.middleware.request import RequestMiddleware
 from agent_orchestrator.observability.logging import get_logger
-from agent_orchestrator.observability.metrics import HttpMetricsMiddleware
 from agent_orchestrator.routes import chat, health, internal, sessions, tasks, ws
 from agent_orchestrator.state import build_verifier
 from agent_orchestrator.websocket.gateway import WebSocketGateway
@@ -56,9 +54,8 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(internal.router)
     app.include_router(ws.router)
-    # Added innermost first: requests pass Context -> Metrics -> BodySize -> Auth -> routes.
-    app.add_middleware(AuthMiddleware, verifier=verifier)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
-    app.add_middleware(HttpMetricsMiddleware)
-    app.add_middleware(ContextMiddleware)
+    # Correlation id -> metrics -> body-size limit -> auth, in one layer (request.py says why).
+    app.add_middleware(
+        RequestMiddleware, verifier=verifier, max_body_bytes=settings.max_request_bytes
+    )
     return app

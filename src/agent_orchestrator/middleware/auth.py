@@ -1,4 +1,4 @@
-"""Authentication: the middleware turns `Authorization: Bearer <JWT>` into a `Principal`;
+"""Authentication: the request layer turns `Authorization: Bearer <JWT>` into a `Principal`;
 route dependencies then demand a scope (403) or a principal at all (401).
 
 Tokens are verified with a pinned algorithm list, `exp` required, `iss`/`aud` checked when
@@ -19,7 +19,6 @@ from typing import Any
 
 import jwt
 from fastapi import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent_orchestrator.errors import Forbidden, Unauthorized
 from agent_orchestrator.models.principal import Principal, PrincipalKind
@@ -138,36 +137,36 @@ def _principal_from(claims: dict[str, Any]) -> Principal:
     )
 
 
+def _bearer(value: bytes) -> str:
+    """The token of an `Authorization` value, or "" when it is not `Bearer <token>`."""
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    token = token.strip()
+    return token if token and scheme.lower() == "bearer" else ""
+
+
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return ""
+            return _bearer(value)
     return None
 
 
-class AuthMiddleware:
-    """Verifies the bearer token once per request and leaves the outcome in scope state:
-    `principal` on success, `auth_error` on a bad token. Routes decide what they need."""
-
-    def __init__(self, app: ASGIApp, verifier: TokenVerifier) -> None:
-        self.app = app
-        self.verifier = verifier
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith("/internal/"):
-            token = bearer_token(scope.get("headers", []))
-            state = scope.setdefault("state", {})
-            if token == "":
-                state["auth_error"] = Unauthorized("Authorization must be 'Bearer <token>'")
-            elif token is not None:
-                try:
-                    state["principal"] = self.verifier.verify(token)
-                except Unauthorized as error:
-                    state["auth_error"] = error
-        await self.app(scope, receive, send)
+def authenticate(
+    verifier: TokenVerifier, authorization: bytes | None, state: dict[str, Any]
+) -> None:
+    """Verifies the bearer token once per request (the first `Authorization` header) and
+    leaves the outcome in the scope's state: `principal` on success, `auth_error` on a bad
+    token, neither without a header. Routes decide what they need."""
+    if authorization is None:
+        return
+    token = _bearer(authorization)
+    if not token:
+        state["auth_error"] = Unauthorized("Authorization must be 'Bearer <token>'")
+        return
+    try:
+        state["principal"] = verifier.verify(token)
+    except Unauthorized as error:
+        state["auth_error"] = error
 
 
 AuthDependency = Callable[[Request], Coroutine[Any, Any, Principal]]
