@@ -46,6 +46,10 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
         title="Agent Orchestrator Service",
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's native OpenTelemetry looks up the global providers on every request
+        # (5-8 us) to find out whether anyone installed one. This service has no OTel
+        # (docs/architecture.md): Prometheus and structlog are its observability.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
     app.include_router(health.router)
