@@ -4,20 +4,24 @@ process, so connections and reads happen on real sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.abc
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
+from typing import Any
 
 import pytest
+import uvloop
 
 from agent_orchestrator.clients.agent_execution.http import HttpAgentExecutionClient
 from agent_orchestrator.clients.agent_management.http import HttpAgentManagementClient
 from agent_orchestrator.clients.base import CallContext
 from agent_orchestrator.clients.conversation.http import HttpConversationClient
 from agent_orchestrator.models.agent import AgentConfig, ReplyDone
+from tests.conftest import TcpProxy
 from tests.doubles.process import running_double
 
 pytestmark = pytest.mark.e2e
@@ -85,3 +89,41 @@ async def test_calls_search_the_import_path_for_nothing(double_url: str) -> None
     finally:
         sys.meta_path.remove(spy)
     assert spy.searched == []
+
+
+class _CountingProxy(TcpProxy):
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.accepted = 0
+
+    async def _accept(self, reader: Any, writer: Any) -> None:
+        self.accepted += 1
+        await super()._accept(reader, writer)
+
+
+@pytest.fixture
+async def proxy(double_url: str) -> AsyncIterator[_CountingProxy]:
+    host, port = double_url.removeprefix("http://").split(":")
+    relay = _CountingProxy(host, int(port))
+    await relay.start()
+    yield relay
+    await relay.close()
+
+
+async def test_a_finished_stream_leaves_its_connection_for_the_next_call(
+    proxy: _CountingProxy,
+) -> None:
+    client = HttpAgentExecutionClient(f"http://127.0.0.1:{proxy.port}", TOKEN)
+    try:
+        for message in ("one", "two", "three"):
+            events = client.execute(ctx(), agent=AGENT, history=[], message=message, sources=[])
+            assert isinstance([event async for event in events][-1], ReplyDone)
+            await asyncio.sleep(0.05)  # the body's end follows `done` at once
+    finally:
+        await client.aclose()
+    assert proxy.accepted == 1
+
+
+def test_calls_work_on_uvloop(double_url: str) -> None:
+    # The worker and the API run on uvloop, whose transports are not asyncio's classes.
+    uvloop.run(_one_turn_of_calls(double_url))

@@ -1,5 +1,6 @@
 """What every downstream client shares: the call context, the error type, and the pooled
-HTTP plumbing (headers, timeouts, error mapping, Retry-After, SSE reading).
+HTTP plumbing (headers, timeouts, error mapping, Retry-After, SSE reading; the transport
+itself is in exchange.py).
 
 The contract is in docs/contracts/README.md; retries and circuit breaking are the
 coordinator's job (resilience/), so a client makes exactly one attempt per call.
@@ -7,15 +8,20 @@ coordinator's job (resilience/), so a client makes exactly one attempt per call.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
-from collections.abc import AsyncIterator, Mapping
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
+
+from agent_orchestrator.clients.exchange import open_exchange
+from agent_orchestrator.clients.http1 import Reply
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ def invalid_response(service: str, message: str, *, status: int | None = None) -
 
 
 class HttpServiceClient:
-    """One pooled httpx client per downstream service."""
+    """One pooled connection set per downstream service (exchange.py picks the transport)."""
 
     service = "unknown"
 
@@ -94,23 +100,20 @@ class HttpServiceClient:
         max_connections: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._token = service_token
-        self.http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
+        self.exchange = open_exchange(
+            base_url,
+            fixed_headers={"Authorization": f"Bearer {service_token}"} if service_token else {},
+            timeout=timeout,
+            max_connections=max_connections,
             transport=transport,
         )
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        await self.exchange.aclose()
 
     def headers(self, ctx: CallContext) -> dict[str, str]:
+        """The per-call headers (the service token goes with every request already)."""
         headers = {"X-Tenant-ID": ctx.tenant_id, "traceparent": ctx.traceparent}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
         if ctx.correlation_id:
             headers["X-Correlation-ID"] = ctx.correlation_id
         return headers
@@ -130,10 +133,12 @@ class HttpServiceClient:
         sent = self.headers(ctx)
         if headers:
             sent.update(headers)
+        target = path.lstrip("/")
+        if params:
+            target += "?" + urlencode(params)
         try:
-            response = await self.http.request(
-                method, path.lstrip("/"), json=json_body, params=params, headers=sent
-            )
+            body = None if json_body is None else json_bytes(json_body)
+            reply = await self.exchange.fetch(method, target, sent, body)
         except httpx.TimeoutException as error:
             raise DownstreamError(
                 self.service, "timeout", str(error) or "timed out", retryable=True
@@ -142,20 +147,22 @@ class HttpServiceClient:
             raise DownstreamError(
                 self.service, "unreachable", str(error) or "connect error", retryable=True
             ) from error
-        if response.status_code not in ok:
-            raise self.error_from(response)
-        try:
-            return response.json()
-        except ValueError as error:
-            raise invalid_response(
-                self.service, "body is not JSON", status=response.status_code
+        except ValueError as error:  # a body or header that cannot be sent as it is
+            raise DownstreamError(
+                self.service, "invalid_request", str(error), retryable=False
             ) from error
-
-    def error_from(self, response: httpx.Response) -> DownstreamError:
-        status = response.status_code
-        code, message = f"http_{status}", response.reason_phrase or "error"
+        if reply.status not in ok:
+            raise self.error_from(reply)
         try:
-            body = response.json()
+            return json.loads(reply.body)
+        except ValueError as error:
+            raise invalid_response(self.service, "body is not JSON", status=reply.status) from error
+
+    def error_from(self, reply: Reply) -> DownstreamError:
+        status = reply.status
+        code, message = f"http_{status}", reply.reason or "error"
+        try:
+            body = json.loads(reply.body)
             error = body.get("error") if isinstance(body, dict) else None
             if isinstance(error, dict):
                 code = str(error.get("code") or code)
@@ -168,23 +175,45 @@ class HttpServiceClient:
             message,
             retryable=retryable_status(status),
             status=status,
-            retry_after=parse_retry_after(response.headers.get("retry-after")),
+            retry_after=parse_retry_after(reply.headers.get("retry-after")),
         )
 
 
-async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
-    """The `data:` payloads of a text/event-stream response, one event at a time."""
+def json_bytes(value: Any) -> bytes:
+    """A JSON request body, encoded as httpx's `json=` does (NaN refused: ValueError)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+async def sse_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[str]:
+    """The `data:` payloads of a text/event-stream body, one event at a time. Lines end
+    with CRLF, LF or CR (the SSE rule, not str.splitlines', which also splits on
+    characters a JSON string may hold)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
     buffer: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if buffer:
-                yield "\n".join(buffer)
-                buffer = []
-            continue
-        if line.startswith(":"):
-            continue
-        if line.startswith("data:"):
-            buffer.append(line[5:].lstrip(" "))
+    rest = ""
+    final = False
+    iterator = aiter(chunks)
+    while not final:
+        try:
+            text = rest + decoder.decode(await anext(iterator))
+        except StopAsyncIteration:
+            text, final = rest + decoder.decode(b"", final=True), True
+        held = not final and text.endswith("\r")  # maybe the first half of a CRLF
+        *lines, rest = _LINE_END.split(text[:-1] if held else text)
+        if final and rest:
+            lines.append(rest)
+        elif held:
+            rest += "\r"
+        for line in lines:
+            if line == "":
+                if buffer:
+                    yield "\n".join(buffer)
+                    buffer = []
+            elif line.startswith("data:"):
+                buffer.append(line[5:].lstrip(" "))
     if buffer:
         yield "\n".join(buffer)
 

@@ -15,9 +15,11 @@ from agent_orchestrator.clients.base import (
     DownstreamError,
     HttpServiceClient,
     invalid_response,
+    json_bytes,
     json_object,
     sse_data,
 )
+from agent_orchestrator.clients.http1 import Reply
 from agent_orchestrator.models.agent import (
     AgentConfig,
     ConversationMessage,
@@ -51,20 +53,26 @@ class HttpAgentExecutionClient(HttpServiceClient):
         }
         started = False  # the response began: a transport failure from now on is a cut
         try:
-            async with self.http.stream(
-                "POST", "v1/executions", json=body, headers=self.headers(ctx)
+            async with self.exchange.stream(
+                "POST", "v1/executions", self.headers(ctx), json_bytes(body)
             ) as response:
                 started = True
-                if response.status_code != 200:
-                    await response.aread()
-                    raise self.error_from(response)
-                async for payload in sse_data(response):
+                if response.status != 200:
+                    content = await response.read()
+                    raise self.error_from(
+                        Reply(response.status, response.reason, response.headers, content)
+                    )
+                async for payload in sse_data(response.iter_bytes()):
                     event = self._event(json_object(self.service, payload), agent)
                     if event is None:
                         continue
-                    yield event
                     if isinstance(event, ReplyDone):
+                        # `done` is the stream's last event: the body ends right after
+                        # it, so the connection can serve the next call.
+                        response.keep_connection()
+                        yield event
                         return
+                    yield event
         except httpx.TimeoutException as error:
             raise DownstreamError(
                 self.service, "timeout", "execution timed out", retryable=True

@@ -91,7 +91,7 @@ async def _events(response: httpx.Response, model: str) -> AsyncIterator[Executi
     index = 0
     usage = Usage()
     finish = "stop"
-    async for payload in sse_data(response):
+    async for payload in sse_data(response.aiter_bytes()):
         if payload.strip() == "[DONE]":
             yield ReplyDone(usage=usage, finish_reason=finish, model=model)
             return
