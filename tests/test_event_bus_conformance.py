@@ -504,3 +504,33 @@ async def test_after_a_broken_live_feed_missed_events_come_before_live_ones() ->
         assert got == [2, 3, 4]
         fanout.deliver(logged(5))
         assert (await asyncio.wait_for(anext(events), 1)).data == {"n": 5}
+
+
+async def test_redis_bus_listens_for_events_only_once_it_has_a_subscriber(
+    redis_namespace: str,
+) -> None:
+    """A process without subscribers (a worker) is not sent the platform's events; the
+    first subscriber still gets everything published once its `subscribe` is entered."""
+    redis = Redis.from_url(REDIS_URL)
+    admin = Redis.from_url(REDIS_URL, decode_responses=True)
+    listening = RedisEventBus(redis, namespace=redis_namespace, stream_cap=100, ttl_seconds=60)
+    publisher = RedisEventBus(redis, namespace=redis_namespace, stream_cap=100, ttl_seconds=60)
+    await listening.start()
+    channel = f"{redis_namespace}:events"
+
+    async def listeners() -> int:
+        counts = await admin.execute_command("PUBSUB", "NUMSUB", channel)
+        return int(counts[1])
+
+    try:
+        assert await listeners() == 0
+        task_id = new_id()
+        async with listening.subscribe(task_stream(task_id), replay=False) as events:
+            assert await listeners() == 1
+            sent = await publisher.publish(task_event(task_id, 1))
+            got = await asyncio.wait_for(anext(aiter(events)), 5)
+        assert got.cursor == sent.cursor
+    finally:
+        await listening.close()
+        await redis.aclose()
+        await admin.aclose()

@@ -112,9 +112,13 @@ async def subscription(
     *,
     replay: bool,
     max_queue: int,
+    live: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[AsyncIterator[Event]]:
     """`after` given: events after it. No `after`: the whole log when `replay`, else only
-    what is published from now on."""
+    what is published from now on. `live` is awaited first: the backend's live feed is
+    on from then on (the Redis bus listens for events only once it has a subscriber)."""
+    if live is not None:
+        await live()
     subscriber = Subscriber(stream, max_queue)
     subscriber.last_id = after or 0
     if replay or after is not None:
@@ -185,8 +189,18 @@ class LocalFanoutBus:
         max_queue: int = 1000,
     ) -> AbstractSubscription:
         return subscription(
-            self._fanout, self.replay, stream, after, replay=replay, max_queue=max_queue
+            self._fanout,
+            self.replay,
+            stream,
+            after,
+            replay=replay,
+            max_queue=max_queue,
+            live=self.live,
         )
+
+    async def live(self) -> None:
+        """Returns once events published from now on reach this process's subscribers."""
+        return None
 
     def on_control(self, handler: ControlHandler) -> None:
         self._fanout.on_control(handler)

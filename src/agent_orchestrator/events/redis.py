@@ -1,10 +1,15 @@
 """Redis event bus: a capped Stream per task and per session (replay, EVENTS_TTL) written
 atomically with the Pub/Sub publish by one Lua script, and one Pub/Sub connection per
-process that fans events out to this process's subscribers."""
+process that fans events out to this process's subscribers.
+
+A process listens on the events channel only from its first subscriber on: a worker has
+none, and receiving (and parsing) every event of the platform cost it as much CPU as
+publishing its own. The control channel is listened to from the start."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -19,6 +24,10 @@ from agent_orchestrator.events.models import Event, StreamKey
 from agent_orchestrator.observability.logging import get_logger
 
 log = get_logger(__name__)
+
+#: How long a new subscriber waits for the events channel to be live before it starts
+#: anyway (it then replays the log once the channel is live).
+LIVE_WAIT_SECONDS = 5.0
 
 # KEYS[1] id counter, KEYS[2] channel, KEYS[3..] streams; ARGV json, cap, ttl.
 # The id is max(counter + 1, server clock in microseconds): it rises monotonically and
@@ -47,11 +56,15 @@ class RedisEventBus(LocalFanoutBus):
         self._cap = stream_cap
         self._ttl = ttl_seconds
         self._events_channel = f"{namespace}:events"
+        self._events_channel_bytes = self._events_channel.encode()
         self._control_channel = f"{namespace}:control"
         self._counter = f"{namespace}:events:seq"
         self._script = redis.register_script(_PUBLISH)
         self._reader: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        self._pubsub: PubSub | None = None
+        self._events_wanted = False  # a subscriber came: listen to the events channel
+        self._events_live = asyncio.Event()  # Redis confirmed that we listen to it
 
     async def start(self) -> None:
         if self._reader is None:
@@ -80,23 +93,38 @@ class RedisEventBus(LocalFanoutBus):
             events.append(event.model_copy(update={"id": entry_id.decode().split("-", 1)[0]}))
         return events
 
+    async def live(self) -> None:
+        if self._events_live.is_set():
+            return
+        if not self._events_wanted:
+            self._events_wanted = True
+            pubsub = self._pubsub
+            if pubsub is not None:
+                # A broken connection is the reader's to renew (with the events channel).
+                with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+                    await pubsub.subscribe(self._events_channel)
+        # Redis down: the subscriber starts all the same, and replays the log once the
+        # feed is live (as after any reconnect).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LIVE_WAIT_SECONDS):
+                await self._events_live.wait()
+
     async def publish_control(self, message: dict[str, Any]) -> None:
         await self._redis.publish(self._control_channel, json.dumps(message))
 
     # --- the one live listener of this process -------------------------------------------
     async def _read_forever(self) -> None:
         delay = 0.1
-        first = True
         while True:
-            pubsub: PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: PubSub = self._redis.pubsub()
+            self._events_live.clear()
+            self._pubsub = pubsub  # before the channels are chosen: see live()
             try:
-                await pubsub.subscribe(self._events_channel, self._control_channel)
+                channels = [self._control_channel]
+                if self._events_wanted:
+                    channels.append(self._events_channel)
+                await pubsub.subscribe(*channels)
                 self._subscribed.set()
-                if not first:
-                    # Anything published while we were away is in the replay logs.
-                    for subscriber in self._fanout.all_subscribers():
-                        subscriber.needs_replay.set()
-                first = False
                 delay = 0.1
                 async for message in pubsub.listen():
                     await self._dispatch(message)
@@ -105,12 +133,22 @@ class RedisEventBus(LocalFanoutBus):
             except (RedisConnectionError, RedisTimeoutError, OSError) as error:
                 log.warning("event bus lost Redis; reconnecting", error=str(error))
             finally:
+                self._pubsub = None
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
-        if message.get("type") != "message":
+        kind = message.get("type")
+        if kind == "subscribe":
+            if message["channel"] == self._events_channel_bytes:
+                # Live from here. Whatever was published while we were not listening
+                # (before a reconnect) is in the replay logs: every subscriber reads them.
+                for subscriber in self._fanout.all_subscribers():
+                    subscriber.needs_replay.set()
+                self._events_live.set()
+            return
+        if kind != "message":
             return
         channel = message["channel"].decode()
         data = message["data"].decode()
