@@ -903,10 +903,14 @@ SQL_KINDS = (
 )
 
 
+#: Where SQLAlchemy hands a statement or a commit to the DBAPI driver.
+DRIVER_CALLS = ("DefaultDialect.do_execute", "DefaultDialect.do_commit", "Cursor.execute")
+
+
 def _summarise_profile(raw: str, rate: int, phase: Phase, name: str) -> list[str]:
     """A few lines on where the event-loop thread's time goes. A sample's package is the
     innermost frame outside the standard library below uvicorn's event-loop runner (SQL
-    run by db/sqlite_inline.py counts as "SQLite"); stacks that are SQLAlchemy's
+    inside SQLAlchemy's driver calls counts as "database driver"); stacks that are SQLAlchemy's
     synchronous side run in greenlets, so py-spy shows them without the coroutine that
     awaited them: they are reported apart, by statement kind."""
     main: list[tuple[list[str], int]] = []
@@ -947,8 +951,8 @@ def _summarise_profile(raw: str, rate: int, phase: Phase, name: str) -> list[str
             task = owned[runner + 1][1] if runner + 1 < len(owned) else "event loop itself"
             roots[_task_label(task)] += count
             owned = owned[runner + 1 :]
-        if any("db/sqlite_inline.py" in w for _, w in owned[-2:]):
-            package, where = "SQLite (db/sqlite_inline.py)", owned[-1][1]
+        if any(w.startswith(DRIVER_CALLS) for _, w in owned[-2:]):
+            package, where = "database driver (execute, commit)", owned[-1][1]
         else:
             package, where = next(
                 ((p, w) for p, w in reversed(owned) if p != "stdlib"),

@@ -22,7 +22,6 @@ import httpx
 from sqlalchemy import func, select
 
 from agent_orchestrator.config import Settings
-from agent_orchestrator.db.engine import session_factory
 from agent_orchestrator.db.tables import MessageRow, SessionRow, TaskRow
 from agent_orchestrator.events.models import EventType
 from tests.chat_helpers import (
@@ -46,7 +45,7 @@ LONG = " ".join(f"word{i}" for i in range(60))
 
 
 async def count(client: httpx.AsyncClient, table: type[Any], **where: Any) -> int:
-    factory = session_factory(client.app.state.core.engine)  # type: ignore[attr-defined]
+    factory = client.app.state.core.db_factory  # type: ignore[attr-defined]
     query = select(func.count()).select_from(table)
     for name, value in where.items():
         query = query.where(getattr(table, name) == value)

@@ -32,7 +32,6 @@ import pytest
 from sqlalchemy import func, select
 
 from agent_orchestrator.config import Settings
-from agent_orchestrator.db.engine import session_factory
 from agent_orchestrator.db.tables import MessageRow
 from agent_orchestrator.events.models import EventType
 from tests.chat_helpers import CHAT, chat, events_of, first_chunk, settled
@@ -109,7 +108,7 @@ def app_with(double_url: str, make_backend_settings: Callable[..., Settings]) ->
 
 
 async def assistant_messages(client: httpx.AsyncClient) -> int:
-    factory = session_factory(client.app.state.core.engine)  # type: ignore[attr-defined]
+    factory = client.app.state.core.db_factory  # type: ignore[attr-defined]
     query = select(func.count()).select_from(MessageRow).where(MessageRow.role == "assistant")
     async with factory() as db:
         return int((await db.execute(query)).scalar_one())

@@ -60,7 +60,7 @@ from agent_orchestrator.clients.tools.http import HttpToolsClient
 from agent_orchestrator.clients.workflow import WorkflowClient, WorkflowRun
 from agent_orchestrator.clients.workflow.http import HttpWorkflowClient
 from agent_orchestrator.config import Settings
-from agent_orchestrator.db.engine import create_engine, session_factory
+from agent_orchestrator.db.engine import create_engine, dispose_sessions, session_factory
 from agent_orchestrator.db.migrate import upgrade
 from agent_orchestrator.db.tables import SessionRow
 from agent_orchestrator.db.types import utcnow
@@ -156,9 +156,11 @@ async def sqlite_factory(sqlite_template: Path, tmp_path: Path) -> AsyncIterator
     path = tmp_path / "orchestrator.db"
     shutil.copyfile(sqlite_template, path)
     engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    factory = session_factory(engine)
     try:
-        yield session_factory(engine)
+        yield factory
     finally:
+        dispose_sessions(factory)
         await engine.dispose()
 
 

@@ -130,6 +130,8 @@ def test_redis_uri_forms(from_env: FromEnv) -> None:
         ("DATABASE_URL", "mysql://db.example/app"),
         ("DATABASE_URL", "not a url"),
         ("DATABASE_URL", "postgresql:///no-host"),
+        ("DATABASE_URL", "sqlite:///:memory:"),
+        ("DATABASE_URL", "sqlite+aiosqlite://"),
         ("REDIS_URI", "http://cache:6379"),
         ("REDIS_URI", "redis://"),
         ("REDIS_URI", "cache:6379"),

@@ -13,7 +13,6 @@ import httpx
 from sqlalchemy import func, select
 
 from agent_orchestrator.config import Settings
-from agent_orchestrator.db.engine import session_factory
 from agent_orchestrator.db.repositories.audit import AuditRepository
 from agent_orchestrator.db.tables import AuditEntryRow, SessionRow
 from tests.conftest import TokenFactory, auth, running_app
@@ -51,13 +50,13 @@ async def _ids(client: httpx.AsyncClient, headers: dict[str, str], **params: Any
 
 
 async def _row_count(client: httpx.AsyncClient, table: type[Any]) -> int:
-    factory = session_factory(client.app.state.core.engine)  # type: ignore[attr-defined]
+    factory = client.app.state.core.db_factory  # type: ignore[attr-defined]
     async with factory() as db:
         return int((await db.execute(select(func.count()).select_from(table))).scalar_one())
 
 
 async def _audit(client: httpx.AsyncClient, tenant: str, session_id: str) -> list[AuditEntryRow]:
-    factory = session_factory(client.app.state.core.engine)  # type: ignore[attr-defined]
+    factory = client.app.state.core.db_factory  # type: ignore[attr-defined]
     async with factory() as db:
         return await AuditRepository(db).list_for_resource(tenant, session_id)
 

@@ -58,6 +58,10 @@ def _check_url(name: str, value: str | None, schemes: tuple[str, ...]) -> str | 
     if parts.scheme not in schemes:
         raise ValueError(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
     if parts.scheme.startswith("sqlite"):
+        if parts.path.lstrip("/") in ("", ":memory:"):
+            # Each connection would get its own empty database (migrations on one,
+            # requests on another), and everything would vanish at exit.
+            raise ValueError(f"{name}: in-memory SQLite is not supported; name a file")
         return value
     if not parts.hostname:
         raise ValueError(f"{name} has no host")

@@ -7,7 +7,7 @@ from redis.asyncio import Redis
 
 from agent_orchestrator.clients.directory import build_directory
 from agent_orchestrator.config import Settings
-from agent_orchestrator.db.engine import create_engine, session_factory
+from agent_orchestrator.db.engine import create_engine, dispose_sessions, session_factory
 from agent_orchestrator.db.migrate import is_up_to_date, upgrade
 from agent_orchestrator.middleware.auth import TokenVerifier
 from agent_orchestrator.queue.engine import WorkerEngine, build_bus, build_ledger, build_queue
@@ -133,4 +133,5 @@ async def close_state(state: AppState) -> None:
     await state.bus.close()
     if state.redis is not None:
         await state.redis.aclose()
+    dispose_sessions(state.db_factory)
     await state.engine.dispose()

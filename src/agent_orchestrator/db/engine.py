@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from agent_orchestrator.db.sqlite_inline import inline_creator
+from agent_orchestrator.db.inline_session import InlineSessionMaker
 from agent_orchestrator.observability.logging import get_logger
 
 log = get_logger(__name__)
@@ -32,18 +32,10 @@ def create_engine(
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        # One connection, handed out in turn: SQLite has a single writer anyway, and
-        # waiting in the pool's queue is far cheaper than SQLite's busy handler, which
-        # sleeps up to 100 ms per retry when writers collide (measured: p99 6 s at 16
-        # concurrent chat turns with a pool of 5, against well under 100 ms with 1).
-        # Code must therefore never hold one session while opening another.
-        engine = create_async_engine(
-            url,
-            pool_size=1,
-            max_overflow=0,
-            pool_timeout=60,
-            async_creator=inline_creator(parsed.database or ":memory:", timeout=30),
-        )
+        # Requests and tasks use `InlineSession`s (see inline_session.py and
+        # session_factory); this engine only serves migrations and health checks, through
+        # aiosqlite, on one connection of its own.
+        engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(
@@ -71,7 +63,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    if engine.dialect.name == "sqlite":
+        return InlineSessionMaker(engine, _sqlite_pragmas)
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def dispose_sessions(factory: async_sessionmaker[AsyncSession]) -> None:
+    """Close what a factory holds of its own (embedded mode's SQLite connection)."""
+    if isinstance(factory, InlineSessionMaker):
+        factory.dispose()
 
 
 class UnitOfWork:

@@ -15,7 +15,9 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Update, and_, bindparam, delete, exists, or_, select, update
+from sqlalchemy import ColumnElement, Insert, Update, and_, bindparam, exists, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -168,11 +170,23 @@ _SERVICE_CALLS = (
     .where(_C.tenant_id == bindparam("tenant_id"), _C.task_id == bindparam("task_id"))
     .order_by(_C.started_at, _C.step)
 )
-_DELETE_SERVICE_CALLS = delete(CALLS.table).where(
-    _C.tenant_id == bindparam("tenant_id"),
-    _C.task_id == bindparam("task_id"),
-    _C.step.in_(bindparam("steps", expanding=True)),
-)
+
+
+def _upsert_calls(insert: Any) -> Any:
+    """INSERT ... ON CONFLICT (task_id, step) DO UPDATE: one row per step of a task, the
+    latest attempt's, written in one statement however many attempts ran."""
+    statement = insert(CALLS.table)
+    kept = {"id", "task_id", "tenant_id", "step"}
+    return statement.on_conflict_do_update(
+        index_elements=[_C.task_id, _C.step],
+        set_={c.name: statement.excluded[c.name] for c in _C if c.name not in kept},
+    )
+
+
+_UPSERT_CALLS: dict[str, Insert] = {
+    "postgresql": _upsert_calls(pg_insert),
+    "sqlite": _upsert_calls(sqlite_insert),
+}
 
 
 class TaskRepository:
@@ -260,9 +274,6 @@ class TaskRepository:
         self, tenant_id: str, task_id: uuid.UUID, rows: list[ServiceCallRow]
     ) -> None:
         """One row per (task, step): a retried task's steps replace those it ran before."""
-        steps = [row.step for row in rows]
-        if not steps:
-            return
-        params = {"tenant_id": tenant_id, "task_id": task_id, "steps": steps}
-        await self.db.execute(_DELETE_SERVICE_CALLS, params)
-        await CALLS.add(self.db, *rows)
+        if rows:
+            statement = _UPSERT_CALLS[self.db.get_bind().dialect.name]
+            await self.db.execute(statement, [CALLS.values(row) for row in rows])

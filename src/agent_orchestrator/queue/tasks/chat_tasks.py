@@ -1,14 +1,16 @@
 """The chat task: run the chat plan, stream the reply, write it once, free the session.
 
-The reply and the task's terminal status commit in one transaction; the reply's id is
-derived from the task, and messages allow one assistant reply per task, so however often
-the task runs (retries, a worker killed mid-turn) the conversation holds one answer.
+The reply, the task's terminal status and the session's return to `active` commit in one
+transaction; the reply's id is derived from the task, and messages allow one assistant
+reply per task, so however often the task runs (retries, a worker killed mid-turn) the
+conversation holds one answer.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -22,7 +24,7 @@ from agent_orchestrator.events.models import Event, EventType
 from agent_orchestrator.ids import new_id
 from agent_orchestrator.models.agent import AgentConfig, ReplyChunk, Source
 from agent_orchestrator.models.orchestration import StepOutcome
-from agent_orchestrator.models.session import SessionState
+from agent_orchestrator.models.session import Session, SessionState
 from agent_orchestrator.models.task import TaskStatus
 from agent_orchestrator.queue.consumer import ALREADY_FINISHED, TaskContext
 from agent_orchestrator.queue.registry import TaskFailure
@@ -49,6 +51,10 @@ class ChatTurn:
     ledger: TaskLedger
     bus: EventBus
     remote_conversation: bool
+    #: turns whose session went back to `active` in their final transaction: `settled`
+    #: need not write it again. An id outlives its turn only when the worker stops
+    #: between that commit and the hook (shutdown), which leaves a few bytes behind.
+    _freed: set[uuid.UUID] = field(default_factory=set)
 
     async def run(self, ctx: TaskContext) -> Any:
         task = ctx.task
@@ -135,6 +141,8 @@ class ChatTurn:
         elapsed: float,
     ) -> None:
         task = ctx.task
+        session_id = task.session_id
+        assert session_id is not None  # checked by `run`
         message_id = reply_message_id(task.id)
         metadata = {
             "model": reply.model,
@@ -148,7 +156,7 @@ class ChatTurn:
             await self.ledger.save_service_calls(task, steps, db)
             await MessageRepository(db).add_once(
                 tenant_id=task.tenant_id,
-                session_id=task.session_id,  # type: ignore[arg-type]
+                session_id=session_id,
                 message_id=message_id,
                 role="assistant",
                 content=reply.content,
@@ -167,6 +175,9 @@ class ChatTurn:
             if row is None:  # the lease moved on: another worker owns this task now
                 await db.rollback()
                 return
+            session = await self.sessions.mark_turn(
+                db, task.tenant_id, session_id, SessionState.ACTIVE
+            )
             await db.commit()
         await ctx.emit(
             EventType.CHAT_COMPLETED,
@@ -180,12 +191,18 @@ class ChatTurn:
             },
         )
         await self.ledger.announce(row)
+        if session is not None:
+            self._freed.add(task.id)
+            await self._announce_session(task, session)
 
     async def settled(self, task: TaskRow) -> None:
         """Whatever the outcome: the session is free again, and its next turn may run."""
         if task.session_id is None:
             return
-        await self._mark_session(task, SessionState.ACTIVE)
+        if task.id in self._freed:
+            self._freed.discard(task.id)
+        else:
+            await self._mark_session(task, SessionState.ACTIVE)
         await self.ledger.wake_next_in_session(task.tenant_id, task.session_id)
 
     async def _mark_session(self, task: TaskRow, target: SessionState) -> None:
@@ -193,8 +210,10 @@ class ChatTurn:
         async with self.ledger.factory() as db:
             session = await self.sessions.mark_turn(db, task.tenant_id, task.session_id, target)
             await db.commit()
-        if session is None:
-            return
+        if session is not None:
+            await self._announce_session(task, session)
+
+    async def _announce_session(self, task: TaskRow, session: Session) -> None:
         await self.sessions.refresh_hot_copy(session)
         await self.bus.publish(
             Event(

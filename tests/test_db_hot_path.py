@@ -1,0 +1,251 @@
+"""The hot-path data layer: statements built once, detached rows, service-call upserts,
+and embedded mode's inline SQLite sessions (one transaction at a time)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import inspect, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from agent_orchestrator.config import Settings
+from agent_orchestrator.db.engine import create_engine, dispose_sessions, session_factory
+from agent_orchestrator.db.inline_session import InlineSession
+from agent_orchestrator.db.migrate import upgrade
+from agent_orchestrator.db.repositories.sessions import SessionRepository
+from agent_orchestrator.db.repositories.tasks import Add, Guard, TaskRepository
+from agent_orchestrator.db.tables import ServiceCallRow, SessionRow, TaskRow
+from agent_orchestrator.db.types import utcnow
+from agent_orchestrator.ids import new_id
+
+
+@pytest.fixture
+async def factory(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_engine(settings.resolved_database_url())
+    await upgrade(engine)
+    made = session_factory(engine)
+    try:
+        yield made
+    finally:
+        dispose_sessions(made)
+        await engine.dispose()
+
+
+def _task(**overrides: Any) -> TaskRow:
+    now = utcnow()
+    values: dict[str, Any] = {
+        "id": new_id(),
+        "tenant_id": "tenant-a",
+        "user_id": "user-1",
+        "session_id": None,
+        "batch_id": None,
+        "kind": "chat",
+        "queue": "interactive",
+        "status": "queued",
+        "attempt": 0,
+        "max_attempts": 3,
+        "delivery": 1,
+        "progress": {},
+        "input": {"message": "hi"},
+        "result": None,
+        "error": None,
+        "idempotency_key": None,
+        "cancel_requested": False,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "not_before": None,
+        "created_at": now,
+        "updated_at": now,
+        "started_at": None,
+        "finished_at": None,
+    }
+    values.update(overrides)
+    return TaskRow(**values)
+
+
+def _call(task: TaskRow, step: str, status: str, attempts: int) -> ServiceCallRow:
+    now = utcnow()
+    return ServiceCallRow(
+        id=new_id(),
+        task_id=task.id,
+        tenant_id=task.tenant_id,
+        step=step,
+        service="conversation",
+        operation="get_history",
+        status=status,
+        attempts=attempts,
+        latency_ms=1.5,
+        error=None,
+        started_at=now,
+        finished_at=now,
+    )
+
+
+async def test_service_calls_keep_one_row_per_step_with_the_latest_attempt(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    task = _task()
+    async with factory() as db:
+        repo = TaskRepository(db)
+        await repo.add(task)
+        await repo.replace_service_calls(
+            task.tenant_id,
+            task.id,
+            [_call(task, "history", "failed", 3), _call(task, "agent", "succeeded", 1)],
+        )
+        await db.commit()
+    async with factory() as db:
+        repo = TaskRepository(db)
+        await repo.replace_service_calls(
+            task.tenant_id, task.id, [_call(task, "history", "succeeded", 1)]
+        )
+        await db.commit()
+    async with factory() as db:
+        calls = await TaskRepository(db).service_calls(task.tenant_id, task.id)
+    assert sorted((c.step, c.status, c.attempts) for c in calls) == [
+        ("agent", "succeeded", 1),
+        ("history", "succeeded", 1),
+    ]
+
+
+async def test_transition_adds_to_columns_and_respects_its_guard(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    task = _task()
+    async with factory() as db:
+        await TaskRepository(db).add(task)
+        await db.commit()
+    now = utcnow()
+    async with factory() as db:
+        repo = TaskRepository(db)
+        lost = await repo.transition(
+            task.tenant_id,
+            task.id,
+            sources=["queued"],
+            values={"status": "running", "attempt": Add(1)},
+            guard=Guard(delivery=2),  # someone re-delivered it meanwhile
+        )
+        won = await repo.transition(
+            task.tenant_id,
+            task.id,
+            sources=["queued"],
+            values={"status": "running", "attempt": Add(1), "lease_owner": "w1"},
+            guard=Guard(delivery=1, due_at=now, not_cancelled=True),
+        )
+        again = await repo.transition(
+            task.tenant_id,
+            task.id,
+            sources=["queued"],
+            values={"status": "running", "attempt": Add(1)},
+        )
+        await db.commit()
+    assert lost is None
+    assert again is None
+    assert won is not None
+    assert (won.status, won.attempt, won.lease_owner) == ("running", 1, "w1")
+    assert inspect(won).transient  # detached values, never flushed behind our back
+
+
+async def test_session_rows_map_metadata_both_ways(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    now = utcnow()
+    row = SessionRow(
+        id=new_id(),
+        tenant_id="tenant-a",
+        user_id="user-1",
+        agent_id=None,
+        state="active",
+        metadata_={"topic": "billing"},
+        created_at=now,
+        last_activity_at=now,
+        expires_at=now + timedelta(hours=1),
+        closed_at=None,
+    )
+    async with factory() as db:
+        await SessionRepository(db).add(row)
+        await db.commit()
+    async with factory() as db:
+        repo = SessionRepository(db)
+        loaded = await repo.get("tenant-a", row.id)
+        assert loaded is not None
+        assert loaded.metadata_ == {"topic": "billing"}
+        await repo.update(loaded, metadata_={"topic": "refunds"}, state="processing")
+        assert loaded.metadata_ == {"topic": "refunds"}  # the caller's row follows
+        await db.commit()
+    async with factory() as db:
+        stored = await SessionRepository(db).get("tenant-a", row.id)
+        assert stored is not None
+        assert (stored.metadata_, stored.state) == ({"topic": "refunds"}, "processing")
+        assert await SessionRepository(db).get("tenant-b", row.id) is None
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_inline_sessions_run_one_transaction_at_a_time(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    first = factory()
+    assert isinstance(first, InlineSession)
+    order: list[str] = []
+    task = _task()
+    await TaskRepository(first).add(task)  # first now holds the connection
+
+    async def second() -> None:
+        async with factory() as db:
+            row = await TaskRepository(db).get(task.tenant_id, task.id)
+            order.append("second read " + ("committed" if row else "nothing"))
+
+    waiting = asyncio.create_task(second())
+    await asyncio.sleep(0.05)
+    assert order == []  # still waiting for the first transaction to end
+    order.append("first commits")
+    await first.commit()
+    await waiting
+    await first.close()
+    assert order == ["first commits", "second read committed"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_inline_session_lets_go_on_rollback_close_and_error(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    task = _task()
+    async with factory() as db:
+        await TaskRepository(db).add(task)
+        await db.rollback()  # nothing written, and the connection is free again
+
+    async def fail_mid_transaction() -> None:
+        async with factory() as db:
+            await TaskRepository(db).add(task)
+            raise RuntimeError("the handler failed mid-transaction")
+
+    with pytest.raises(RuntimeError):
+        await fail_mid_transaction()
+    async with asyncio.timeout(2):  # neither left the lock held
+        async with factory() as db:
+            found = await db.execute(select(TaskRow.id).where(TaskRow.id == task.id))
+            assert found.first() is None
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_inline_savepoint_rolls_back_alone(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    kept, dropped = _task(), _task(idempotency_key="k1")
+    clash = _task(idempotency_key="k1")
+    async with factory() as db:
+        repo = TaskRepository(db)
+        await repo.add(kept)
+        await repo.add(dropped)
+        with pytest.raises(Exception, match="UNIQUE"):
+            async with db.begin_nested():
+                await repo.add(clash)
+        await db.commit()
+    async with factory() as db:
+        ids = {row[0] for row in await db.execute(select(TaskRow.id))}
+    assert ids == {kept.id, dropped.id}
+    assert clash.id not in ids
