@@ -8,12 +8,18 @@ from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.db.tables import AgentRow
 from agent_orchestrator.models.agent import AgentConfig
+
+#: Built once: a turn asks for its agent every time (see db/repositories/rows.py).
+_STORED_CONFIG = select(AgentRow.__table__.c.config).where(
+    AgentRow.__table__.c.tenant_id == bindparam("tenant_id"),
+    AgentRow.__table__.c.id == bindparam("agent_id"),
+)
 
 DEFAULT_AGENT = AgentConfig(
     id="default",
@@ -46,15 +52,10 @@ class LocalAgentManagement:
 
     async def get_agent(self, ctx: CallContext, *, agent_id: str) -> AgentConfig:
         async with self.factory() as db:
-            row = (
-                await db.execute(
-                    select(AgentRow).where(
-                        AgentRow.tenant_id == ctx.tenant_id, AgentRow.id == agent_id
-                    )
-                )
-            ).scalar_one_or_none()
-        if row is not None:
-            return AgentConfig.model_validate({**row.config, "id": row.id})
+            params = {"tenant_id": ctx.tenant_id, "agent_id": agent_id}
+            config = (await db.execute(_STORED_CONFIG, params)).scalar_one_or_none()
+        if config is not None:
+            return AgentConfig.model_validate({**config, "id": agent_id})
         agent = self.declared.get(agent_id)
         if agent is None:
             raise DownstreamError(
