@@ -807,7 +807,11 @@ async def _production_phases(
     setup.overhead.append((label, turn, replay))
     missed = _overhead(turn, replay, "p99") > TARGET_OVERHEAD_P99_MS
     if args.profile == "always" or (args.profile == "auto" and missed):
-        setup.profile = await _profile(args, "worker", load.pids, base, token, home)
+        # Both processes a turn crosses, one after the other (py-spy on one at a time).
+        for name in ("serve", "worker"):
+            setup.profile += [f"#### {name}", ""]
+            setup.profile += await _profile(args, name, load.pids, base, token, home)
+            setup.profile.append("")
 
 
 def _overhead(turn: Series, direct: Series, which: str) -> float:
@@ -1184,6 +1188,6 @@ def _summarise(report: Report, args: argparse.Namespace, setups: list[Setup]) ->
     if embedded.profile:
         md += ["", "### Where an embedded turn's time goes", "", *embedded.profile]
     if production is not None and production.profile:
-        md += ["", "### Where a production-like turn's time goes (worker)", ""]
+        md += ["", "### Where a production-like turn's time goes (API and worker)", ""]
         md += production.profile
     report.console = [*md, "", "; ".join(summary)]
