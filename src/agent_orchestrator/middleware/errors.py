@@ -28,7 +28,7 @@ def _response(
     correlation_id = correlation_id_of(request.scope)
     all_headers = dict(headers or {})
     if correlation_id:
-        # The 500 handler runs outside the context middleware, so set the header here too.
+        # The 500 handler runs outside the request layer, so set the header here too.
         all_headers[HEADER] = correlation_id
     return JSONResponse(
         error_body(code, message, details, correlation_id), status_code=status, headers=all_headers
@@ -72,7 +72,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # This handler runs in ServerErrorMiddleware, outside the context middleware, whose
+    # This handler runs in ServerErrorMiddleware, outside the request layer, whose
     # bound context variables are already reset: name the correlation id explicitly.
     log.exception(
         "unhandled error",
