@@ -13,7 +13,12 @@ from sqlalchemy import inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.config import Settings
-from agent_orchestrator.db.engine import create_engine, dispose_sessions, session_factory
+from agent_orchestrator.db.engine import (
+    create_engine,
+    dispose_sessions,
+    session_factory,
+    single_statement_factory,
+)
 from agent_orchestrator.db.inline_session import InlineSession
 from agent_orchestrator.db.migrate import upgrade
 from agent_orchestrator.db.repositories.sessions import SessionRepository
@@ -249,3 +254,35 @@ async def test_inline_savepoint_rolls_back_alone(
         ids = {row[0] for row in await db.execute(select(TaskRow.id))}
     assert ids == {kept.id, dropped.id}
     assert clash.id not in ids
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_single_statement_sessions_commit_each_statement_on_postgresql(
+    settings: Settings,
+) -> None:
+    engine = create_engine(settings.resolved_database_url())
+    transactional = session_factory(engine)
+    single = single_statement_factory(engine, transactional)
+    task = _task()
+    try:
+        async with single() as db:
+            await TaskRepository(db).add(task)  # no commit: autocommit wrote it already
+            async with transactional() as other:
+                seen = await TaskRepository(other).get(task.tenant_id, task.id)
+            assert seen is not None
+            await db.rollback()  # nothing left to undo
+        async with transactional() as db:
+            assert await TaskRepository(db).get(task.tenant_id, task.id) is not None
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_single_statement_sessions_are_the_inline_ones_on_sqlite(
+    factory: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    engine = create_engine(settings.resolved_database_url())
+    try:
+        assert single_statement_factory(engine, factory) is factory
+    finally:
+        await engine.dispose()

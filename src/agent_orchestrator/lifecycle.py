@@ -7,7 +7,12 @@ from redis.asyncio import Redis
 
 from agent_orchestrator.clients.directory import build_directory
 from agent_orchestrator.config import Settings
-from agent_orchestrator.db.engine import create_engine, dispose_sessions, session_factory
+from agent_orchestrator.db.engine import (
+    create_engine,
+    dispose_sessions,
+    session_factory,
+    single_statement_factory,
+)
 from agent_orchestrator.db.migrate import is_up_to_date, upgrade
 from agent_orchestrator.middleware.auth import TokenVerifier
 from agent_orchestrator.queue.engine import WorkerEngine, build_bus, build_ledger, build_queue
@@ -77,18 +82,20 @@ async def build_state(settings: Settings, verifier: TokenVerifier, *, run_worker
         else MemorySessionCache(settings.session_cache_size)
     )
     factory = session_factory(engine)
+    single = single_statement_factory(engine, factory)
     bus = build_bus(settings, redis)
     queue = build_queue(settings, redis)
     await bus.start()
     await queue.start()
     registry = HandlerRegistry()
-    services, closeable = build_directory(settings, factory)
+    services, closeable = build_directory(settings, single)
     sessions = SessionManager(ttl_seconds=settings.session_ttl, cache=cache)
-    ledger = build_ledger(settings, factory, bus, queue)
+    ledger = build_ledger(settings, single, bus, queue)
     state = AppState(
         settings=settings,
         engine=engine,
         db_factory=factory,
+        db_single=single,
         redis=redis,
         verifier=verifier,
         sessions=sessions,

@@ -25,6 +25,8 @@ class AppState:
     settings: Settings
     engine: AsyncEngine
     db_factory: async_sessionmaker[AsyncSession]
+    #: one statement per session (see db.engine.single_statement_factory)
+    db_single: async_sessionmaker[AsyncSession]
     redis: Redis | None
     verifier: TokenVerifier
     sessions: SessionManager

@@ -68,6 +68,19 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+def single_statement_factory(
+    engine: AsyncEngine, transactional: async_sessionmaker[AsyncSession]
+) -> async_sessionmaker[AsyncSession]:
+    """Sessions for work that is one statement (a conditional UPDATE, a lookup). On
+    PostgreSQL they run in autocommit: one round trip instead of BEGIN, statement, COMMIT,
+    and a single statement is atomic by itself. Never use them for several statements
+    that must commit together. On SQLite they are the ordinary inline sessions."""
+    if isinstance(transactional, InlineSessionMaker):
+        return transactional
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return async_sessionmaker(autocommit, expire_on_commit=False)
+
+
 def dispose_sessions(factory: async_sessionmaker[AsyncSession]) -> None:
     """Close what a factory holds of its own (embedded mode's SQLite connection)."""
     if isinstance(factory, InlineSessionMaker):

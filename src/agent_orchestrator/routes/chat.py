@@ -98,7 +98,9 @@ async def _wait_until_settled(state: AppState, stream: StreamKey) -> None:
 
 
 async def _finished_turn(state: AppState, principal: Principal, task_id: uuid.UUID) -> ChatResponse:
-    async with UnitOfWork(state.db_factory) as uow:
+    # Three lookups, none of which needs to see the others' snapshot: the reply, the
+    # steps and the terminal status were committed before the event we waited for.
+    async with UnitOfWork(state.db_single) as uow:
         view = await state.ledger.view(uow, principal, task_id)
         message = None
         if view.status in TERMINAL and view.session_id is not None:

@@ -131,6 +131,8 @@ class TaskLedger:
         default_max_attempts: int,
         lease_ttl: float,
     ) -> None:
+        # Every session the ledger opens itself runs one statement, so this may be (and
+        # in the service is) an autocommit factory: db.engine.single_statement_factory.
         self.factory = factory
         self.bus = bus
         self.producer = producer
