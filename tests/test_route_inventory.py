@@ -3,6 +3,7 @@ every such route really answers 401 to a caller without a token."""
 
 from __future__ import annotations
 
+import inspect
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -171,3 +172,27 @@ async def test_allow_listed_routes_answer_without_a_token(
         for path in sorted(present - {"/docs/oauth2-redirect"}):
             response = await client.get(path)
             assert response.status_code == 200, (path, response.text)
+
+
+def _runs_on_the_loop(call: Any) -> bool:
+    return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+
+
+def test_no_route_runs_a_dependency_or_endpoint_in_the_thread_pool(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """FastAPI runs a plain `def` dependency or endpoint in its thread pool: a hand-off per
+    request for work that never blocks. Every one of ours is a coroutine."""
+    app = create_app(make_settings())
+    offenders = []
+    for route in effective_routes(app):
+        dependant = getattr(route, "dependant", None)
+        if not isinstance(dependant, Dependant) or route.path in PUBLIC - {"/health"}:
+            continue  # FastAPI's own docs routes
+        calls = [dependant.call, *_dependency_calls(dependant)]
+        offenders += [
+            f"{route.path}: {getattr(call, '__qualname__', call)}"
+            for call in calls
+            if call is not None and not _runs_on_the_loop(call)
+        ]
+    assert offenders == []

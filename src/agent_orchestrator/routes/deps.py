@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -14,15 +15,21 @@ from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+def app_state(request: Request) -> AppState:
     state: AppState = request.app.state.core
     return state
+
+
+# Dependencies are coroutines: FastAPI runs a plain `def` dependency in its thread pool,
+# a hand-off per request (~170 us of CPU on a session listing) for an attribute lookup.
+async def get_state(request: Request) -> AppState:
+    return app_state(request)
 
 
 async def get_uow(request: Request) -> AsyncIterator[UnitOfWork]:
     # scope="function" below: commit before the response is sent, so a client never sees
     # a 2xx for a write that then fails to commit.
-    async with UnitOfWork(get_state(request).db_factory) as uow:
+    async with UnitOfWork(app_state(request).db_factory) as uow:
         yield uow
 
 
@@ -33,29 +40,31 @@ SessionsReader = Annotated[Principal, Depends(require_scope(Scope.SESSIONS_READ)
 SessionsWriter = Annotated[Principal, Depends(require_scope(Scope.SESSIONS_WRITE))]
 
 
+@dataclass(frozen=True)
 class PageParams:
+    limit: int
+    cursor: str | None
+
+
+async def page_params(
+    request: Request,
+    limit: Annotated[int | None, Query(ge=1, description="page size")] = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> PageParams:
     """`limit` (bounded by MAX_PAGE_SIZE; over it is a 422 naming `limit`) and `cursor`."""
-
-    def __init__(
-        self,
-        request: Request,
-        limit: Annotated[int | None, Query(ge=1, description="page size")] = None,
-        cursor: Annotated[str | None, Query(max_length=512)] = None,
-    ) -> None:
-        settings = get_state(request).settings
-        if limit is not None and limit > settings.max_page_size:
-            raise ValidationFailed(
-                f"limit must be at most {settings.max_page_size}",
-                details=[
-                    {
-                        "field": "limit",
-                        "in": "query",
-                        "message": f"at most {settings.max_page_size}",
-                    }
-                ],
-            )
-        self.limit = limit or settings.default_page_size
-        self.cursor = cursor
+    settings = app_state(request).settings
+    if limit is not None and limit > settings.max_page_size:
+        raise ValidationFailed(
+            f"limit must be at most {settings.max_page_size}",
+            details=[
+                {
+                    "field": "limit",
+                    "in": "query",
+                    "message": f"at most {settings.max_page_size}",
+                }
+            ],
+        )
+    return PageParams(limit or settings.default_page_size, cursor)
 
 
-Paging = Annotated[PageParams, Depends()]
+Paging = Annotated[PageParams, Depends(page_params)]
