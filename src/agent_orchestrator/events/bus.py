@@ -8,6 +8,7 @@ events that race the replay are buffered) and no duplicate (ids only rise).
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -21,24 +22,64 @@ class SubscriberOverflow(Exception):
     """The subscriber did not keep up: its bounded queue filled, so it was cut off."""
 
 
+class _Flag:
+    """Set, cleared and read like asyncio.Event, but setting it wakes its subscriber."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._set = False
+        self._wake = wake
+
+    def set(self) -> None:
+        self._set = True
+        self._wake()
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class Subscriber:
-    """One local consumer of one stream, fed by the bus's single live listener."""
+    """One local consumer of one stream, fed by the bus's single live listener.
+
+    Its iterator sleeps on one future that a delivered event or a replay request wakes:
+    waiting on the queue and the replay flag as two tasks cost two task creations and an
+    asyncio.wait for every event delivered."""
 
     def __init__(self, stream: StreamKey, max_queue: int) -> None:
         self.stream = stream
-        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=max_queue)
+        self.queue: deque[Event] = deque()
+        self.max_queue = max_queue
         self.overflowed = False
         self.last_id = 0
         # Set by a backend whose live feed broke (e.g. Redis reconnect): read the log again.
-        self.needs_replay = asyncio.Event()
+        self.needs_replay = _Flag(self._wake)
+        self._waiter: asyncio.Future[None] | None = None
 
     def offer(self, event: Event) -> None:
         if self.overflowed:
             return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if len(self.queue) >= self.max_queue:
             self.overflowed = True
+        else:
+            self.queue.append(event)
+        self._wake()
+
+    async def changed(self) -> None:
+        """Returns once there is an event to take or a replay to do."""
+        if self.queue or self.needs_replay.is_set():
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class EventBus(Protocol):
@@ -143,31 +184,24 @@ async def _replay_missed(subscriber: Subscriber, replay_fn: ReplayFn) -> AsyncIt
 
 
 async def _iterate(subscriber: Subscriber, replay_fn: ReplayFn) -> AsyncIterator[Event]:
+    queue = subscriber.queue
     while True:
         if subscriber.needs_replay.is_set():
+            # The live feed broke and came back (or this is the start): the log holds what
+            # it missed, and those events come before anything still queued. Queued events
+            # that the replay already yielded are skipped below by their id.
             async for event in _replay_missed(subscriber, replay_fn):
                 yield event
-        if subscriber.overflowed and subscriber.queue.empty():
-            raise SubscriberOverflow(str(subscriber.stream))
-        getter = asyncio.ensure_future(subscriber.queue.get())
-        waker = asyncio.ensure_future(subscriber.needs_replay.wait())
-        try:
-            done, _ = await asyncio.wait({getter, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waker.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter in done and not getter.cancelled():
-            event = getter.result()
-            if subscriber.needs_replay.is_set():
-                # The live feed broke and came back while we waited: the events it missed
-                # come before this one, so read the log first. This event is in the log
-                # too (it is written there before it is published), so dropping it here
-                # loses nothing; yielding it first would skip the missed ones for good.
-                continue
-            if event.cursor > subscriber.last_id:
-                subscriber.last_id = event.cursor
-                yield event
+            continue
+        if not queue:
+            if subscriber.overflowed:
+                raise SubscriberOverflow(str(subscriber.stream))
+            await subscriber.changed()
+            continue
+        event = queue.popleft()
+        if event.cursor > subscriber.last_id:
+            subscriber.last_id = event.cursor
+            yield event
 
 
 class LocalFanoutBus:
