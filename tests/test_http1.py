@@ -12,6 +12,7 @@ import pytest
 from agent_orchestrator.clients.base import CallContext, DownstreamError, sse_data
 from agent_orchestrator.clients.conversation.http import HttpConversationClient
 from agent_orchestrator.clients.exchange import HttpxExchange, open_exchange
+from agent_orchestrator.clients.http1 import HIGH_WATER
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -221,3 +222,27 @@ async def test_sse_lines_end_with_crlf_lf_or_cr_across_reads() -> None:
     )
     payloads = [payload async for payload in sse_data(stream)]
     assert payloads == ['{"a": 1}', '{"b": "\u2028"}', '{"c": 3}', "tail"]
+
+
+async def test_bodies_larger_than_the_high_water_mark_arrive_whole() -> None:
+    big = b'{"messages": [], "pad": "' + b"x" * (3 * HIGH_WATER) + b'"}'
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while await server.read_request(reader) is not None:
+            writer.write(json_response(big))
+            await writer.drain()
+
+    async with serving(handler) as server:
+        client = HttpConversationClient(f"http://127.0.0.1:{server.port}", None)
+        try:
+            assert await client.get_history(ctx(), session_id="s", limit=5) == []
+            reply = await client.exchange.fetch("GET", "x", {}, None)
+            assert len(reply.body) == len(big)
+            async with client.exchange.stream("GET", "x", {}, None) as response:
+                received = 0
+                async for piece in response.iter_bytes():
+                    received += len(piece)
+                    await asyncio.sleep(0)  # a slow reader: the socket is paused meanwhile
+            assert received == len(big)
+        finally:
+            await client.aclose()

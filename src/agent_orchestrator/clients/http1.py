@@ -24,7 +24,8 @@ import httpx
 #: A connection whose reader stopped at the reply's end event waits this long for the
 #: rest of its body (the end of a chunked body, normally already on its way) to be reused.
 LINGER_SECONDS = 1.0
-#: Unread body bytes buffered before the connection stops reading from its socket.
+#: Unread body bytes a streamed response buffers before its socket stops being read
+#: (a whole-body read takes everything: its caller wants it all anyway).
 HIGH_WATER = 1 << 20
 
 _UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -66,6 +67,7 @@ class _Connection(asyncio.Protocol):
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.buffered = 0
+        self.streaming = False  # read piece by piece: back-pressure on the socket
         self.head_done = False
         self.complete = False
         self.keep_alive = False
@@ -121,7 +123,7 @@ class _Connection(asyncio.Protocol):
             return  # nobody reads it any more
         self.body.append(body)
         self.buffered += len(body)
-        if self.buffered > HIGH_WATER and self.transport is not None:
+        if self.streaming and self.buffered > HIGH_WATER and self.transport is not None:
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
@@ -178,6 +180,7 @@ class _Connection(asyncio.Protocol):
 
     async def next_piece(self, read_timeout: float) -> bytes | None:
         """Body bytes received since the last call (waiting for some); None at its end."""
+        self.streaming = True
         while not self.body:
             if self.complete:
                 return None
@@ -186,7 +189,7 @@ class _Connection(asyncio.Protocol):
         piece = b"".join(self.body) if len(self.body) > 1 else self.body[0]
         self.body.clear()
         if self.buffered > HIGH_WATER and self.transport is not None:
-            self.transport.resume_reading()
+            self.transport.resume_reading()  # it was paused at the high-water mark
         self.buffered = 0
         return piece
 
