@@ -122,8 +122,9 @@ class LocalFanout:
             if not group:
                 del self._by_stream[subscriber.stream]
 
-    def deliver(self, event: Event) -> None:
-        for stream in event.streams():
+    def deliver(self, event: Event, streams: list[StreamKey] | None = None) -> None:
+        """To the subscribers of the event's streams (`streams`, when the caller has them)."""
+        for stream in event.streams() if streams is None else streams:
             for subscriber in list(self._by_stream.get(stream, ())):
                 subscriber.offer(event)
 

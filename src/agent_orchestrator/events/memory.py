@@ -30,7 +30,8 @@ class MemoryEventBus(LocalFanoutBus):
         self._last_id = max(self._last_id + 1, time.time_ns() // 1000)
         stamped = event.model_copy(update={"id": str(self._last_id)})
         now = time.monotonic()
-        for stream in stamped.streams():
+        streams = stamped.streams()
+        for stream in streams:
             log = self._streams.get(stream)
             if log is None:
                 log = self._streams[stream] = deque(maxlen=self._cap)
@@ -38,7 +39,7 @@ class MemoryEventBus(LocalFanoutBus):
             log.append((now, stamped))
         while len(self._streams) > self._max_streams:
             self._streams.popitem(last=False)
-        self._fanout.deliver(stamped)
+        self._fanout.deliver(stamped, streams)
         return stamped
 
     async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]:

@@ -98,7 +98,8 @@ class RedisEventBus(LocalFanoutBus):
         events = []
         for entry_id, fields in entries:
             event = Event.model_validate_json(fields[b"e"])
-            events.append(event.model_copy(update={"id": entry_id.decode().split("-", 1)[0]}))
+            event.id = entry_id.decode().split("-", 1)[0]
+            events.append(event)
         return events
 
     async def live(self) -> None:
@@ -165,7 +166,8 @@ class RedisEventBus(LocalFanoutBus):
                 await self._fanout.dispatch_control(json.loads(data))
                 return
             event_id, _, payload = data.partition("|")
-            event = Event.model_validate_json(payload).model_copy(update={"id": event_id})
+            event = Event.model_validate_json(payload)
+            event.id = event_id  # a fresh object of ours: no copy needed
         except Exception:
             log.exception("dropping malformed bus message", channel=channel)
             return
