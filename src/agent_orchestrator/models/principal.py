@@ -1,4 +1,5 @@
-"""Who is calling: built by the auth middleware, passed explicitly to every service call."""
+"""Who is calling: built by the request layer's authentication, passed explicitly to every
+service call."""
 
 from __future__ import annotations
 
