@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from agent_orchestrator.clients.base import (
     CallContext,
     HttpServiceClient,
@@ -11,6 +13,9 @@ from agent_orchestrator.clients.base import (
     segment,
 )
 from agent_orchestrator.models.agent import ConversationMessage
+
+#: A history is up to HISTORY_LIMIT messages: validated in one pass, not one call each.
+_MESSAGES = TypeAdapter(list[ConversationMessage])
 
 
 class HttpConversationClient(HttpServiceClient):
@@ -23,7 +28,7 @@ class HttpConversationClient(HttpServiceClient):
             ctx, "GET", f"v1/sessions/{segment(session_id)}/messages", params={"limit": limit}
         )
         try:
-            return [ConversationMessage.model_validate(item) for item in body["messages"]]
+            return _MESSAGES.validate_python(body["messages"])
         except (KeyError, TypeError, ValueError) as error:
             raise invalid_response(self.service, "no messages list") from error
 
