@@ -101,6 +101,7 @@ def worker() -> None:
     from agent_orchestrator.lifecycle import StartupError, build_state, close_state
     from agent_orchestrator.observability.logging import configure_logging
     from agent_orchestrator.state import build_verifier
+    from agent_orchestrator.websocket.server import tune_collector
 
     settings = load_settings()
     configure_logging(settings.log_level)
@@ -127,6 +128,7 @@ def worker() -> None:
         finally:
             await close_state(state)
 
+    tune_collector()
     try:
         # uvloop, as uvicorn gives `serve`: the event loop is a large share of a worker's
         # CPU per task (bench/RESULTS.md, chat profile).
