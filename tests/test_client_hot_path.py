@@ -20,6 +20,7 @@ from agent_orchestrator.clients.agent_execution.http import HttpAgentExecutionCl
 from agent_orchestrator.clients.agent_management.http import HttpAgentManagementClient
 from agent_orchestrator.clients.base import CallContext
 from agent_orchestrator.clients.conversation.http import HttpConversationClient
+from agent_orchestrator.clients.llm.openai_compat import OpenAICompatibleLLM
 from agent_orchestrator.models.agent import AgentConfig, ReplyDone
 from tests.conftest import TcpProxy
 from tests.doubles.process import running_double
@@ -127,3 +128,18 @@ async def test_a_finished_stream_leaves_its_connection_for_the_next_call(
 def test_calls_work_on_uvloop(double_url: str) -> None:
     # The worker and the API run on uvloop, whose transports are not asyncio's classes.
     uvloop.run(_one_turn_of_calls(double_url))
+
+
+async def test_a_finished_llm_stream_leaves_its_connection_for_the_next_call(
+    proxy: _CountingProxy,
+) -> None:
+    llm = OpenAICompatibleLLM(f"http://127.0.0.1:{proxy.port}/v1", api_key=None, default_model="m")
+    try:
+        for message in ("one", "two", "three"):
+            prompt = [{"role": "user", "content": message}]
+            events = [event async for event in llm.stream(prompt, model=None, temperature=None)]
+            assert isinstance(events[-1], ReplyDone)
+            await asyncio.sleep(0.05)  # the body's end follows [DONE] at once
+    finally:
+        await llm.aclose()
+    assert proxy.accepted == 1

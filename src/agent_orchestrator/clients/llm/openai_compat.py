@@ -4,6 +4,7 @@ without `[DONE]` is a cut stream, never a complete reply."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,11 +12,14 @@ import httpx
 
 from agent_orchestrator.clients.base import (
     DownstreamError,
+    json_bytes,
     json_object,
     parse_retry_after,
     retryable_status,
     sse_data,
 )
+from agent_orchestrator.clients.exchange import open_exchange
+from agent_orchestrator.clients.http1 import Reply
 from agent_orchestrator.models.agent import ExecutionEvent, ReplyChunk, ReplyDone, Usage
 
 SERVICE = "llm"
@@ -40,17 +44,17 @@ class OpenAICompatibleLLM:
         timeout: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.default_model = default_model
-        self.http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=5.0),
+        self.exchange = open_exchange(
+            base_url,
+            fixed_headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            timeout=timeout,
+            max_connections=100,
             transport=transport,
         )
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        await self.exchange.aclose()
 
     async def stream(
         self, messages: list[dict[str, Any]], *, model: str | None, temperature: float | None
@@ -65,12 +69,18 @@ class OpenAICompatibleLLM:
             body["temperature"] = temperature
         started = False  # the response began: a transport failure from now on is a cut
         try:
-            async with self.http.stream("POST", "chat/completions", json=body) as response:
+            async with self.exchange.stream(
+                "POST", "chat/completions", {}, json_bytes(body)
+            ) as response:
                 started = True
-                if response.status_code != 200:
-                    await response.aread()
-                    raise _error_from(response)
-                async for event in _events(response, body["model"]):
+                if response.status != 200:
+                    content = await response.read()
+                    raise _error_from(
+                        Reply(response.status, response.reason, response.headers, content)
+                    )
+                async for event in _events(response.iter_bytes(), body["model"]):
+                    if isinstance(event, ReplyDone):
+                        response.keep_connection()  # [DONE] ends the body: reuse it
                     yield event
         except httpx.TimeoutException as error:
             raise DownstreamError(
@@ -87,11 +97,11 @@ class OpenAICompatibleLLM:
             ) from error
 
 
-async def _events(response: httpx.Response, model: str) -> AsyncIterator[ExecutionEvent]:
+async def _events(body: AsyncIterator[bytes], model: str) -> AsyncIterator[ExecutionEvent]:
     index = 0
     usage = Usage()
     finish = "stop"
-    async for payload in sse_data(response.aiter_bytes()):
+    async for payload in sse_data(body):
         if payload.strip() == "[DONE]":
             yield ReplyDone(usage=usage, finish_reason=finish, model=model)
             return
@@ -126,11 +136,11 @@ async def _events(response: httpx.Response, model: str) -> AsyncIterator[Executi
     )
 
 
-def _error_from(response: httpx.Response) -> DownstreamError:
-    status = response.status_code
-    message = response.reason_phrase or "error"
+def _error_from(reply: Reply) -> DownstreamError:
+    status = reply.status
+    message = reply.reason or "error"
     try:
-        body = response.json()
+        body = json.loads(reply.body)
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             message = str(body["error"].get("message") or message)
     except ValueError:
@@ -142,5 +152,5 @@ def _error_from(response: httpx.Response) -> DownstreamError:
         message,
         retryable=retryable_status(status),
         status=status,
-        retry_after=parse_retry_after(response.headers.get("retry-after")),
+        retry_after=parse_retry_after(reply.headers.get("retry-after")),
     )
