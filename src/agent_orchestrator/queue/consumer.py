@@ -314,6 +314,10 @@ ALREADY_FINISHED = _ALREADY_FINISHED
 RECEIVE_WAIT = 0.25
 #: How often delayed deliveries are checked for being due.
 PROMOTE_EVERY = 0.2
+#: Receive calls in flight per queue. One at a time, a receive (three Redis round trips)
+#: waited its turn on a busy event loop: at 16 concurrent chat turns a delivery sat ~60 ms
+#: in Redis (p50) before a worker with free slots took it.
+RECEIVERS = 4
 
 
 class WorkerPool:
@@ -330,7 +334,10 @@ class WorkerPool:
 
     def start(self) -> None:
         for name, slots in self.concurrency.items():
-            self._loops.append(asyncio.create_task(self._consume(name, slots), name=f"pool-{name}"))
+            free = asyncio.Semaphore(slots)
+            for receiver in range(min(RECEIVERS, slots)):
+                loop = self._consume(name, free)
+                self._loops.append(asyncio.create_task(loop, name=f"pool-{name}-{receiver}"))
         self._loops.append(asyncio.create_task(self._promote_due(), name="pool-promote"))
 
     async def _promote_due(self) -> None:
@@ -342,8 +349,8 @@ class WorkerPool:
                 log.warning("promoting delayed deliveries failed", error=str(error))
             await asyncio.sleep(PROMOTE_EVERY)
 
-    async def _consume(self, name: str, slots: int) -> None:
-        free = asyncio.Semaphore(slots)
+    async def _consume(self, name: str, free: asyncio.Semaphore) -> None:
+        """One receiver of queue `name`; its receivers share the queue's free slots."""
         while not self._stopping:
             await free.acquire()
             try:
