@@ -450,7 +450,9 @@ async def test_llm_stream_cut_mid_reply_fails_and_stores_no_half_reply(
         assert await assistant_messages(client) == 0
         events = await events_of(client, TENANT, accepted["task_id"])
         kinds = [e.type for e in events]
-        assert kinds.count(EventType.CHAT_STREAM) == 2
+        # The double sent two: aiohttp drops body bytes that arrive together with the
+        # connection's break, so the second may be lost with it; the first always goes out.
+        assert kinds.count(EventType.CHAT_STREAM) in {1, 2}
         assert EventType.CHAT_COMPLETED not in kinds
     assert await double.requests("llm") == 1
     assert (await double.streams("llm"))["cut"] == 1

@@ -29,6 +29,8 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import RawTestServer
 
 from agent_orchestrator.clients.agent_execution import AgentExecutionClient
 from agent_orchestrator.clients.agent_execution.http import HttpAgentExecutionClient
@@ -1067,10 +1069,19 @@ async def test_unreachable_is_retryable(operation: Operation) -> None:
     assert (caught.value.code, caught.value.retryable) == ("unreachable", True)
 
 
-def _answering(status: int, body: bytes, content_type: str) -> httpx.MockTransport:
-    return httpx.MockTransport(
-        lambda request: httpx.Response(status, content=body, headers={"content-type": content_type})
-    )
+@contextlib.asynccontextmanager
+async def _answering(status: int, body: bytes, content_type: str) -> AsyncIterator[str]:
+    """A local server answering every request with this response; yields its URL."""
+
+    async def answer(request: web.BaseRequest) -> web.Response:
+        return web.Response(status=status, body=body, content_type=content_type)
+
+    server = RawTestServer(answer)
+    await server.start_server()
+    try:
+        yield str(server.make_url("/")).rstrip("/")
+    finally:
+        await server.close()
 
 
 INVALID_BODIES = [
@@ -1086,16 +1097,13 @@ INVALID_BODIES = [
 )
 async def test_invalid_body_is_invalid_response(operation: Operation, body: bytes) -> None:
     status = 201 if operation.name == "save_message" else 200
-    client = http_client(
-        operation.service,
-        "http://downstream.invalid",
-        transport=_answering(status, body, "application/json"),
-    )
-    try:
-        with pytest.raises(DownstreamError) as caught:
-            await operation.call(client, ctx())
-    finally:
-        await client.aclose()
+    async with _answering(status, body, "application/json") as url:
+        client = http_client(operation.service, url)
+        try:
+            with pytest.raises(DownstreamError) as caught:
+                await operation.call(client, ctx())
+        finally:
+            await client.aclose()
     assert (caught.value.code, caught.value.retryable) == ("invalid_response", False)
 
 
@@ -1108,30 +1116,25 @@ async def test_invalid_body_is_invalid_response(operation: Operation, body: byte
     ],
 )
 async def test_invalid_execution_event_is_invalid_response(stream: bytes) -> None:
-    client = HttpAgentExecutionClient(
-        "http://downstream.invalid",
-        SERVICE_TOKEN,
-        transport=_answering(200, stream, "text/event-stream"),
-    )
-    try:
-        with pytest.raises(DownstreamError) as caught:
-            await _stream(client, ctx())
-    finally:
-        await client.aclose()
+    async with _answering(200, stream, "text/event-stream") as url:
+        client = HttpAgentExecutionClient(url, SERVICE_TOKEN)
+        try:
+            with pytest.raises(DownstreamError) as caught:
+                await _stream(client, ctx())
+        finally:
+            await client.aclose()
     assert (caught.value.code, caught.value.retryable) == ("invalid_response", False)
 
 
 async def test_embedding_vector_count_must_match() -> None:
-    client = HttpEmbeddingClient(
-        "http://downstream.invalid",
-        SERVICE_TOKEN,
-        transport=_answering(200, b'{"model": "m", "embeddings": [[1.0]]}', "application/json"),
-    )
-    try:
-        with pytest.raises(DownstreamError) as caught:
-            await client.embed(ctx(), texts=["a", "b"])
-    finally:
-        await client.aclose()
+    answer = b'{"model": "m", "embeddings": [[1.0]]}'
+    async with _answering(200, answer, "application/json") as url:
+        client = HttpEmbeddingClient(url, SERVICE_TOKEN)
+        try:
+            with pytest.raises(DownstreamError) as caught:
+                await client.embed(ctx(), texts=["a", "b"])
+        finally:
+            await client.aclose()
     assert caught.value.code == "invalid_response"
 
 
@@ -1147,15 +1150,12 @@ async def test_ids_are_one_path_segment(double: Double) -> None:
 
 
 async def test_invalid_llm_chunk_is_invalid_response() -> None:
-    llm = OpenAICompatibleLLM(
-        "http://llm.invalid/v1",
-        api_key=None,
-        default_model="m",
-        transport=_answering(200, b'data: {"choices": [{"delta": "x"}]}\n\n', "text/event-stream"),
-    )
-    try:
-        _, error = await drain(llm.stream(PROMPT, model=None, temperature=None))
-    finally:
-        await llm.aclose()
+    answer = b'data: {"choices": [{"delta": "x"}]}\n\n'
+    async with _answering(200, answer, "text/event-stream") as url:
+        llm = OpenAICompatibleLLM(f"{url}/v1", api_key=None, default_model="m")
+        try:
+            _, error = await drain(llm.stream(PROMPT, model=None, temperature=None))
+        finally:
+            await llm.aclose()
     assert error is not None
     assert (error.code, error.retryable) == ("invalid_response", False)

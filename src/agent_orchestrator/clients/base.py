@@ -1,6 +1,6 @@
 """What every downstream client shares: the call context, the error type, and the pooled
-HTTP plumbing (headers, timeouts, error mapping, Retry-After, SSE reading; the transport
-itself is in exchange.py).
+HTTP plumbing (headers, timeouts, error mapping, Retry-After, SSE reading; the aiohttp
+session itself is in exchange.py).
 
 The contract is in docs/contracts/README.md; retries and circuit breaking are the
 coordinator's job (resilience/), so a client makes exactly one attempt per call.
@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import httpx
+import aiohttp
 
-from agent_orchestrator.clients.exchange import open_exchange
-from agent_orchestrator.clients.http1 import Reply
+from agent_orchestrator.clients.exchange import Exchange, Reply
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def invalid_response(service: str, message: str, *, status: int | None = None) -
 
 
 class HttpServiceClient:
-    """One pooled connection set per downstream service (exchange.py picks the transport)."""
+    """One pooled connection set per downstream service (exchange.py)."""
 
     service = "unknown"
 
@@ -98,14 +97,12 @@ class HttpServiceClient:
         *,
         timeout: float = 10.0,
         max_connections: int = 100,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.exchange = open_exchange(
+        self.exchange = Exchange(
             base_url,
             fixed_headers={"Authorization": f"Bearer {service_token}"} if service_token else {},
             timeout=timeout,
             max_connections=max_connections,
-            transport=transport,
         )
 
     async def aclose(self) -> None:
@@ -139,11 +136,11 @@ class HttpServiceClient:
         try:
             body = None if json_body is None else json_bytes(json_body)
             reply = await self.exchange.fetch(method, target, sent, body)
-        except httpx.TimeoutException as error:
+        except TimeoutError as error:  # connect, pool wait or read (aiohttp's included)
             raise DownstreamError(
                 self.service, "timeout", str(error) or "timed out", retryable=True
             ) from error
-        except httpx.TransportError as error:
+        except aiohttp.ClientError as error:
             raise DownstreamError(
                 self.service, "unreachable", str(error) or "connect error", retryable=True
             ) from error
@@ -180,7 +177,7 @@ class HttpServiceClient:
 
 
 def json_bytes(value: Any) -> bytes:
-    """A JSON request body, encoded as httpx's `json=` does (NaN refused: ValueError)."""
+    """A compact UTF-8 JSON request body (NaN refused: ValueError)."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 

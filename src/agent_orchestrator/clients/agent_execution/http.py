@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 from pydantic import ValidationError
 
 from agent_orchestrator.clients.agent_execution import conversation_of
@@ -19,7 +19,7 @@ from agent_orchestrator.clients.base import (
     json_object,
     sse_data,
 )
-from agent_orchestrator.clients.http1 import Reply
+from agent_orchestrator.clients.exchange import Reply
 from agent_orchestrator.models.agent import (
     AgentConfig,
     ConversationMessage,
@@ -73,11 +73,11 @@ class HttpAgentExecutionClient(HttpServiceClient):
                         yield event
                         return
                     yield event
-        except httpx.TimeoutException as error:
+        except TimeoutError as error:
             raise DownstreamError(
                 self.service, "timeout", "execution timed out", retryable=True
             ) from error
-        except httpx.TransportError as error:
+        except aiohttp.ClientError as error:
             if not started:
                 raise DownstreamError(
                     self.service, "unreachable", str(error) or "connect error", retryable=True

@@ -8,7 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from agent_orchestrator.clients.base import (
     DownstreamError,
@@ -18,8 +18,7 @@ from agent_orchestrator.clients.base import (
     retryable_status,
     sse_data,
 )
-from agent_orchestrator.clients.exchange import open_exchange
-from agent_orchestrator.clients.http1 import Reply
+from agent_orchestrator.clients.exchange import Exchange, Reply
 from agent_orchestrator.models.agent import ExecutionEvent, ReplyChunk, ReplyDone, Usage
 
 SERVICE = "llm"
@@ -42,15 +41,13 @@ class OpenAICompatibleLLM:
         api_key: str | None,
         default_model: str,
         timeout: float = 60.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.default_model = default_model
-        self.exchange = open_exchange(
+        self.exchange = Exchange(
             base_url,
             fixed_headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
             timeout=timeout,
             max_connections=100,
-            transport=transport,
         )
 
     async def aclose(self) -> None:
@@ -82,11 +79,11 @@ class OpenAICompatibleLLM:
                     if isinstance(event, ReplyDone):
                         response.keep_connection()  # [DONE] ends the body: reuse it
                     yield event
-        except httpx.TimeoutException as error:
+        except TimeoutError as error:
             raise DownstreamError(
                 SERVICE, "llm_timeout", "the model did not answer in time", retryable=True
             ) from error
-        except httpx.TransportError as error:
+        except aiohttp.ClientError as error:
             # Before the response this is a connect failure; after it, a cut stream.
             if not started:
                 raise DownstreamError(
