@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from agent_orchestrator.aio import cancel_and_wait
 from agent_orchestrator.events.bus import LocalFanoutBus
 from agent_orchestrator.events.models import Event, StreamKey
-from agent_orchestrator.events.redis_publish import ScriptPublisher
+from agent_orchestrator.events.script_batch import ScriptBatcher
 from agent_orchestrator.observability.logging import get_logger
 
 log = get_logger(__name__)
@@ -60,9 +60,7 @@ class RedisEventBus(LocalFanoutBus):
         self._events_channel_bytes = self._events_channel.encode()
         self._control_channel = f"{namespace}:control"
         self._counter = f"{namespace}:events:seq"
-        self._script = redis.register_script(_PUBLISH)
-        # Its own pipelined connection when the URL allows (redis_publish.py), else redis-py.
-        self._publisher = ScriptPublisher.for_client(redis, _PUBLISH)
+        self._publisher = ScriptBatcher(redis, _PUBLISH)  # a client of its own
         self._reader: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._pubsub: PubSub | None = None
@@ -78,16 +76,12 @@ class RedisEventBus(LocalFanoutBus):
         if self._reader is not None:
             await cancel_and_wait(self._reader)
             self._reader = None
-        if self._publisher is not None:
-            await self._publisher.aclose()
+        await self._publisher.aclose()
 
     async def publish(self, event: Event) -> Event:
         payload = event.model_dump_json(exclude={"id"})
         keys = [self._counter, self._events_channel] + [s.name(self._ns) for s in event.streams()]
-        if self._publisher is not None:
-            raw = await self._publisher.run(keys, [payload, self._cap, self._ttl])
-        else:
-            raw = await self._script(keys=keys, args=[payload, self._cap, self._ttl])
+        raw = await self._publisher.run(keys, [payload, self._cap, self._ttl])
         return event.model_copy(update={"id": raw.decode() if isinstance(raw, bytes) else raw})
 
     async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]:
