@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.tables import MessageRow, SessionRow, TaskRow
-from agent_orchestrator.events.models import EventType
+from agent_orchestrator.events.models import EventType, StreamKey
 from tests.chat_helpers import (
     CHAT,
     SESSIONS,
@@ -410,3 +410,31 @@ async def test_agent_with_knowledge_and_no_query_service_degrades(
         assert warnings[0].data["error"]["code"] == "service_unavailable"
         kinds = [event.type for event in events]
         assert kinds.index(EventType.SYSTEM_WARNING) < kinds.index(EventType.CHAT_COMPLETED)
+
+
+async def _session_states(client: httpx.AsyncClient, tenant: str, session_id: str) -> list[str]:
+    bus = client.app.state.core.bus  # type: ignore[attr-defined]
+    events = await bus.replay(StreamKey("session", tenant, session_id), None, 100)
+    return [e.data["state"] for e in events if e.type == EventType.SESSION_STATE]
+
+
+async def test_a_turn_marks_its_session_busy_then_free_once_whether_it_succeeds_or_fails(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    """Success frees the session in the reply's own transaction, failure in the settled
+    hook: either way one `processing` then one `active`, and the session is active."""
+    headers = auth(make_token(tenant="tenant-a"))
+    ok = await chat(client, headers, expect=200, message="hello", mode="wait")
+    failed = await chat(client, headers, expect=200, message="hi", mode="wait", agent_id="nobody")
+    assert ok["task"]["status"] == "succeeded"
+    assert failed["task"]["status"] == "failed"
+    for turn in (ok, failed):
+        session_id = turn["task"]["session_id"]
+        deadline = time.monotonic() + 5
+        while len(states := await _session_states(client, "tenant-a", session_id)) < 2:
+            assert time.monotonic() < deadline, states
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # nothing more follows
+        assert await _session_states(client, "tenant-a", session_id) == ["processing", "active"]
+        session = await client.get(f"{SESSIONS}/{session_id}", headers=headers)
+        assert session.json()["state"] == "active"
