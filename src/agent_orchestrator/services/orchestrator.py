@@ -109,40 +109,40 @@ def chat_plan(settings: Settings, *, remote_conversation: bool) -> Orchestration
         ),
     ]
     if remote_conversation:
+
+        def save(step: str, message_id: str, role: str, content: Ref, after: str) -> ServiceCall:
+            return ServiceCall(
+                step=step,
+                service="conversation",
+                operation="save_message",
+                inputs={
+                    "session_id": Ref("request.session_id"),
+                    "message_id": Ref(message_id),
+                    "role": role,
+                    "content": content,
+                    "task_id": Ref("request.task_id"),
+                    "metadata": {},
+                },
+                depends_on=(after,),
+                timeout=quick,
+                retry=retry,
+                required=False,
+            )
+
         steps += [
-            ServiceCall(
-                step="save_user_message",
-                service="conversation",
-                operation="save_message",
-                inputs={
-                    "session_id": Ref("request.session_id"),
-                    "message_id": Ref("request.user_message_id"),
-                    "role": "user",
-                    "content": Ref("request.message"),
-                    "task_id": Ref("request.task_id"),
-                    "metadata": {},
-                },
-                depends_on=("generate",),
-                timeout=quick,
-                retry=retry,
-                required=False,
+            save(
+                "save_user_message",
+                "request.user_message_id",
+                "user",
+                Ref("request.message"),
+                after="generate",
             ),
-            ServiceCall(
-                step="save_reply",
-                service="conversation",
-                operation="save_message",
-                inputs={
-                    "session_id": Ref("request.session_id"),
-                    "message_id": Ref("request.reply_message_id"),
-                    "role": "assistant",
-                    "content": Ref("steps.generate.content"),
-                    "task_id": Ref("request.task_id"),
-                    "metadata": {},
-                },
-                depends_on=("save_user_message",),
-                timeout=quick,
-                retry=retry,
-                required=False,
+            save(
+                "save_reply",
+                "request.reply_message_id",
+                "assistant",
+                Ref("steps.generate.content"),
+                after="save_user_message",
             ),
         ]
     return OrchestrationPlan("chat", tuple(steps))
