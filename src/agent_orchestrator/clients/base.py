@@ -13,14 +13,17 @@ import json
 import math
 import os
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import aiohttp
+from pydantic import BaseModel, ValidationError
 
 from agent_orchestrator.clients.exchange import Exchange, Reply
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -123,13 +126,13 @@ class HttpServiceClient:
         *,
         json_body: Any = None,
         params: dict[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
         ok: tuple[int, ...] = (200, 201, 202),
     ) -> Any:
-        """One attempt; `headers` adds to the common ones (e.g. `Idempotency-Key`)."""
+        """One attempt; with `idempotency_key`, an `Idempotency-Key` header goes too."""
         sent = self.headers(ctx)
-        if headers:
-            sent.update(headers)
+        if idempotency_key:
+            sent["Idempotency-Key"] = idempotency_key
         target = path.lstrip("/")
         if params:
             target += "?" + urlencode(params)
@@ -154,6 +157,13 @@ class HttpServiceClient:
             return json.loads(reply.body)
         except ValueError as error:
             raise invalid_response(self.service, "body is not JSON", status=reply.status) from error
+
+    def parse(self, model: type[ModelT], body: Any, message: str) -> ModelT:
+        """The body as the contract's `model`; any other shape is `invalid_response`."""
+        try:
+            return model.model_validate(body)
+        except ValidationError as error:
+            raise invalid_response(self.service, message) from error
 
     def error_from(self, reply: Reply) -> DownstreamError:
         status = reply.status

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from agent_orchestrator.clients.base import (
     CallContext,
@@ -21,11 +21,7 @@ class HttpEmbeddingClient(HttpServiceClient):
 
     async def embed(self, ctx: CallContext, *, texts: list[str]) -> list[list[float]]:
         body = await self.request(ctx, "POST", "v1/embeddings", json_body={"texts": texts})
-        try:
-            answer = _Embeddings.model_validate(body)
-        except ValidationError as error:
-            raise invalid_response(self.service, "not an embeddings object") from error
-        vectors = answer.embeddings
+        vectors = self.parse(_Embeddings, body, "not an embeddings object").embeddings
         if len(vectors) != len(texts):
             raise invalid_response(self.service, f"{len(vectors)} vectors for {len(texts)} texts")
         if len({len(vector) for vector in vectors}) > 1:

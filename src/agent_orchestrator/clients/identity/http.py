@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ValidationError
-
-from agent_orchestrator.clients.base import CallContext, HttpServiceClient, invalid_response
+from agent_orchestrator.clients.base import CallContext, HttpServiceClient
 from agent_orchestrator.clients.identity import TokenInfo
 
 
@@ -13,7 +11,4 @@ class HttpIdentityClient(HttpServiceClient):
 
     async def introspect(self, ctx: CallContext, *, token: str) -> TokenInfo:
         body = await self.request(ctx, "POST", "v1/introspect", json_body={"token": token})
-        try:
-            return TokenInfo.model_validate(body)
-        except ValidationError as error:
-            raise invalid_response(self.service, "not an introspection answer") from error
+        return self.parse(TokenInfo, body, "not an introspection answer")

@@ -11,7 +11,6 @@ from agent_orchestrator.clients.base import (
     CallContext,
     DownstreamError,
     HttpServiceClient,
-    invalid_response,
     segment,
 )
 from agent_orchestrator.clients.ingestion import Document, IngestionJob
@@ -42,15 +41,10 @@ class HttpIngestionClient(HttpServiceClient):
             "POST",
             "v1/ingestions",
             json_body={"documents": payload},
-            headers={"Idempotency-Key": idempotency_key} if idempotency_key else None,
+            idempotency_key=idempotency_key,
         )
-        return self._job(body)
+        return self.parse(IngestionJob, body, "not an ingestion job")
 
     async def status(self, ctx: CallContext, *, job_id: str) -> IngestionJob:
-        return self._job(await self.request(ctx, "GET", f"v1/ingestions/{segment(job_id)}"))
-
-    def _job(self, body: Any) -> IngestionJob:
-        try:
-            return IngestionJob.model_validate(body)
-        except ValidationError as error:
-            raise invalid_response(self.service, "not an ingestion job") from error
+        body = await self.request(ctx, "GET", f"v1/ingestions/{segment(job_id)}")
+        return self.parse(IngestionJob, body, "not an ingestion job")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from agent_orchestrator.clients.base import CallContext, DownstreamError, HttpServiceClient
+from agent_orchestrator.clients.base import CallContext, HttpServiceClient, invalid_response
 from agent_orchestrator.models.agent import Source
 
 
@@ -23,6 +23,4 @@ class HttpQueryClient(HttpServiceClient):
         try:
             return [Source.model_validate(item) for item in body["results"]]
         except (KeyError, TypeError, ValidationError) as error:
-            raise DownstreamError(
-                self.service, "invalid_response", "no results list", retryable=False
-            ) from error
+            raise invalid_response(self.service, "no results list") from error

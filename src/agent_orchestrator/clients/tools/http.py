@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from agent_orchestrator.clients.base import (
     CallContext,
@@ -25,10 +25,7 @@ class HttpToolsClient(HttpServiceClient):
 
     async def list(self, ctx: CallContext) -> builtins.list[Tool]:
         body = await self.request(ctx, "GET", "v1/tools")
-        try:
-            return _ToolList.model_validate(body).tools
-        except ValidationError as error:
-            raise invalid_response(self.service, "not a tool list") from error
+        return self.parse(_ToolList, body, "not a tool list").tools
 
     async def invoke(self, ctx: CallContext, *, tool_id: str, arguments: dict[str, Any]) -> Any:
         body = await self.request(

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
-
 from agent_orchestrator.clients.base import (
     CallContext,
     HttpServiceClient,
-    invalid_response,
     segment,
 )
 from agent_orchestrator.clients.workflow import WorkflowRun
@@ -31,15 +28,10 @@ class HttpWorkflowClient(HttpServiceClient):
             "POST",
             f"v1/workflows/{segment(workflow_id)}/runs",
             json_body={"input": input},
-            headers={"Idempotency-Key": idempotency_key} if idempotency_key else None,
+            idempotency_key=idempotency_key,
         )
-        return self._run(body)
+        return self.parse(WorkflowRun, body, "not a workflow run")
 
     async def status(self, ctx: CallContext, *, run_id: str) -> WorkflowRun:
-        return self._run(await self.request(ctx, "GET", f"v1/runs/{segment(run_id)}"))
-
-    def _run(self, body: Any) -> WorkflowRun:
-        try:
-            return WorkflowRun.model_validate(body)
-        except ValidationError as error:
-            raise invalid_response(self.service, "not a workflow run") from error
+        body = await self.request(ctx, "GET", f"v1/runs/{segment(run_id)}")
+        return self.parse(WorkflowRun, body, "not a workflow run")
