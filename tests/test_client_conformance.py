@@ -1069,6 +1069,30 @@ async def test_unreachable_is_retryable(operation: Operation) -> None:
     assert (caught.value.code, caught.value.retryable) == ("unreachable", True)
 
 
+@pytest.mark.parametrize("operation", FIRST_OPERATIONS, ids=str)
+async def test_unsendable_header_is_invalid_request(double: Double, operation: Operation) -> None:
+    # Streamed or not, a call that cannot be sent fails in the one error shape.
+    client = http_client(operation.service, double.url)
+    try:
+        with pytest.raises(DownstreamError) as caught:
+            await operation.call(client, CallContext(tenant_id=TENANT, correlation_id="a\x01b"))
+    finally:
+        await client.aclose()
+    assert (caught.value.code, caught.value.retryable) == ("invalid_request", False)
+    assert double.requests(operation.service) == []
+
+
+async def test_llm_unsendable_body_is_invalid_request(double: Double) -> None:
+    llm = OpenAICompatibleLLM(f"{double.url}/v1", api_key=LLM_KEY, default_model="m")
+    try:
+        _, error = await drain(llm.stream(PROMPT, model=None, temperature=float("nan")))
+    finally:
+        await llm.aclose()
+    assert error is not None
+    assert (error.code, error.retryable) == ("invalid_request", False)
+    assert double.requests("llm") == []
+
+
 @contextlib.asynccontextmanager
 async def _answering(status: int, body: bytes, content_type: str) -> AsyncIterator[str]:
     """A local server answering every request with this response; yields its URL."""

@@ -77,6 +77,13 @@ class HttpAgentExecutionClient(HttpServiceClient):
             raise DownstreamError(
                 self.service, "timeout", "execution timed out", retryable=True
             ) from error
+        except ValueError as error:
+            if started:
+                raise
+            # A body or header that cannot be sent as it is (as request() maps it).
+            raise DownstreamError(
+                self.service, "invalid_request", str(error), retryable=False
+            ) from error
         except aiohttp.ClientError as error:
             if not started:
                 raise DownstreamError(

@@ -83,6 +83,13 @@ class OpenAICompatibleLLM:
             raise DownstreamError(
                 SERVICE, "llm_timeout", "the model did not answer in time", retryable=True
             ) from error
+        except ValueError as error:
+            if started:
+                raise
+            # A request body that cannot be sent (a NaN temperature, say).
+            raise DownstreamError(
+                SERVICE, "invalid_request", str(error), retryable=False
+            ) from error
         except aiohttp.ClientError as error:
             # Before the response this is a connect failure; after it, a cut stream.
             if not started:
