@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse
 
 from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.repositories.messages import MessageRepository
-from agent_orchestrator.errors import NotFound
 from agent_orchestrator.events.models import StreamKey
 from agent_orchestrator.middleware.auth import require_scope
 from agent_orchestrator.models.chat import ChatAccepted, ChatMode, ChatRequest, ChatResponse
@@ -80,10 +79,7 @@ async def chat(
 async def cancel_chat(
     task_id: uuid.UUID, principal: ChatWriter, state: State, uow: UoW
 ) -> TaskView:
-    task = await state.ledger.load_visible(uow.session, principal, task_id)
-    if task.kind != CHAT_KIND:
-        raise NotFound("chat turn not found", details={"task_id": str(task_id)})
-    return to_view(await state.ledger.request_cancel(uow, principal, task_id))
+    return to_view(await state.ledger.request_cancel(uow, principal, task_id, kind=CHAT_KIND))
 
 
 async def _wait_until_settled(state: AppState, stream: StreamKey) -> None:

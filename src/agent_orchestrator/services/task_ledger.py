@@ -239,11 +239,19 @@ class TaskLedger:
         return Page(items=[to_view(row) for row in rows], next_cursor=next_cursor)
 
     async def request_cancel(
-        self, uow: UnitOfWork, principal: Principal, task_id: uuid.UUID
+        self,
+        uow: UnitOfWork,
+        principal: Principal,
+        task_id: uuid.UUID,
+        *,
+        kind: str | None = None,
     ) -> TaskRow:
         """Queued: cancelled at once. Running: flagged, and the worker holding it is told
-        (it also sees the flag on its next lease renewal). Finished: 409."""
+        (it also sees the flag on its next lease renewal). Finished: 409. With `kind`, a
+        task of another kind is not found (the chat API cancels chat turns only)."""
         row = await self.load_visible(uow.session, principal, task_id)
+        if kind is not None and row.kind != kind:
+            raise NotFound(f"{kind} turn not found", details={"task_id": str(task_id)})
         repo = TaskRepository(uow.session)
         now = utcnow()
         cancelled = await repo.transition(

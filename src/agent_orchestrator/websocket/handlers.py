@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent_orchestrator.db.engine import UnitOfWork
-from agent_orchestrator.errors import Forbidden, NotFound, ServiceError
+from agent_orchestrator.errors import Forbidden, ServiceError
 from agent_orchestrator.events.models import StreamKey
 from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.observability.logging import get_logger
@@ -124,10 +124,9 @@ class MessageHandlers:
     ) -> None:
         _require(principal, Scope.CHAT_WRITE)
         async with UnitOfWork(self.state.db_factory) as uow:
-            task = await self.state.ledger.load_visible(uow.session, principal, message.task_id)
-            if task.kind != CHAT_KIND:
-                raise NotFound("chat turn not found", details={"task_id": str(message.task_id)})
-            row = await self.state.ledger.request_cancel(uow, principal, message.task_id)
+            row = await self.state.ledger.request_cancel(
+                uow, principal, message.task_id, kind=CHAT_KIND
+            )
             status = row.status
         conn.send(
             ack_message(
