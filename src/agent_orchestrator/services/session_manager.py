@@ -200,22 +200,6 @@ class SessionManager:
             await audit.record(uow.session, principal, "session.close", "session", str(session_id))
         return self._after_write(uow, row, now)
 
-    async def set_state(
-        self,
-        uow: UnitOfWork,
-        principal: Principal,
-        session_id: uuid.UUID,
-        target: SessionState,
-    ) -> Session:
-        """The one way a running turn moves a session between active and processing."""
-        now = utcnow()
-        row = await self._load(uow, principal, session_id, for_update=True)
-        ensure_transition(effective_state(SessionState(row.state), row.expires_at, now), target)
-        await SessionRepository(uow.session).update(
-            row, state=target.value, last_activity_at=now, expires_at=now + self.ttl
-        )
-        return self._after_write(uow, row, now)
-
     async def mark_turn(
         self, db: AsyncSession, tenant_id: str, session_id: uuid.UUID, target: SessionState
     ) -> Session | None:
