@@ -4,6 +4,7 @@ and `worker`, so both run the same adapters for the same settings."""
 from __future__ import annotations
 
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agent_orchestrator.clients.directory import build_directory
 from agent_orchestrator.config import Settings
@@ -42,12 +43,7 @@ async def preflight(settings: Settings) -> None:
     unmigrated schema or an unreachable Redis ends the process with one clear line."""
     engine = create_engine(settings.resolved_database_url(), pool_size=1)
     try:
-        if settings.should_auto_migrate:
-            await upgrade(engine)
-        elif not await is_up_to_date(engine):
-            raise SchemaNotMigrated(
-                "database schema is not at head: run `agent-orchestrator migrate`"
-            )
+        await _ensure_schema(settings, engine)
     except StartupError:
         raise
     except Exception as error:
@@ -64,17 +60,25 @@ async def preflight(settings: Settings) -> None:
             await redis.aclose()
 
 
+async def _ensure_schema(settings: Settings, engine: AsyncEngine) -> None:
+    """Migrate (AUTO_MIGRATE), or refuse a schema that is not at head."""
+    if settings.should_auto_migrate:
+        await upgrade(engine)
+    elif not await is_up_to_date(engine):
+        raise SchemaNotMigrated("database schema is not at head: run `agent-orchestrator migrate`")
+
+
 async def build_state(settings: Settings, verifier: TokenVerifier, *, run_worker: bool) -> AppState:
     engine = create_engine(
         settings.resolved_database_url(),
         pool_size=settings.db_pool_size,
         pre_ping=settings.db_pool_pre_ping,
     )
-    if settings.should_auto_migrate:
-        await upgrade(engine)
-    elif not await is_up_to_date(engine):
+    try:
+        await _ensure_schema(settings, engine)
+    except SchemaNotMigrated:
         await engine.dispose()
-        raise SchemaNotMigrated("database schema is not at head: run `agent-orchestrator migrate`")
+        raise
     redis = Redis.from_url(settings.redis_uri) if settings.redis_uri else None
     cache: SessionCache = (
         RedisSessionCache(redis, settings.redis_namespace)
