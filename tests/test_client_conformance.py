@@ -49,18 +49,14 @@ from agent_orchestrator.clients.directory import HTTP_CLIENTS, build_directory
 from agent_orchestrator.clients.embedding import EmbeddingClient
 from agent_orchestrator.clients.embedding.http import HttpEmbeddingClient
 from agent_orchestrator.clients.identity import IdentityClient
-from agent_orchestrator.clients.identity.http import HttpIdentityClient
 from agent_orchestrator.clients.ingestion import IngestionClient, IngestionJob
-from agent_orchestrator.clients.ingestion.http import HttpIngestionClient
 from agent_orchestrator.clients.llm import LLMProvider
 from agent_orchestrator.clients.llm.echo import EchoModel
 from agent_orchestrator.clients.llm.openai_compat import OpenAICompatibleLLM
 from agent_orchestrator.clients.query import QueryClient
-from agent_orchestrator.clients.query.http import HttpQueryClient
 from agent_orchestrator.clients.tools import ToolsClient
 from agent_orchestrator.clients.tools.http import HttpToolsClient
 from agent_orchestrator.clients.workflow import WorkflowClient, WorkflowRun
-from agent_orchestrator.clients.workflow.http import HttpWorkflowClient
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import create_engine, dispose_sessions, session_factory
 from agent_orchestrator.db.migrate import upgrade
@@ -667,46 +663,26 @@ async def test_llm_unreachable() -> None:
 # provider exists; a new implementation joins a suite by joining its fixture's params)
 
 
-@pytest.fixture(params=["http"])
-async def query(double: Double) -> AsyncIterator[QueryClient]:
-    client = HttpQueryClient(double.url, SERVICE_TOKEN)
-    yield client
-    await client.aclose()
+def _http_only(service: str) -> Any:
+    """The `service` fixture of a suite whose only implementation is the HTTP client."""
+
+    @pytest.fixture(params=["http"], name=service)
+    async def implementation(double: Double) -> AsyncIterator[Any]:
+        client = http_client(service, double.url)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+    return implementation
 
 
-@pytest.fixture(params=["http"])
-async def embedding(double: Double) -> AsyncIterator[EmbeddingClient]:
-    client = HttpEmbeddingClient(double.url, SERVICE_TOKEN)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture(params=["http"])
-async def ingestion(double: Double) -> AsyncIterator[IngestionClient]:
-    client = HttpIngestionClient(double.url, SERVICE_TOKEN)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture(params=["http"])
-async def workflow(double: Double) -> AsyncIterator[WorkflowClient]:
-    client = HttpWorkflowClient(double.url, SERVICE_TOKEN)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture(params=["http"])
-async def tools(double: Double) -> AsyncIterator[ToolsClient]:
-    client = HttpToolsClient(double.url, SERVICE_TOKEN)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture(params=["http"])
-async def identity(double: Double) -> AsyncIterator[IdentityClient]:
-    client = HttpIdentityClient(double.url, SERVICE_TOKEN)
-    yield client
-    await client.aclose()
+query = _http_only("query")
+embedding = _http_only("embedding")
+ingestion = _http_only("ingestion")
+workflow = _http_only("workflow")
+tools = _http_only("tools")
+identity = _http_only("identity")
 
 
 class TestQueryConformance:
@@ -940,6 +916,16 @@ def http_client(service: str, url: str, token: str | None = SERVICE_TOKEN, **kw:
     return client_type(url, token, **kw)
 
 
+async def failure(client: Any, operation: Operation, context: CallContext | None = None) -> Any:
+    """The DownstreamError `operation` fails with on `client` (which is closed after)."""
+    try:
+        with pytest.raises(DownstreamError) as caught:
+            await operation.call(client, context or ctx())
+    finally:
+        await client.aclose()
+    return caught.value
+
+
 def test_every_http_client_is_registered_and_covered() -> None:
     expected = {
         "conversation",
@@ -1017,13 +1003,7 @@ async def test_status_mapping(
     retry_after: float | None,
 ) -> None:
     double.fault(operation.service, **spec)
-    client = http_client(operation.service, double.url)
-    try:
-        with pytest.raises(DownstreamError) as caught:
-            await operation.call(client, ctx())
-    finally:
-        await client.aclose()
-    error = caught.value
+    error = await failure(http_client(operation.service, double.url), operation)
     assert error.service == operation.service
     assert (error.code, error.retryable, error.status) == (code, retryable, spec["status"])
     assert error.retry_after == retry_after
@@ -1031,17 +1011,8 @@ async def test_status_mapping(
 
 @pytest.mark.parametrize("operation", FIRST_OPERATIONS, ids=str)
 async def test_wrong_service_token_is_unauthorized(double: Double, operation: Operation) -> None:
-    client = http_client(operation.service, double.url, token="wrong")
-    try:
-        with pytest.raises(DownstreamError) as caught:
-            await operation.call(client, ctx())
-    finally:
-        await client.aclose()
-    assert (caught.value.code, caught.value.retryable, caught.value.status) == (
-        "unauthorized",
-        False,
-        401,
-    )
+    error = await failure(http_client(operation.service, double.url, token="wrong"), operation)
+    assert (error.code, error.retryable, error.status) == ("unauthorized", False, 401)
 
 
 @pytest.mark.parametrize("operation", FIRST_OPERATIONS, ids=str)
@@ -1049,36 +1020,25 @@ async def test_hang_times_out(double: Double, operation: Operation) -> None:
     double.fault(operation.service, hang=True)
     client = http_client(operation.service, double.url, timeout=0.5)
     started = time.monotonic()
-    try:
-        with pytest.raises(DownstreamError) as caught:
-            await operation.call(client, ctx())
-    finally:
-        await client.aclose()
-    assert (caught.value.code, caught.value.retryable) == ("timeout", True)
+    error = await failure(client, operation)
+    assert (error.code, error.retryable) == ("timeout", True)
     assert time.monotonic() - started < 3
 
 
 @pytest.mark.parametrize("operation", FIRST_OPERATIONS, ids=str)
 async def test_unreachable_is_retryable(operation: Operation) -> None:
-    client = http_client(operation.service, f"http://127.0.0.1:{free_port()}")
-    try:
-        with pytest.raises(DownstreamError) as caught:
-            await operation.call(client, ctx())
-    finally:
-        await client.aclose()
-    assert (caught.value.code, caught.value.retryable) == ("unreachable", True)
+    error = await failure(
+        http_client(operation.service, f"http://127.0.0.1:{free_port()}"), operation
+    )
+    assert (error.code, error.retryable) == ("unreachable", True)
 
 
 @pytest.mark.parametrize("operation", FIRST_OPERATIONS, ids=str)
 async def test_unsendable_header_is_invalid_request(double: Double, operation: Operation) -> None:
     # Streamed or not, a call that cannot be sent fails in the one error shape.
-    client = http_client(operation.service, double.url)
-    try:
-        with pytest.raises(DownstreamError) as caught:
-            await operation.call(client, CallContext(tenant_id=TENANT, correlation_id="a\x01b"))
-    finally:
-        await client.aclose()
-    assert (caught.value.code, caught.value.retryable) == ("invalid_request", False)
+    unsendable = CallContext(tenant_id=TENANT, correlation_id="a\x01b")
+    error = await failure(http_client(operation.service, double.url), operation, unsendable)
+    assert (error.code, error.retryable) == ("invalid_request", False)
     assert double.requests(operation.service) == []
 
 
@@ -1122,13 +1082,8 @@ INVALID_BODIES = [
 async def test_invalid_body_is_invalid_response(operation: Operation, body: bytes) -> None:
     status = 201 if operation.name == "save_message" else 200
     async with _answering(status, body, "application/json") as url:
-        client = http_client(operation.service, url)
-        try:
-            with pytest.raises(DownstreamError) as caught:
-                await operation.call(client, ctx())
-        finally:
-            await client.aclose()
-    assert (caught.value.code, caught.value.retryable) == ("invalid_response", False)
+        error = await failure(http_client(operation.service, url), operation)
+    assert (error.code, error.retryable) == ("invalid_response", False)
 
 
 @pytest.mark.parametrize(
