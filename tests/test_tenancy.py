@@ -82,12 +82,15 @@ async def test_lists_never_cross_tenants(
     ours = {(await _create(client, alice_a))["id"] for _ in range(3)}
     theirs = {(await _create(client, alice_b))["id"] for _ in range(2)}
     closed = next(iter(theirs))
-    await client.delete(f"{SESSIONS}/{closed}", headers=auth(alice_b))
+    deleted = await client.delete(f"{SESSIONS}/{closed}", headers=auth(alice_b))
+    assert deleted.status_code == 200, deleted.text
 
     assert await _list_ids(client, alice_a) == ours
     assert await _list_ids(client, alice_b) == theirs
     assert await _list_ids(client, admin_b) == theirs
     assert await _list_ids(client, alice_a, state="closed") == set()
+    assert await _list_ids(client, alice_b, state="closed") == {closed}
+    assert await _list_ids(client, admin_b, state="closed") == {closed}
     assert await _list_ids(client, alice_a, state="active") == ours
 
 
