@@ -57,6 +57,7 @@ from bench.common import (
     DEFAULT_REDIS,
     VENV_BIN,
     Report,
+    create_run_database,
     drop_run_resources,
     machine,
     median,
@@ -653,13 +654,7 @@ class Production:
         self.database_url = _with_db(args.postgres_url, self.database)
 
     async def create(self) -> None:
-        import asyncpg
-
-        admin = await asyncpg.connect(self.args.postgres_url)
-        try:
-            await admin.execute(f'CREATE DATABASE "{self.database}"')
-        finally:
-            await admin.close()
+        await create_run_database(self.args.postgres_url, self.database)
 
     async def drop(self) -> None:
         await drop_run_resources(

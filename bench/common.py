@@ -117,6 +117,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
 
 
+async def create_run_database(postgres_url: str, database: str) -> None:
+    """Create a benchmark run's (empty) PostgreSQL database; `drop_run_resources` drops it."""
+    import asyncpg
+
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await admin.close()
+
+
 async def drop_run_resources(
     redis_url: str, namespace: str, postgres_url: str, database: str
 ) -> None:

@@ -36,6 +36,7 @@ from bench.common import (
     ROOT,
     VENV_BIN,
     Report,
+    create_run_database,
     drop_run_resources,
     machine,
     median,
@@ -233,13 +234,7 @@ class EngineHarness:
         return self
 
     async def _start(self) -> None:
-        import asyncpg
-
-        admin = await asyncpg.connect(self.args.postgres_url)
-        try:
-            await admin.execute(f'CREATE DATABASE "{self.database}"')
-        finally:
-            await admin.close()
+        await create_run_database(self.args.postgres_url, self.database)
         cli = str(VENV_BIN / "agent-orchestrator")
         subprocess.run([cli, "migrate"], env=self.env(), cwd=ROOT, check=True, capture_output=True)
         with self.log_path.open("wb") as log:
