@@ -219,7 +219,7 @@ class ServiceCoordinator:
         )
         return await retrying(attempt)
 
-    async def _admitted(self, service: str) -> CircuitBreaker:
+    def _admitted(self, service: str) -> CircuitBreaker:
         breaker = self.breaker(service)
         if not breaker.try_acquire():
             raise DownstreamError(
@@ -234,7 +234,7 @@ class ServiceCoordinator:
         inputs: dict[str, Any],
         ctx: CallContext,
     ) -> Any:
-        breaker = await self._admitted(call.service)
+        breaker = self._admitted(call.service)
         async with self.bulkhead(call.service):
             try:
                 async with asyncio.timeout(call.timeout):
@@ -263,7 +263,7 @@ class ServiceCoordinator:
         inputs: dict[str, Any],
         run: PlanRun,
     ) -> StreamedReply:
-        breaker = await self._admitted(call.service)
+        breaker = self._admitted(call.service)
         pieces: list[str] = []
         done: ReplyDone | None = None
         forward = ChunkForwarder(run.on_chunk)
