@@ -22,8 +22,6 @@ from websockets.exceptions import ConnectionClosed
 
 from agent_orchestrator.app import create_app
 from agent_orchestrator.config import Settings
-from agent_orchestrator.models.principal import USER_SCOPES
-from agent_orchestrator.state import build_verifier
 from agent_orchestrator.websocket.gateway import WebSocketGateway
 from agent_orchestrator.websocket.server import server_options
 from tests.processes import free_port
@@ -105,11 +103,14 @@ class ServerThread:
 async def wait_for(
     probe: Callable[[], Awaitable[T]], accept: Callable[[T], bool], timeout: float
 ) -> T:
+    """Await `probe` until `accept` takes its value, and return that value; fail the test
+    with the last value after `timeout` seconds (never return one that was not accepted)."""
     deadline = time.monotonic() + timeout
     while True:
         value = await probe()
-        if accept(value) or time.monotonic() > deadline:
+        if accept(value):
             return value
+        assert time.monotonic() <= deadline, f"not accepted after {timeout} s: {value!r}"
         await asyncio.sleep(0.05)
 
 
@@ -153,27 +154,6 @@ async def close_code(ws: ClientConnection, timeout: float = 5.0) -> int | None:
                 await ws.recv()
     except ConnectionClosed as closed:
         return closed.rcvd.code if closed.rcvd is not None else None
-
-
-def token_factory(settings: Settings) -> Callable[..., str]:
-    """Tokens signed with `settings`' key: tenant-a / user-1 / every user scope by default."""
-    verifier = build_verifier(settings)
-
-    def issue(
-        tenant: str = "tenant-a",
-        user: str = "user-1",
-        ttl: int = 600,
-        scopes: list[str] | None = None,
-    ) -> str:
-        return verifier.issue(
-            tenant_id=tenant,
-            user_id=user,
-            scopes=list(USER_SCOPES) if scopes is None else scopes,
-            ttl_seconds=ttl,
-            now=time.time(),
-        )
-
-    return issue
 
 
 def is_terminal(message: Message) -> bool:
