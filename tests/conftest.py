@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,6 +24,7 @@ from agent_orchestrator.app import create_app
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import create_engine
 from agent_orchestrator.db.migrate import upgrade
+from agent_orchestrator.middleware.auth import TokenVerifier
 from agent_orchestrator.models.principal import USER_SCOPES
 from agent_orchestrator.state import build_verifier
 
@@ -209,11 +209,10 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 TokenFactory = Callable[..., str]
 
 
-@pytest.fixture
-def make_token(settings: Settings) -> TokenFactory:
-    verifier = build_verifier(settings)
+def token_factory(verifier: TokenVerifier) -> TokenFactory:
+    """Tokens signed by `verifier`: tenant-a / user-1 / every user scope / 600 s by default."""
 
-    def factory(
+    def issue(
         tenant: str = "tenant-a",
         user: str = "user-1",
         scopes: list[str] | None = None,
@@ -227,7 +226,12 @@ def make_token(settings: Settings) -> TokenFactory:
             now=time.time(),
         )
 
-    return factory
+    return issue
+
+
+@pytest.fixture
+def make_token(settings: Settings) -> TokenFactory:
+    return token_factory(build_verifier(settings))
 
 
 def auth(token: str) -> dict[str, str]:
@@ -303,10 +307,6 @@ def redis_url(proxy: TcpProxy) -> str:
     return f"redis://127.0.0.1:{proxy.port}{urlsplit(REDIS_URL).path}"
 
 
-#: The installed console script, next to the interpreter running the tests.
-CLI = str(Path(sys.executable).with_name("agent-orchestrator"))
-
-
 def clean_env(**variables: str) -> dict[str, str]:
     """An environment holding nothing of the caller's but PATH, plus `variables`."""
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **variables}
@@ -316,6 +316,4 @@ def clean_env(**variables: str) -> dict[str, str]:
 def token(make_settings: Callable[..., Settings]) -> TokenFactory:
     """Tokens for embedded-only tests (`make_token` follows `backend`, so a test using it
     runs on both backends)."""
-    from tests.ws_helpers import token_factory
-
-    return token_factory(make_settings())
+    return token_factory(build_verifier(make_settings()))

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,6 +36,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: The installed console script, next to the interpreter running the tests.
 CLI = str(Path(sys.executable).with_name("agent-orchestrator"))
+
+
+#: What `agent-orchestrator worker` logs once it runs; group 1 is its worker id.
+WORKER_READY = re.compile(r"agent-orchestrator worker (\S+) running")
 
 
 class ProcessFailed(RuntimeError):
@@ -160,6 +165,30 @@ async def wait_until(
             text = message() if callable(message) else message
             raise AssertionError(f"timed out after {timeout} s waiting for {text}")
         await asyncio.sleep(interval)
+
+
+def run_migrate(env: dict[str, str]) -> None:
+    """`agent-orchestrator migrate` with exactly `env`; fail the test if it fails."""
+    done = subprocess.run([CLI, "migrate"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def worker_started(
+    log_path: Path,
+    timeout: float = 20.0,
+    *,
+    alive: Iterable[subprocess.Popen[bytes]],
+    name: str = "the worker",
+) -> str:
+    """Wait until the worker writing `log_path` logs that it runs; return its worker id.
+    Fails after `timeout`, or at once if a process in `alive` exits."""
+
+    def ready() -> str | None:
+        found = WORKER_READY.search(read_log(log_path))
+        return found.group(1) if found else None
+
+    worker_id: str = await wait_until(ready, timeout, message=f"{name} to start", alive=alive)
+    return worker_id
 
 
 class SSEParser:

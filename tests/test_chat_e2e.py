@@ -22,21 +22,21 @@ import httpx
 import pytest
 
 from agent_orchestrator.config import Settings
-from agent_orchestrator.models.principal import USER_SCOPES
 from agent_orchestrator.state import build_verifier
 from tests.chat_helpers import chat, check_stream_shape, messages, settled, stream_turn
-from tests.conftest import REDIS_URL, auth
+from tests.conftest import REDIS_URL, auth, token_factory
 from tests.doubles.process import running_double, service_env
 from tests.processes import (
     CLI,
     free_port,
     print_log,
     process_env,
-    read_log,
+    run_migrate,
     start_process,
     stop_process,
     wait_http_ok_async,
     wait_until,
+    worker_started,
 )
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +44,6 @@ pytestmark = pytest.mark.e2e
 SERVICE_TOKEN = "e2e-service-token"
 LLM_KEY = "e2e-llm-key"
 TENANT = "tenant-e2e"
-WORKER_READY = re.compile(r"agent-orchestrator worker (\S+) running")
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-[0-9a-f]{16}-0[01]$")
 
 
@@ -98,10 +97,7 @@ def start_stack(
                 env.pop(name, None)
             else:
                 env[name] = value
-        migrate = subprocess.run(
-            [CLI, "migrate"], env=env, capture_output=True, text=True, timeout=60
-        )
-        assert migrate.returncode == 0, migrate.stdout + migrate.stderr
+        run_migrate(env)
 
         processes: list[tuple[subprocess.Popen[bytes], Path]] = []
         try:
@@ -113,21 +109,10 @@ def start_stack(
             api = start_process([CLI, "serve", "--no-worker", "--port", str(port)], env, api_log)
             processes.append((api, api_log))
             base_url = f"http://127.0.0.1:{port}"
-            await wait_until(
-                lambda: WORKER_READY.search(read_log(worker_log)),
-                20,
-                message="the worker to start",
-                alive=[worker],
-            )
+            await worker_started(worker_log, 20, alive=[worker])
             await wait_http_ok_async(f"{base_url}/health/ready", timeout=20, proc=api)
 
-            token = build_verifier(settings).issue(
-                tenant_id=TENANT,
-                user_id="user-e2e",
-                scopes=list(USER_SCOPES),
-                ttl_seconds=600,
-                now=time.time(),
-            )
+            token = token_factory(build_verifier(settings))(tenant=TENANT, user="user-e2e")
             async with (
                 httpx.AsyncClient(base_url=base_url, timeout=30) as api_client,
                 httpx.AsyncClient(base_url=double, timeout=10) as double_client,

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CLI, REDIS_URL, clean_env
-from tests.processes import free_port, start_process, stop_process
+from tests.conftest import REDIS_URL, clean_env
+from tests.processes import CLI, free_port, start_process, stop_process
 
 
 def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,8 @@ from sqlalchemy.engine import make_url
 
 from agent_orchestrator.config import Settings, format_settings_error
 from agent_orchestrator.models.principal import Scope
-from tests.conftest import CLI, clean_env
+from tests.conftest import clean_env
+from tests.processes import CLI
 
 JWT_LINE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\n$")
 FromEnv = Callable[..., Settings]

@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import CLI, REDIS_URL, clean_env
+from tests.conftest import REDIS_URL, clean_env
+from tests.processes import CLI
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import subprocess
 import time
@@ -35,7 +34,7 @@ from agent_orchestrator.models.task import TERMINAL
 from agent_orchestrator.services.task_ledger import Submission
 from agent_orchestrator.state import AppState, build_verifier
 from tests import engine_handlers
-from tests.conftest import REDIS_URL, auth
+from tests.conftest import REDIS_URL, auth, token_factory
 from tests.processes import (
     CLI,
     SSEParser,
@@ -47,13 +46,13 @@ from tests.processes import (
     stop_process,
     wait_http_ok_async,
     wait_until,
+    worker_started,
 )
 
 pytestmark = pytest.mark.e2e
 
 TENANT, USER = "tenant-a", "user-1"
 Popen = subprocess.Popen
-WORKER_READY = re.compile(r"agent-orchestrator worker (\S+) running")
 TERMINAL_VALUES = {status.value for status in TERMINAL}
 
 
@@ -122,13 +121,7 @@ class Drill:
         return self._state
 
     def token(self) -> str:
-        return self.state.verifier.issue(
-            tenant_id=TENANT,
-            user_id=USER,
-            scopes=list(USER_SCOPES),
-            ttl_seconds=600,
-            now=time.time(),
-        )
+        return token_factory(self.state.verifier)(tenant=TENANT, user=USER)
 
     async def submit(
         self, kind: str, task_input: dict[str, Any], count: int = 1
@@ -216,16 +209,7 @@ class Drill:
     ) -> tuple[subprocess.Popen[bytes], str]:
         """Start `agent-orchestrator worker`; return it and its worker id once it runs."""
         proc = self.start(name, [CLI, "worker"], **overrides)
-        log = self.log_of(proc)
-
-        def ready() -> str | None:
-            found = WORKER_READY.search(read_log(log))
-            return found.group(1) if found else None
-
-        worker_id: str = await wait_until(
-            ready, 20, message=f"{name} to start", alive=[proc], interval=0.05
-        )
-        return proc, worker_id
+        return proc, await worker_started(self.log_of(proc), 20, alive=[proc], name=name)
 
     async def start_api(self, name: str, **overrides: str) -> tuple[subprocess.Popen[bytes], str]:
         """Start `agent-orchestrator serve --no-worker`; return it and its base URL."""
@@ -299,18 +283,8 @@ async def test_kill_9_worker_in_flight_tasks_finish_once_on_another_worker(drill
     first, first_id = await drill.start_worker("worker-1")
     ids = await drill.submit("test.sleep", {"seconds": 3, "steps": 6}, count=20)
 
-    await drill.wait_status(
-        ids,
-        lambda row: row.status == "running" and row.lease_owner == first_id,
-        timeout=15,
-        what="every task running on worker-1",
-    )
     # Every handler has started (recorded its run), so the kill interrupts real work.
-    await wait_until(
-        lambda: _runs_started(drill, attempt=1, expected=len(ids)),
-        10,
-        message="worker-1 to start every handler",
-    )
+    await _all_running_on(drill, ids, first_id, "worker-1")
 
     first.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
@@ -335,6 +309,22 @@ async def test_kill_9_worker_in_flight_tasks_finish_once_on_another_worker(drill
     for task_id in ids:
         events = await drill.replay(task_id)
         assert [e.data["status"] for e in terminal_events(events)] == ["succeeded"]
+
+
+async def _all_running_on(drill: Drill, ids: list[uuid.UUID], worker_id: str, name: str) -> None:
+    """Wait until every task is running on `worker_id` and each handler has started
+    (recorded its first run)."""
+    await drill.wait_status(
+        ids,
+        lambda row: row.status == "running" and row.lease_owner == worker_id,
+        timeout=15,
+        what=f"every task running on {name}",
+    )
+    await wait_until(
+        lambda: _runs_started(drill, attempt=1, expected=len(ids)),
+        10,
+        message=f"{name} to start every handler",
+    )
 
 
 async def _runs_started(drill: Drill, *, attempt: int, expected: int) -> bool:
@@ -367,17 +357,7 @@ async def test_sigterm_releases_running_tasks_with_no_running_row_left(drill: Dr
     await drill.open(TASK_TIMEOUT="30")
     first, first_id = await drill.start_worker("worker-1", SHUTDOWN_GRACE="1")
     ids = await drill.submit("test.sleep", {"seconds": 10, "steps": 10}, count=5)
-    await drill.wait_status(
-        ids,
-        lambda row: row.status == "running" and row.lease_owner == first_id,
-        timeout=15,
-        what="every task running on worker-1",
-    )
-    await wait_until(
-        lambda: _runs_started(drill, attempt=1, expected=len(ids)),
-        10,
-        message="worker-1 to start every handler",
-    )
+    await _all_running_on(drill, ids, first_id, "worker-1")
 
     signalled = time.monotonic()
     code = await drill.stop(first, signal.SIGTERM)

@@ -5,9 +5,6 @@ from the worker to either instance through Redis (one Pub/Sub connection per pro
 from __future__ import annotations
 
 import asyncio
-import re
-import subprocess
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,25 +14,24 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from agent_orchestrator.middleware.auth import TokenVerifier
-from agent_orchestrator.models.principal import USER_SCOPES
-from tests.conftest import REDIS_URL, auth
+from tests.conftest import REDIS_URL, auth, token_factory
 from tests.processes import (
     CLI,
     free_port,
     print_log,
     process_env,
     read_log,
+    run_migrate,
     start_process,
     stop_process,
     wait_http_ok_async,
-    wait_until,
+    worker_started,
 )
 from tests.ws_helpers import Message, is_terminal, open_authed, recv, recv_until, send
 
 pytestmark = pytest.mark.e2e
 
 SECRET = "e2e-ws-secret-key-0123456789abcdef0123456789abcdef"
-WORKER_READY = re.compile(r"agent-orchestrator worker (\S+) running")
 
 
 @dataclass
@@ -66,8 +62,7 @@ async def stack(tmp_path: Path, pg_database: str, redis_namespace: str) -> Async
         ECHO_CHUNK_DELAY="0.04",
         DATA_DIR=str(tmp_path / "data"),
     )
-    migrate = subprocess.run([CLI, "migrate"], env=env, capture_output=True, text=True, timeout=60)
-    assert migrate.returncode == 0, migrate.stdout + migrate.stderr
+    run_migrate(env)
     logs = {name: tmp_path / f"{name}.log" for name in ("worker", "api-a", "api-b")}
     ports = {name: free_port() for name in ("api-a", "api-b")}
     processes = [start_process([CLI, "worker"], env, logs["worker"])]
@@ -78,20 +73,9 @@ async def stack(tmp_path: Path, pg_database: str, redis_namespace: str) -> Async
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         await asyncio.gather(
             *(wait_http_ok_async(f"{url}/health", 30) for url in urls.values()),
-            wait_until(
-                lambda: WORKER_READY.search(read_log(logs["worker"])),
-                30,
-                message="the worker",
-                alive=processes,
-            ),
+            worker_started(logs["worker"], 30, alive=processes),
         )
-        token = TokenVerifier(SECRET).issue(
-            tenant_id="tenant-ws",
-            user_id="user-ws",
-            scopes=list(USER_SCOPES),
-            ttl_seconds=600,
-            now=time.time(),
-        )
+        token = token_factory(TokenVerifier(SECRET))(tenant="tenant-ws", user="user-ws")
         yield Stack(urls["api-a"], urls["api-b"], token)
     finally:
         for proc in processes:

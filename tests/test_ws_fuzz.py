@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from agent_orchestrator.models.principal import USER_SCOPES
 from agent_orchestrator.websocket.events import CLIENT_TYPES
+from tests.conftest import token_factory
 from tests.processes import (
     CLI,
     free_port,
@@ -101,13 +101,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     proc = start_process([CLI, "serve", "--port", str(port)], env, log)
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=30, proc=proc)
-        token = TokenVerifier(SECRET).issue(
-            tenant_id="fuzz",
-            user_id="fuzzer",
-            scopes=list(USER_SCOPES),
-            ttl_seconds=3600,
-            now=time.time(),
-        )
+        token = token_factory(TokenVerifier(SECRET))(tenant="fuzz", user="fuzzer", ttl=3600)
         fuzz = Target(f"ws://127.0.0.1:{port}/ws/v1", token)
         yield fuzz
         fuzz.healthy_ping()
