@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from agent_orchestrator.models.task import TERMINAL
+
 
 class EventType(StrEnum):
     TASK_STATUS = "task.status"
@@ -55,6 +57,14 @@ class StreamKey:
 
     def name(self, namespace: str) -> str:
         return f"{namespace}:events:{self.kind}:{self.tenant_id}:{self.resource_id}"
+
+
+_TERMINAL_VALUES = frozenset(status.value for status in TERMINAL)
+
+
+def ends_task_stream(event: Event) -> bool:
+    """A task's terminal status: the last event its stream will ever hold."""
+    return event.type == EventType.TASK_STATUS and event.data.get("status") in _TERMINAL_VALUES
 
 
 def parse_cursor(value: str | None) -> int | None:

@@ -12,14 +12,13 @@ from fastapi.responses import JSONResponse
 
 from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.repositories.messages import MessageRepository
-from agent_orchestrator.events.models import StreamKey
+from agent_orchestrator.events.models import StreamKey, ends_task_stream
 from agent_orchestrator.middleware.auth import require_scope
 from agent_orchestrator.models.chat import ChatAccepted, ChatMode, ChatRequest, ChatResponse
 from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.models.task import TERMINAL, TaskView
 from agent_orchestrator.routes.deps import State, UoW
 from agent_orchestrator.routes.sse import event_frames, sse_response
-from agent_orchestrator.routes.tasks import is_terminal_status
 from agent_orchestrator.services.orchestrator import CHAT_KIND, reply_message_id
 from agent_orchestrator.services.session_manager import to_message
 from agent_orchestrator.services.task_ledger import to_view
@@ -66,7 +65,7 @@ async def chat(
                 state.bus,
                 stream,
                 None,
-                is_last=is_terminal_status,
+                is_last=ends_task_stream,
                 keepalive_seconds=state.settings.sse_keepalive_seconds,
             )
         )
@@ -89,7 +88,7 @@ async def _wait_until_settled(state: AppState, stream: StreamKey) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(bound), state.bus.subscribe(stream) as events:
             async for event in events:
-                if is_terminal_status(event):
+                if ends_task_stream(event):
                     return
 
 

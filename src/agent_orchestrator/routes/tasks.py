@@ -13,7 +13,7 @@ from agent_orchestrator.db.tables import TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import ValidationFailed
 from agent_orchestrator.events.bus import REPLAY_PAGE, EventBus
-from agent_orchestrator.events.models import Event, EventType, StreamKey, parse_cursor
+from agent_orchestrator.events.models import StreamKey, ends_task_stream, parse_cursor
 from agent_orchestrator.middleware.auth import require_scope
 from agent_orchestrator.models.pagination import Page
 from agent_orchestrator.models.principal import Principal, Scope
@@ -26,10 +26,6 @@ router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
 
 TasksReader = Annotated[Principal, Depends(require_scope(Scope.TASKS_READ))]
 TasksWriter = Annotated[Principal, Depends(require_scope(Scope.TASKS_WRITE))]
-
-
-def is_terminal_status(event: Event) -> bool:
-    return event.type == EventType.TASK_STATUS and event.data.get("status") in TERMINAL
 
 
 def cursor_from(last_event_id: str | None, after: str | None) -> int | None:
@@ -60,7 +56,7 @@ async def nothing_more_to_stream(
     after = None
     while True:
         page = await bus.replay(stream, after, REPLAY_PAGE)
-        if any(is_terminal_status(event) for event in page):
+        if any(ends_task_stream(event) for event in page):
             return True  # and it is at or before the cursor, since nothing is after it
         if len(page) < REPLAY_PAGE:
             break
@@ -121,7 +117,7 @@ async def task_events(
             state.bus,
             stream,
             cursor,
-            is_last=is_terminal_status,
+            is_last=ends_task_stream,
             keepalive_seconds=state.settings.sse_keepalive_seconds,
         )
     )

@@ -21,8 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from agent_orchestrator.events.bus import EventBus, SubscriberOverflow
-from agent_orchestrator.events.models import Event, EventType, StreamKey
-from agent_orchestrator.models.task import TERMINAL
+from agent_orchestrator.events.models import Event, StreamKey, ends_task_stream
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.websocket.events import EventEncoder, error_message
 from agent_orchestrator.websocket.metrics import SUBSCRIPTIONS
@@ -34,11 +33,6 @@ log = get_logger(__name__)
 
 REPLAY_PAGE = 200
 HUB_QUEUE = 10_000  # events the bus may hold for a hub between two of its turns
-_TERMINAL_VALUES = frozenset(status.value for status in TERMINAL)
-
-
-def ends_task_stream(event: Event) -> bool:
-    return event.type == EventType.TASK_STATUS and event.data.get("status") in _TERMINAL_VALUES
 
 
 class Member:
