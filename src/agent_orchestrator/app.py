@@ -19,12 +19,16 @@ from agent_orchestrator.websocket.gateway import WebSocketGateway
 log = get_logger(__name__)
 
 
-def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
+def create_app(
+    settings: Settings, *, run_worker: bool = True, schema_checked: bool = False
+) -> FastAPI:
     verifier = build_verifier(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await build_state(settings, verifier, run_worker=run_worker)
+        state = await build_state(
+            settings, verifier, run_worker=run_worker, schema_checked=schema_checked
+        )
         log.info(
             "service ready",
             database=state.engine.url.get_backend_name(),

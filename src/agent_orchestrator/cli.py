@@ -74,7 +74,7 @@ def serve(
         err=True,
     )
     config = uvicorn.Config(
-        create_app(settings, run_worker=not no_worker),
+        create_app(settings, run_worker=not no_worker, schema_checked=True),  # _preflight
         host=bind_host,
         port=bind_port,
         log_config=None,
@@ -114,7 +114,9 @@ def worker() -> None:
         start_http_server(settings.worker_metrics_port, addr=settings.service_host)
 
     async def run() -> None:
-        state = await build_state(settings, build_verifier(settings), run_worker=True)
+        state = await build_state(
+            settings, build_verifier(settings), run_worker=True, schema_checked=True
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

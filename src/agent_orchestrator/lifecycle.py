@@ -68,17 +68,22 @@ async def _ensure_schema(settings: Settings, engine: AsyncEngine) -> None:
         raise SchemaNotMigrated("database schema is not at head: run `agent-orchestrator migrate`")
 
 
-async def build_state(settings: Settings, verifier: TokenVerifier, *, run_worker: bool) -> AppState:
+async def build_state(
+    settings: Settings, verifier: TokenVerifier, *, run_worker: bool, schema_checked: bool = False
+) -> AppState:
+    """`schema_checked`: the caller ran `preflight` (the CLI does), so the schema step is
+    not run a second time; anything else (tests, an embedding app) gets it here."""
     engine = create_engine(
         settings.resolved_database_url(),
         pool_size=settings.db_pool_size,
         pre_ping=settings.db_pool_pre_ping,
     )
-    try:
-        await _ensure_schema(settings, engine)
-    except SchemaNotMigrated:
-        await engine.dispose()
-        raise
+    if not schema_checked:
+        try:
+            await _ensure_schema(settings, engine)
+        except SchemaNotMigrated:
+            await engine.dispose()
+            raise
     redis = Redis.from_url(settings.redis_uri) if settings.redis_uri else None
     cache: SessionCache = (
         RedisSessionCache(redis, settings.redis_namespace)
