@@ -78,11 +78,16 @@ async def test_a_killed_connection_is_replaced(named: tuple[RedisEventBus, Redis
     bus, admin, name = named
     first = await bus.publish(event(1))
     killed = await connections_named(admin, name)
+    assert killed, "no connection of the bus to kill: the test would prove nothing"
     for client_id in killed:
         await admin.execute_command("CLIENT", "KILL", "ID", client_id)
     second = await bus.publish(event(2))
     assert second.cursor > first.cursor
-    assert not set(await connections_named(admin, name)) & set(killed)
+    now = await connections_named(admin, name)
+    assert now, "the publish went over no connection of the bus"
+    assert not set(now) & set(killed)
+    replayed = await bus.replay(first.streams()[0], None, 10)
+    assert [e.cursor for e in replayed] == [first.cursor, second.cursor]
 
 
 async def test_publishes_resume_after_redis_comes_back(redis_namespace: str) -> None:
