@@ -153,6 +153,10 @@ async def test_transition_adds_to_columns_and_respects_its_guard(
     assert won is not None
     assert (won.status, won.attempt, won.lease_owner) == ("running", 1, "w1")
     assert inspect(won).transient  # detached values, never flushed behind our back
+    async with factory() as db:
+        stored = await TaskRepository(db).get(task.tenant_id, task.id)
+    assert stored is not None  # the committed row, not only the returned copy
+    assert (stored.status, stored.attempt, stored.lease_owner) == ("running", 1, "w1")
 
 
 async def test_session_rows_map_metadata_both_ways(
