@@ -116,7 +116,12 @@ class Connection:
         self._wake_waiters()
         self.close_code, self.close_reason = code, reason[:120]
         CLOSED.labels(str(code)).inc()
-        if not flush:
+        self._queue_close_frame(drop_backlog=not flush)
+
+    def _queue_close_frame(self, *, drop_backlog: bool) -> None:
+        """Queue the close frame (first, when dropping what the client has not read) and
+        arm the watchdog that forces it through if it is not sent in time."""
+        if drop_backlog:
             self._outbox.clear()
             if self._sender is not None:
                 # It is most likely waiting for the peer to read; the close goes first.
@@ -165,13 +170,7 @@ class Connection:
         if self._main is None or self._main.done():
             return
         if self._outbox or self._sender is not None:
-            self._outbox.clear()
-            if self._sender is not None:
-                self._sender.cancel()
-                self._sender = None
-            self._outbox.append(_CLOSE)
-            self._wake_sender()
-            self._watchdog = asyncio.get_running_loop().call_later(CLOSE_GRACE, self._force)
+            self._queue_close_frame(drop_backlog=True)
             return
         self.forced = True
         self._main.cancel()
