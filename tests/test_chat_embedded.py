@@ -237,6 +237,10 @@ async def test_on_busy_enqueue_runs_turns_one_at_a_time_in_order(
         ]
         views = [await settled(client, headers, accepted["task_id"]) for accepted in [first, *rest]]
         assert [view["status"] for view in views] == ["succeeded"] * 3
+        # The session really was busy: the later turns arrived while the first one ran
+        # (otherwise one-at-a-time holds with no queueing at all).
+        for later in views[1:]:
+            assert _time(later["created_at"]) < _time(views[0]["finished_at"]), (views[0], later)
         for earlier, later in itertools.pairwise(views):
             assert _time(earlier["finished_at"]) <= _time(later["started_at"]), (earlier, later)
 
