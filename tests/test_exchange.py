@@ -80,6 +80,7 @@ async def test_keep_alive_reuses_one_connection() -> None:
         finally:
             await client.aclose()
     assert server.connections == 1
+    assert len(server.heads) == 3  # three requests really went over that one connection
     first = server.heads[0].decode()
     assert first.startswith("GET /v1/sessions/s/messages?limit=5 HTTP/1.1\r\n")
     for line in ("Authorization: Bearer tok", "X-Tenant-ID: acme", "X-Correlation-ID: corr-1"):
@@ -103,6 +104,8 @@ async def test_a_reused_connection_closed_by_the_server_is_retried_for_a_get() -
         finally:
             await client.aclose()
     assert server.connections == 2
+    # The first, the one the closing connection swallowed, and its resend on a new one.
+    assert len(server.heads) == 3
 
 
 async def history_error(server: Server, call: CallContext) -> DownstreamError:
