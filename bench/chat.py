@@ -65,6 +65,7 @@ from bench.common import (
     table,
 )
 from bench.queue_bench import _cpu_seconds, _loadavg, _stop, _tail, _versions, _with_db
+from bench.ws_harness import wait_ok
 
 NAME = "chat"
 TARGET_C1_P50_MS = 10.0
@@ -531,24 +532,6 @@ def _spawn(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> subpro
         return subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=out)
 
 
-async def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 60
-    async with httpx.AsyncClient(timeout=1.0) as client:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{url} exited:\n{_tail(log)}")
-            try:
-                if (await client.get(url)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} not ready in 60 s:\n{_tail(log)}")
-            await asyncio.sleep(0.1)
-
-
 async def _wait_log(needle: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 60
     while needle not in log.read_text(errors="replace"):
@@ -627,7 +610,7 @@ async def _embedded(args: argparse.Namespace, workdir: Path) -> Setup:
     serve = _spawn(_cli("serve", "--port", str(port)), env, home, log)
     load = Load({"serve": serve.pid})
     try:
-        await _wait_http(f"{base}/health", serve, log)
+        await wait_ok(f"{base}/health", serve, log=log)
         print(f"chat: embedded server on {base}", flush=True)
         c = args.concurrency
         await load.run("warm-up", _turn_spec(base, token, concurrency=c, count=args.warmup))
@@ -694,7 +677,7 @@ async def _production(args: argparse.Namespace, workdir: Path) -> Setup:
             processes.append(serve)
             worker = _spawn(_cli("worker"), env, home, worker_log)
             processes.append(worker)
-            await _wait_http(f"{base}/health", serve, serve_log)
+            await wait_ok(f"{base}/health", serve, log=serve_log)
             await _wait_log("running", worker, worker_log)
             pids = {"serve": serve.pid, "worker": worker.pid}
             double_pid = _double_pid(double)

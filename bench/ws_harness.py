@@ -89,16 +89,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def wait_ok(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+async def wait_ok(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = 60, log: Path | None = None
+) -> None:
+    """Until `url` answers 200; fails when the process exits or `timeout` passes, with the
+    tail of its `log` when there is one."""
+    from bench.queue_bench import _tail
+
+    def failure(what: str) -> RuntimeError:
+        return RuntimeError(f"{url} {what}" + (f":\n{_tail(log)}" if log else ""))
+
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=1) as http:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
+                raise failure(f"exited with {proc.returncode}")
             try:
                 if (await http.get(url)).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
+    raise failure(f"not ready in {timeout:g} s")
