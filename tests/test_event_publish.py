@@ -107,6 +107,8 @@ async def test_publishes_resume_after_redis_comes_back(redis_namespace: str) -> 
         await proxy.start()  # the same port again
         stamped = await asyncio.gather(*(bus.publish(event(n)) for n in range(3, 13)))
         assert all(e.cursor > first.cursor for e in stamped)
+        replayed = await bus.replay(first.streams()[0], None, 100)
+        assert [e.data["n"] for e in replayed] == [1, *range(3, 13)]  # written, in order
     finally:
         await bus.close()
         await redis.aclose()
