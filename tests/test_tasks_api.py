@@ -379,7 +379,15 @@ async def test_a_crash_fails_without_leaking_internals(
     view = await client.get(f"{TASKS}/{task_id}", headers=headers)
     listing = await client.get(TASKS, headers=headers)
     stream = await client.get(f"{TASKS}/{task_id}/events", headers=headers)
+    # Each really shows the crashed task and its error (an error page would pass below).
+    assert [item["id"] for item in listing.json()["items"]] == [task_id]
+    assert listing.json()["items"][0]["error"]["code"] == "internal_error"
+    assert view.json()["error"]["code"] == "internal_error"
+    final = envelopes(parse_sse(stream.text)[1:])[-1]
+    assert final["data"]["status"] == "failed"
+    assert final["data"]["error"]["code"] == "internal_error"
     for response in (view, listing, stream):
+        assert response.status_code == 200, response.text
         assert SECRET not in response.text
         assert "RuntimeError" not in response.text
         assert "Traceback" not in response.text
