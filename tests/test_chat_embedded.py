@@ -22,7 +22,8 @@ import httpx
 from sqlalchemy import func, select
 
 from agent_orchestrator.config import Settings
-from agent_orchestrator.db.tables import MessageRow, SessionRow, TaskRow
+from agent_orchestrator.db.repositories.audit import AuditRepository
+from agent_orchestrator.db.tables import AuditEntryRow, MessageRow, SessionRow, TaskRow
 from agent_orchestrator.events.models import EventType, StreamKey
 from tests.chat_helpers import (
     CHAT,
@@ -148,11 +149,29 @@ async def test_second_turn_sees_the_first_and_messages_are_listed_in_order(
     assert listed[3]["content"] == second["message"]["content"]
 
 
+async def _audit_actions(client: httpx.AsyncClient, resource_id: str) -> list[tuple[str, str]]:
+    factory = client.app.state.core.db_factory  # type: ignore[attr-defined]
+    async with factory() as db:
+        entries = await AuditRepository(db).list_for_resource("tenant-a", resource_id)
+    return [(entry.action, entry.outcome) for entry in entries]
+
+
 async def test_no_session_id_creates_a_session(
     client: httpx.AsyncClient, make_token: TokenFactory
 ) -> None:
-    headers = auth(make_token(tenant="tenant-a", user="user-9"))
+    headers = {**auth(make_token(tenant="tenant-a", user="user-9")), "X-Correlation-ID": "c-7"}
     accepted = await chat(client, headers, message="new conversation", agent_id="default")
+    # Both writes of the request are audited, in its transaction.
+    assert await _audit_actions(client, accepted["session_id"]) == [("session.create", "success")]
+    assert await _audit_actions(client, accepted["task_id"]) == [("task.submit", "success")]
+    factory = client.app.state.core.db_factory  # type: ignore[attr-defined]
+    async with factory() as db:
+        entry = (await AuditRepository(db).list_for_resource("tenant-a", accepted["task_id"]))[0]
+    assert (entry.actor_id, entry.correlation_id, entry.details) == (
+        "user-9",
+        "c-7",
+        {"kind": "chat"},
+    )
     response = await client.get(f"{SESSIONS}/{accepted['session_id']}", headers=headers)
     assert response.status_code == 200, response.text
     session = response.json()
@@ -183,6 +202,8 @@ async def test_closed_session_is_409_and_other_tenants_session_is_404(
     assert closed.status_code == 409, closed.text
     assert await count(client, TaskRow) == 0
     assert await count(client, MessageRow) == 0
+    # Nothing of the refused turns was audited as done.
+    assert await count(client, AuditEntryRow, action="task.submit") == 0
 
 
 async def test_idempotency_key_returns_the_same_task_and_stores_one_message(

@@ -23,23 +23,22 @@ from agent_orchestrator.db.tables import TaskRow
 from agent_orchestrator.models.task import TaskStatus
 from agent_orchestrator.queue.base import Delivery
 from agent_orchestrator.queue.consumer import TaskContext, TaskRunner
-from agent_orchestrator.queue.registry import HandlerRegistry
+from agent_orchestrator.queue.registry import HandlerRegistry, TaskFailure
 from agent_orchestrator.services.task_ledger import Renewal
 
 
 class FakeLedger:
-    def __init__(self, task: TaskRow) -> None:
+    def __init__(self, task: TaskRow, *, announce_seconds: float = 0.0) -> None:
         self.task = task
         self.finished: list[TaskStatus] = []
         self.renewals = 0
+        self.announce_seconds = announce_seconds
 
-    async def claim(
-        self, tenant_id: str, task_id: uuid.UUID, worker_id: str, *, announce: bool = True
-    ) -> TaskRow:
+    async def claim(self, tenant_id: str, task_id: uuid.UUID, worker_id: str, **_: Any) -> TaskRow:
         return self.task
 
     async def announce(self, task: TaskRow) -> None:
-        return None
+        await asyncio.sleep(self.announce_seconds)  # the `running` event on its way
 
     async def renew(self, task: TaskRow, worker_id: str) -> Renewal:
         self.renewals += 1
@@ -47,6 +46,19 @@ class FakeLedger:
 
     async def finish(self, task: TaskRow, worker_id: str, status: TaskStatus, **_: Any) -> None:
         self.finished.append(status)
+
+
+class FakeClaimSession:
+    """The claim's transaction, which these fakes never write to."""
+
+    async def __aenter__(self) -> FakeClaimSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def commit(self) -> None:
+        return None
 
 
 class FakeBus:
@@ -59,6 +71,9 @@ class FakeBus:
     async def send(self, message: dict[str, Any]) -> None:
         for handler in self.control:
             await handler(message)
+
+    async def publish(self, event: Any) -> Any:
+        return event
 
 
 class Received:
@@ -79,7 +94,7 @@ class Received:
 
 
 def make_runner(
-    handler: Any, *, task_timeout: float = 30.0
+    handler: Any, *, task_timeout: float = 30.0, announce_seconds: float = 0.0
 ) -> tuple[TaskRunner, FakeLedger, FakeBus, TaskRow]:
     task = TaskRow(
         id=uuid.uuid4(),
@@ -91,14 +106,14 @@ def make_runner(
         progress={},
         input={},
     )
-    ledger, bus = FakeLedger(task), FakeBus()
+    ledger, bus = FakeLedger(task, announce_seconds=announce_seconds), FakeBus()
     registry = HandlerRegistry()
     registry.register("test.kind", handler)
     runner = TaskRunner(
         ledger=ledger,  # type: ignore[arg-type]
         registry=registry,
         bus=bus,  # type: ignore[arg-type]
-        db_factory=None,  # type: ignore[arg-type]
+        db_factory=FakeClaimSession,  # type: ignore[arg-type]
         worker_id="worker-1",
         task_timeout=task_timeout,
         lease_ttl=0.3,  # renew every 0.1 s
@@ -147,3 +162,29 @@ async def test_a_handler_that_swallows_a_cancel_is_still_stopped(stop: str) -> N
     expected = TaskStatus.CANCELLED if stop == "cancel" else TaskStatus.TIMED_OUT
     assert ledger.finished == [expected]
     assert effects == []
+
+
+async def test_a_step_cancelled_while_waiting_for_the_running_event_does_not_lose_the_attempt() -> (
+    None
+):
+    """A plan cancels its other steps when a required one fails; a step then waiting for
+    the `running` event (to emit after it) must not cancel that event's publication, or
+    the runner, which awaits it before recording, would never record the failure."""
+    waiting = asyncio.Event()
+
+    async def handler(ctx: TaskContext) -> dict[str, Any]:
+        async def sibling_step() -> None:
+            waiting.set()
+            await ctx.emit("test.progress", {})
+
+        step = asyncio.create_task(sibling_step())
+        await waiting.wait()
+        await asyncio.sleep(0.05)  # the step is inside emit, the event still on its way
+        step.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await step
+        raise TaskFailure("downstream_error", "the required step failed")
+
+    runner, ledger, _bus, task = make_runner(handler, announce_seconds=0.3)
+    await asyncio.wait_for(runner.run(Received(task)), timeout=3)
+    assert ledger.finished == [TaskStatus.FAILED]

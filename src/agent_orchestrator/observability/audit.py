@@ -7,6 +7,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.repositories.audit import AuditRepository
 from agent_orchestrator.db.tables import AuditEntryRow
 from agent_orchestrator.db.types import utcnow
@@ -38,17 +39,16 @@ def _entry(
     )
 
 
-async def record(
-    db: AsyncSession,
+def record(
+    uow: UnitOfWork,
     principal: Principal,
     action: str,
     resource_type: str,
     resource_id: str | None,
     details: dict[str, Any] | None = None,
 ) -> None:
-    """A success, written in the operation's own transaction (both commit or neither)."""
-    entry = _entry(principal, action, resource_type, resource_id, "success", details)
-    await AuditRepository(db).add(entry)
+    """A success, written with the operation's own commit (both commit or neither)."""
+    uow.audit(_entry(principal, action, resource_type, resource_id, "success", details))
 
 
 async def record_failure(

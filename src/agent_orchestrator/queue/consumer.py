@@ -27,7 +27,12 @@ from agent_orchestrator.models.task import TaskErrorInfo, TaskStatus
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import TASK_DURATION
 from agent_orchestrator.queue.base import Received, TaskQueue
-from agent_orchestrator.queue.registry import HandlerRegistry, TaskFailure, TaskKind
+from agent_orchestrator.queue.registry import (
+    AfterCommit,
+    HandlerRegistry,
+    TaskFailure,
+    TaskKind,
+)
 from agent_orchestrator.services.task_ledger import Renewal, TaskLedger
 
 log = get_logger(__name__)
@@ -59,13 +64,11 @@ class TaskContext:
             "steps_total": steps_total,
             **extra,
         }
-        if self.announced is not None:
-            await self.announced
+        await self._after_announced()
         await self.ledger.publish_progress(self.task)
 
     async def emit(self, event_type: str, data: dict[str, Any]) -> Event:
-        if self.announced is not None:
-            await self.announced
+        await self._after_announced()
         return await self.bus.publish(
             Event(
                 type=event_type,
@@ -75,6 +78,14 @@ class TaskContext:
                 data=data,
             )
         )
+
+    async def _after_announced(self) -> None:
+        # Shielded: the future is shared by every step of the handler, and a waiter that
+        # is cancelled (a plan cancels its other steps when a required one fails) would
+        # otherwise cancel the announcement itself, and the runner awaiting it after
+        # the handler would skip recording the attempt's end.
+        if self.announced is not None:
+            await asyncio.shield(self.announced)
 
 
 #: How often a stopped handler that is still running is cancelled again.
@@ -160,12 +171,21 @@ class TaskRunner:
 
     async def run(self, received: Received) -> None:
         delivery = received.delivery
-        task = await self.ledger.claim(
-            delivery.tenant_id, uuid.UUID(delivery.task_id), self.worker_id, announce=False
-        )
-        if task is None:
-            log.debug("delivery dropped: task not claimable", task_id=delivery.task_id)
-            return
+        async with self.db_factory() as db:
+            task = await self.ledger.claim(
+                delivery.tenant_id,
+                uuid.UUID(delivery.task_id),
+                self.worker_id,
+                announce=False,
+                db=db,
+            )
+            if task is None:
+                log.debug("delivery dropped: task not claimable", task_id=delivery.task_id)
+                return
+            kind = self.registry.get(task.kind)
+            hook = kind.on_claimed if kind is not None else None
+            after = await hook(db, task) if hook is not None else None
+            await db.commit()
         with structlog.contextvars.bound_contextvars(
             task_id=str(task.id),
             tenant_id=task.tenant_id,
@@ -173,16 +193,23 @@ class TaskRunner:
             attempt=task.attempt,
             correlation_id=task.input.get("correlation_id"),
         ):
-            await self._run_claimed(task, received)
+            await self._run_claimed(task, received, after)
 
-    async def _run_claimed(self, task: TaskRow, received: Received) -> None:
+    async def _run_claimed(
+        self, task: TaskRow, received: Received, after: AfterCommit | None
+    ) -> None:
         # Start the handler without waiting for the `running` event to be written: that
         # round trip was a third of the enqueue-to-start latency (bench/RESULTS.md).
-        announced = asyncio.ensure_future(self.ledger.announce(task))
+        announced = asyncio.ensure_future(self._announce(task, after))
         try:
             await self._run_announced(task, received, announced)
         finally:
             await announced
+
+    async def _announce(self, task: TaskRow, after: AfterCommit | None) -> None:
+        await self.ledger.announce(task)
+        if after is not None:
+            await after()
 
     async def _run_announced(
         self, task: TaskRow, received: Received, announced: asyncio.Future[None]

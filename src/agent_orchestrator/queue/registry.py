@@ -7,6 +7,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from agent_orchestrator.db.tables import TaskRow
 
 if TYPE_CHECKING:
@@ -16,6 +18,11 @@ Handler = Callable[["TaskContext"], Coroutine[Any, Any, dict[str, Any] | None]]
 #: Called after an attempt ended in this process (finished, failed, retried later,
 #: cancelled or timed out), once its state is committed: e.g. to wake the session's next turn.
 SettledHook = Callable[[TaskRow], Coroutine[Any, Any, None]]
+AfterCommit = Callable[[], Coroutine[Any, Any, None]]
+#: Runs inside the claim's transaction, once the task is `running`: writes that must begin
+#: with the attempt (chat marks its session `processing`) cost no transaction of their own.
+#: What it returns is awaited after the commit, before the handler's first event.
+ClaimHook = Callable[[AsyncSession, TaskRow], Coroutine[Any, Any, AfterCommit | None]]
 
 
 class TaskFailure(Exception):
@@ -34,6 +41,7 @@ class TaskKind:
     handler: Handler
     bulk: bool = False
     on_settled: SettledHook | None = None
+    on_claimed: ClaimHook | None = None
 
 
 class HandlerRegistry:
@@ -47,8 +55,9 @@ class HandlerRegistry:
         *,
         bulk: bool = False,
         on_settled: SettledHook | None = None,
+        on_claimed: ClaimHook | None = None,
     ) -> None:
-        self._kinds[name] = TaskKind(name, handler, bulk, on_settled)
+        self._kinds[name] = TaskKind(name, handler, bulk, on_settled, on_claimed)
 
     def get(self, name: str) -> TaskKind | None:
         return self._kinds.get(name)

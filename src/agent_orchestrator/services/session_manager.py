@@ -160,7 +160,7 @@ class SessionManager:
         )
         async with self._audited(uow, principal, "session.create", None):
             await SessionRepository(uow.session).add(row)
-            await audit.record(uow.session, principal, "session.create", "session", str(row.id))
+            audit.record(uow, principal, "session.create", "session", str(row.id))
         SESSIONS_CREATED.inc()
         return self._after_write(uow, row, now)
 
@@ -178,8 +178,8 @@ class SessionManager:
             if changes.get("metadata") is not None:
                 values["metadata_"] = changes["metadata"]
             await SessionRepository(uow.session).update(row, **values)
-            await audit.record(
-                uow.session,
+            audit.record(
+                uow,
                 principal,
                 "session.update",
                 "session",
@@ -197,7 +197,7 @@ class SessionManager:
             await SessionRepository(uow.session).update(
                 row, state=SessionState.CLOSED.value, closed_at=now
             )
-            await audit.record(uow.session, principal, "session.close", "session", str(session_id))
+            audit.record(uow, principal, "session.close", "session", str(session_id))
         return self._after_write(uow, row, now)
 
     async def mark_turn(
@@ -268,7 +268,7 @@ class SessionManager:
         try:
             yield
         except ServiceError as error:
-            await uow.session.rollback()  # free the connection before the audit's own
+            await uow.rollback()  # free the connection before the audit's own
             await audit.record_failure(
                 uow.factory,
                 principal,

@@ -192,9 +192,7 @@ class TaskLedger:
             if existing is None:
                 raise
             return existing, False
-        await audit.record(
-            uow.session, principal, "task.submit", "task", str(row.id), {"kind": row.kind}
-        )
+        audit.record(uow, principal, "task.submit", "task", str(row.id), {"kind": row.kind})
 
         async def announce_and_enqueue() -> None:
             # Announce first: the `queued` event must get a smaller id than the `running`
@@ -274,7 +272,7 @@ class TaskLedger:
                     f"task is {status}; only queued or running tasks can be cancelled",
                     details={"status": status},
                 )
-        await audit.record(uow.session, principal, "task.cancel", "task", str(task_id))
+        audit.record(uow, principal, "task.cancel", "task", str(task_id))
 
         async def notify() -> None:
             if cancelled.status == TaskStatus.CANCELLED:
@@ -289,10 +287,17 @@ class TaskLedger:
 
     # --- worker side: each call is its own transaction ------------------------------------
     async def claim(
-        self, tenant_id: str, task_id: uuid.UUID, worker_id: str, *, announce: bool = True
+        self,
+        tenant_id: str,
+        task_id: uuid.UUID,
+        worker_id: str,
+        *,
+        announce: bool = True,
+        db: AsyncSession | None = None,
     ) -> TaskRow | None:
         """Take the lease: exactly one claimant wins; a duplicate delivery loses and is
-        dropped (the task is running elsewhere, finished, cancelled, or not yet due)."""
+        dropped (the task is running elsewhere, finished, cancelled, or not yet due).
+        With `db` the claim joins the caller's transaction, which the caller commits."""
         now = utcnow()
         row = await self._write(
             tenant_id,
@@ -307,6 +312,7 @@ class TaskLedger:
                 "not_before": None,
             },
             Guard(not_cancelled=True, due_at=now, turn_free=True),
+            db=db,
         )
         if row is not None and announce:
             await self.bus.publish(status_event(row))

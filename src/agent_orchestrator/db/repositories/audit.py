@@ -15,8 +15,8 @@ class AuditRepository:
     def __init__(self, db: AsyncSession) -> None:
         self.db = db
 
-    async def add(self, row: AuditEntryRow) -> None:
-        await ENTRIES.add(self.db, row)
+    async def add(self, *rows: AuditEntryRow) -> None:
+        await ENTRIES.add(self.db, *rows)
 
     async def list_for_resource(self, tenant_id: str, resource_id: str) -> list[AuditEntryRow]:
         query = (

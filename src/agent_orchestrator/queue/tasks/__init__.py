@@ -22,4 +22,4 @@ def register_builtin_kinds(registry: HandlerRegistry, state: AppState) -> None:
         bus=state.bus,
         remote_conversation=bool(state.settings.conversation_service_url),
     )
-    registry.register(CHAT_KIND, turn.run, on_settled=turn.settled)
+    registry.register(CHAT_KIND, turn.run, on_settled=turn.settled, on_claimed=turn.claimed)

@@ -8,11 +8,14 @@ conversation holds one answer.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.config import Settings
@@ -27,7 +30,7 @@ from agent_orchestrator.models.orchestration import StepOutcome
 from agent_orchestrator.models.session import Session, SessionState
 from agent_orchestrator.models.task import TaskStatus
 from agent_orchestrator.queue.consumer import ALREADY_FINISHED, TaskContext
-from agent_orchestrator.queue.registry import TaskFailure
+from agent_orchestrator.queue.registry import AfterCommit, TaskFailure
 from agent_orchestrator.services.orchestrator import (
     chat_plan,
     reply_message_id,
@@ -60,7 +63,6 @@ class ChatTurn:
         task = ctx.task
         if task.session_id is None:
             raise TaskFailure("invalid_task", "a chat task needs a session")
-        await self._mark_session(task, SessionState.PROCESSING)
         started = time.perf_counter()
         degraded: list[dict[str, Any]] = []
         call_ctx = CallContext(
@@ -194,6 +196,18 @@ class ChatTurn:
         if session is not None:
             self._freed.add(task.id)
             await self._announce_session(task, session)
+
+    async def claimed(self, db: AsyncSession, task: TaskRow) -> AfterCommit | None:
+        """In the claim's transaction: the session is `processing` from the moment the
+        turn holds it."""
+        if task.session_id is None:
+            return None  # `run` fails such a task
+        session = await self.sessions.mark_turn(
+            db, task.tenant_id, task.session_id, SessionState.PROCESSING
+        )
+        if session is None:
+            return None
+        return functools.partial(self._announce_session, task, session)
 
     async def settled(self, task: TaskRow) -> None:
         """Whatever the outcome: the session is free again, and its next turn may run."""
