@@ -1,36 +1,39 @@
 """Chat benchmark: turns per second and latency through the whole stack, and the
 orchestration overhead against calling the downstream double directly, in one run.
 
-    .venv/bin/python -m bench.run chat            # both setups (about 2.5 minutes)
+    .venv/bin/python -m bench.run chat            # all three setups (about 4 minutes)
     .venv/bin/python -m bench.run chat --quick    # shorter phases (about 1 minute)
 
 Every turn is `POST /api/v1/chat` {"message", "mode": "wait"} without a `session_id`, so
 each turn opens a new session (history empty, nothing grows between turns); the request
 returns when the turn has ended, and a turn counts only if it answered 200 with the task
-`succeeded`. Two setups, each started from nothing by this module:
+`succeeded`. Three setups, each started from nothing by this module:
 
 1. Embedded: `agent-orchestrator serve` in a temporary directory (no DATABASE_URL or
    REDIS_URI: SQLite in DATA_DIR, in-process queue, worker and events, echo model).
-2. Production-like: a fresh PostgreSQL database (`agent-orchestrator migrate`, dropped
+2. Embedded, HTTP downstream: the same server with every downstream service and
+   LLM_BASE_URL pointed at the downstream test double (tests/doubles, its own process,
+   instant).
+3. Production-like: a fresh PostgreSQL database (`agent-orchestrator migrate`, dropped
    after), Redis with a namespace of its own (deleted after), one `serve --no-worker` and
-   one `worker` process, every downstream service and LLM_BASE_URL pointed at the
-   downstream test double (tests/doubles, its own process, instant).
+   one `worker` process, downstream on the double as in 2.
 
 Loads, from a load generator that is never the server's process: httpx.AsyncClient on
 uvloop with a connection pool, in this process or in several spawned processes
 (--generators); its CPU use is reported so that a saturated generator shows.
 (a) concurrency 1: sequential turns; (b) concurrency 16, closed loop, fixed duration.
 
-Orchestration overhead (production-like setup): the downstream requests one turn makes are
+Orchestration overhead (setups 2 and 3): the downstream requests one turn makes are
 captured from the double's request log and replayed directly from the generator, the way
 the plan runs them (the GETs concurrently, then each POST after the previous one, the
 execution's SSE stream read to its end, every response parsed), with fresh ids per replay
 and one pooled client per service. Measured at concurrency 1 and, open loop, at half the
-production-like peak rate, alternating blocks of turns and direct replays against the
-same double; overhead = turn percentile - direct percentile.
+setup's own peak rate, alternating blocks of turns and direct replays against the same
+double; overhead = turn percentile - direct percentile.
 
-When a target is missed, py-spy samples the process concerned (the embedded server; the
-production-like worker) during sequential turns and a few lines say where its CPU goes.
+When a target is missed, py-spy samples the processes concerned (the embedded server; the
+server and worker of a setup whose overhead misses) during sequential turns, and a few
+lines say where their CPU goes.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ NAME = "chat"
 TARGET_C1_P50_MS = 10.0
 TARGET_RATE = 300.0
 TARGET_OVERHEAD_P99_MS = 10.0
+EMBEDDED_HTTP = "embedded, HTTP downstream"
 MESSAGE = "What is the weather like on the benchmark planet today?"
 TENANT = "bench"
 #: A generator process using more than this share of one core may be holding the load back.
@@ -115,14 +119,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile",
         choices=("auto", "always", "never"),
         default="auto",
-        help="py-spy the embedded server, and the production-like worker, under sequential "
-        f"turns (auto: the first when the {TARGET_C1_P50_MS:g} ms p50 target is missed, the "
-        "second when the overhead target is)",
+        help="py-spy the embedded server, and the processes of a setup with the double, under "
+        f"sequential turns (auto: the first when the {TARGET_C1_P50_MS:g} ms p50 target is "
+        "missed, the others when their overhead target is)",
     )
     parser.add_argument("--profile-seconds", type=float, help="default 10, quick 5")
     parser.add_argument("--profile-out", type=Path, help="keep py-spy's raw stacks here")
     parser.add_argument("--skip-production", action="store_true", help="embedded setup only")
-    parser.add_argument("--skip-embedded", action="store_true", help="production-like only")
+    parser.add_argument("--skip-embedded", action="store_true", help="no embedded setup")
+    parser.add_argument(
+        "--skip-embedded-http",
+        action="store_true",
+        help="no embedded setup with the downstream double (its overhead measurement)",
+    )
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS))
     parser.add_argument(
         "--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES)
@@ -646,52 +655,86 @@ class Production:
 
 
 async def _production(args: argparse.Namespace, workdir: Path) -> Setup:
-    from tests.doubles.process import running_double, service_env
-
-    setup = Setup("production-like")
-    home = workdir / "production"
-    home.mkdir()
+    """PostgreSQL, Redis, `serve --no-worker` and one `worker`, downstream on the double."""
     infra = Production(args)
     await infra.create()
+    try:
+        return await _against_double(
+            args,
+            Setup("production-like"),
+            workdir / "production",
+            {
+                "DATABASE_URL": infra.database_url,
+                "REDIS_URI": args.redis_url,
+                "REDIS_NAMESPACE": infra.namespace,
+                "AUTO_MIGRATE": "false",
+            },
+            separate_worker=True,
+        )
+    finally:
+        await infra.drop()
+
+
+async def _embedded_http(args: argparse.Namespace, workdir: Path) -> Setup:
+    """The embedded server (SQLite, in-process queue, worker and events) with every
+    downstream service and the LLM on the double: the orchestration overhead without the
+    round trips to PostgreSQL and Redis."""
+    return await _against_double(
+        args, Setup(EMBEDDED_HTTP), workdir / "embedded-http", {}, separate_worker=False
+    )
+
+
+async def _against_double(
+    args: argparse.Namespace,
+    setup: Setup,
+    home: Path,
+    stores: dict[str, str],
+    *,
+    separate_worker: bool,
+) -> Setup:
+    from tests.doubles.process import running_double, service_env
+
+    home.mkdir()
     processes: list[subprocess.Popen[bytes]] = []
     load: Load | None = None
     try:
         with running_double() as double:
             env = _clean_env()
             env.update(
-                DATABASE_URL=infra.database_url,
-                REDIS_URI=args.redis_url,
-                REDIS_NAMESPACE=infra.namespace,
-                AUTO_MIGRATE="false",
                 ENVIRONMENT="development",
                 DATA_DIR=str(home / "data"),
                 LOG_LEVEL="WARNING",
+                **stores,
                 **service_env(double),
             )
-            subprocess.run(_cli("migrate"), env=env, cwd=home, check=True, capture_output=True)
+            if separate_worker:
+                subprocess.run(_cli("migrate"), env=env, cwd=home, check=True, capture_output=True)
             token = _token(env, home)
             port = _free_port()
             base = f"http://127.0.0.1:{port}"
             serve_log, worker_log = home / "serve.log", home / "worker.log"
-            serve = _spawn(_cli("serve", "--no-worker", "--port", str(port)), env, home, serve_log)
+            serve_args = ["serve", "--no-worker"] if separate_worker else ["serve"]
+            serve = _spawn(_cli(*serve_args, "--port", str(port)), env, home, serve_log)
             processes.append(serve)
-            worker = _spawn(_cli("worker"), env, home, worker_log)
-            processes.append(worker)
+            pids = {"serve": serve.pid}
+            if separate_worker:
+                worker = _spawn(_cli("worker"), env, home, worker_log)
+                processes.append(worker)
+                pids["worker"] = worker.pid
             await wait_ok(f"{base}/health", serve, log=serve_log)
-            await _wait_log("running", worker, worker_log)
-            pids = {"serve": serve.pid, "worker": worker.pid}
+            if separate_worker:
+                await _wait_log("running", worker, worker_log)
             double_pid = _double_pid(double)
             if double_pid is not None:
                 pids["double"] = double_pid
             load = Load(pids)
-            print(f"chat: production-like server on {base}, double on {double}", flush=True)
-            await _production_phases(args, setup, load, base, token, double, home)
+            print(f"chat: {setup.name} server on {base}, double on {double}", flush=True)
+            await _double_phases(args, setup, load, base, token, double, home)
     finally:
         if load is not None:
             load.close()
         for process in reversed(processes):
             _stop(process)
-        await infra.drop()
     return setup
 
 
@@ -738,7 +781,7 @@ async def _capture(
     return template, described
 
 
-async def _production_phases(
+async def _double_phases(
     args: argparse.Namespace,
     setup: Setup,
     load: Load,
@@ -785,8 +828,8 @@ async def _production_phases(
     setup.overhead.append((label, turn, replay))
     missed = _overhead(turn, replay, "p99") > TARGET_OVERHEAD_P99_MS
     if args.profile == "always" or (args.profile == "auto" and missed):
-        # Both processes a turn crosses, one after the other (py-spy on one at a time).
-        for name in ("serve", "worker"):
+        # Every process a turn crosses, one after the other (py-spy on one at a time).
+        for name in [name for name in ("serve", "worker") if name in load.pids]:
             setup.profile += [f"#### {name}", ""]
             setup.profile += await _profile(args, name, load.pids, base, token, home)
             setup.profile.append("")
@@ -988,6 +1031,8 @@ def _task_label(frame: str) -> str:
 
 async def _main(args: argparse.Namespace, workdir: Path) -> list[Setup]:
     setups = [] if args.skip_embedded else [await _embedded(args, workdir)]
+    if not args.skip_embedded_http:
+        setups.append(await _embedded_http(args, workdir))
     if not args.skip_production:
         setups.append(await _production(args, workdir))
     return setups
@@ -1027,7 +1072,8 @@ def _summarise(report: Report, args: argparse.Namespace, setups: list[Setup]) ->
         f"After {args.warmup} warm-up turns at c={args.concurrency}, each load ran in "
         f"{args.blocks} blocks: c=1, {max(1, args.turns // args.blocks)} sequential turns "
         f"per block; c={args.concurrency}, closed loop for {args.seconds / args.blocks:g} s "
-        "per block (production-like c=1 blocks alternate with the direct replays below). "
+        "per block (in the setups with the double, c=1 blocks alternate with the direct "
+        "replays below). "
         "turns/s, p50 and p99 are medians of the per-block figures; pooled = percentiles "
         "of all samples. Generator CPU: highest per-block share of one core per generator "
         "process. Server CPU: share of one core and CPU per turn of each process over all "
@@ -1069,56 +1115,63 @@ def _summarise(report: Report, args: argparse.Namespace, setups: list[Setup]) ->
     ]
     if errors:
         md += ["", "First errors: " + " | ".join(f"`{e}`" for e in errors[:3])]
-    production = next((s for s in setups if s.overhead), None)
-    if production is not None:
+    with_double = [s for s in setups if s.overhead]
+    if with_double:
         md += [
             "",
-            "### Orchestration overhead (production-like setup, same run)",
+            "### Orchestration overhead (same run)",
             "",
-            "The downstream requests of one turn were captured from the double's request "
-            "log: " + "; then ".join(production.calls) + ". Direct = those requests sent "
+            "Measured in each setup whose downstream services are the double: "
+            + " and ".join(f"`{s.name}`" for s in with_double)
+            + ". The downstream requests of one turn were captured from the double's request "
+            "log: " + "; then ".join(with_double[0].calls) + ". Direct = those requests sent "
             "from the generator straight to the same double process, phases in that order "
             "(requests of a phase concurrently, as the plan runs them), the execution's SSE "
             "stream read to its end, every response parsed, fresh ids and traceparent per "
             "replay, one pooled httpx client per service. Blocks of turns and of direct "
             f"replays alternate ({args.blocks} each: turns, direct, turns, direct, ...) at "
-            "the same load: concurrency 1, then open loop at half the production-like peak "
+            "the same load: concurrency 1, then open loop at half the setup's own peak "
             "rate (latency from the scheduled send time, so a late generator counts against "
             f"it; {args.overhead_seconds / args.blocks:g} s per block). Overhead = turn "
             "percentile - direct percentile of adjacent blocks, median over the block pairs "
             "(a difference of percentiles, not a percentile of differences); pooled = the "
-            "same from all samples. The direct baseline includes httpx's own CPU per request "
-            "(the library the orchestrator's clients use too): at concurrency 1 it keeps the "
-            "generator process busy most of the time, which is latency, not a throughput "
-            "limit.",
+            "same from all samples. The direct baseline includes httpx's own CPU per request: "
+            "at concurrency 1 it keeps the generator process busy most of the time, which is "
+            "latency, not a throughput limit.",
             "",
         ]
         rows = []
-        for label, turn, direct in production.overhead:
-            t, d = turn.pooled, direct.pooled
-            rows.append(
-                [
-                    label,
-                    f"{t.count} / {d.count}",
-                    f"{t.errors} / {d.errors}",
-                    _ms(turn.p50),
-                    _ms(direct.p50),
-                    _ms(_overhead(turn, direct, "p50")),
-                    _ms(turn.p99),
-                    _ms(direct.p99),
-                    _ms(_overhead(turn, direct, "p99")),
-                    f"{t.p50 - d.p50:.2f} / {t.p99 - d.p99:.2f}",
-                    f"{t.max_lag_ms:.1f} / {d.max_lag_ms:.1f}",
-                    f"{t.load} / {d.load}",
-                ]
-            )
-        headers = ["load", "n turn / direct", "errors", "turn p50", "direct p50"]
+        for setup in with_double:
+            for label, turn, direct in setup.overhead:
+                t, d = turn.pooled, direct.pooled
+                rows.append(
+                    [
+                        setup.name,
+                        label,
+                        f"{t.count} / {d.count}",
+                        f"{t.errors} / {d.errors}",
+                        _ms(turn.p50),
+                        _ms(direct.p50),
+                        _ms(_overhead(turn, direct, "p50")),
+                        _ms(turn.p99),
+                        _ms(direct.p99),
+                        _ms(_overhead(turn, direct, "p99")),
+                        f"{t.p50 - d.p50:.2f} / {t.p99 - d.p99:.2f}",
+                        f"{t.max_lag_ms:.1f} / {d.max_lag_ms:.1f}",
+                        f"{t.load} / {d.load}",
+                    ]
+                )
+        headers = ["setup", "load", "n turn / direct", "errors", "turn p50", "direct p50"]
         headers += ["overhead p50", "turn p99", "direct p99", "overhead p99"]
         headers += ["pooled overhead p50 / p99", "max send lag ms", "load avg"]
         md += table(headers, rows)
         md += ["", "Per block p50/p99 ms, in the order run:", ""]
-        for label, turn, direct in production.overhead:
-            md.append(f"- {label}: turns {turn.per_block(False)}; direct {direct.per_block(False)}")
+        for setup in with_double:
+            for label, turn, direct in setup.overhead:
+                md.append(
+                    f"- {setup.name}, {label}: turns {turn.per_block(False)}; "
+                    f"direct {direct.per_block(False)}"
+                )
     md += ["", "### Targets (issue 4, this 2-core machine)", ""]
     summary: list[str] = []
     embedded = next((s for s in setups if s.name == "embedded"), Setup("embedded"))
@@ -1138,19 +1191,18 @@ def _summarise(report: Report, args: argparse.Namespace, setups: list[Setup]) ->
             f"median of the blocks; {best.rate / TARGET_RATE:.2f}x the target)."
         )
         summary.append(f"embedded c={args.concurrency} {best.rate:.1f} turns/s")
-    if production is not None:
-        label, turn, direct = production.overhead[-1]
+    for setup in with_double:
+        label, turn, direct = setup.overhead[-1]
         overhead = _overhead(turn, direct, "p99")
         pooled = turn.pooled.p99 - direct.pooled.p99
         md.append(
             f"- Orchestration overhead p99 at most {TARGET_OVERHEAD_P99_MS:g} ms at half the "
-            f"peak rate: {_verdict(overhead <= TARGET_OVERHEAD_P99_MS)} ({overhead:.2f} ms, "
-            f"median of the block pairs; pooled {pooled:.2f} ms; {label})."
+            f"peak rate, {setup.name}: {_verdict(overhead <= TARGET_OVERHEAD_P99_MS)} "
+            f"({overhead:.2f} ms, median of the block pairs; pooled {pooled:.2f} ms; {label})."
         )
-        prod_best = production.best
-        if prod_best is not None:
-            summary.append(f"production-like c={args.concurrency} {prod_best.rate:.1f} turns/s")
-        summary.append(f"overhead p99 {overhead:.2f} ms")
+        if setup.best is not None:
+            summary.append(f"{setup.name} c={args.concurrency} {setup.best.rate:.1f} turns/s")
+        summary.append(f"{setup.name} overhead p99 {overhead:.2f} ms")
     busy = [x for s in setups for x in s.peak if x.generator_busy > GENERATOR_BUSY]
     if busy:
         md.append(
@@ -1165,7 +1217,7 @@ def _summarise(report: Report, args: argparse.Namespace, setups: list[Setup]) ->
         )
     if embedded.profile:
         md += ["", "### Where an embedded turn's time goes", "", *embedded.profile]
-    if production is not None and production.profile:
-        md += ["", "### Where a production-like turn's time goes (API and worker)", ""]
-        md += production.profile
+    for setup in with_double:
+        if setup.profile:
+            md += ["", f"### Where a turn's time goes, {setup.name}", "", *setup.profile]
     report.console = [*md, "", "; ".join(summary)]

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.run queue            # this engine vs RQ (about 5 minutes)
     .venv/bin/python -m bench.run queue --rq-tasks 100   # quick: RQ extrapolated per task
-    .venv/bin/python -m bench.run chat             # chat turns and overhead (about 2.5 minutes)
+    .venv/bin/python -m bench.run chat             # chat turns and overhead (about 4 minutes)
     .venv/bin/python -m bench.run chat --quick     # the same, shorter phases
     .venv/bin/python -m bench.run websocket        # memory per connection, fan-out latency (~2 min)
     .venv/bin/python -m bench.run all              # every benchmark with its defaults
