@@ -184,22 +184,28 @@ class TurnUnit:
 
 class DirectUnit:
     """The downstream requests of one turn, sent straight to the double (see the module
-    docstring): phases run one after another, the requests of a phase concurrently."""
+    docstring): phases run one after another, the requests of a phase concurrently. With
+    aiohttp, one pooled session per service, as the orchestrator's own clients do: the
+    baseline pays the same client library's CPU per request as the turn does."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        import httpx
-
-        pool = spec["pool"]
+        self.base_url: str = spec["base_url"]
+        self.pool: int = spec["pool"]
         self.phases: list[list[dict[str, Any]]] = spec["template"]
-        services = {r["service"] for phase in self.phases for r in phase}
-        self.clients = {
-            service: httpx.AsyncClient(
-                base_url=spec["base_url"],
-                limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
-                timeout=120.0,
+        self.services = sorted({r["service"] for phase in self.phases for r in phase})
+        self.clients: dict[str, Any] = {}
+
+    def _client(self, service: str) -> Any:
+        import aiohttp
+
+        client = self.clients.get(service)
+        if client is None:  # made on the running loop, as aiohttp requires
+            client = self.clients[service] = aiohttp.ClientSession(
+                self.base_url,
+                connector=aiohttp.TCPConnector(limit=self.pool),
+                timeout=aiohttp.ClientTimeout(total=120.0),
             )
-            for service in services
-        }
+        return client
 
     async def __call__(self) -> None:
         fresh: dict[str, str] = {}
@@ -217,30 +223,25 @@ class DirectUnit:
         headers = {k: sub(v) for k, v in request["headers"].items()}
         headers["traceparent"] = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
         body = request["body"]
-        content = sub(body).encode() if body is not None else None
-        client = self.clients[request["service"]]
+        data = sub(body).encode() if body is not None else None
+        client = self._client(request["service"])
         method, path, query = request["method"], sub(request["path"]), request["query"]
-        if request["stream"]:
-            async with client.stream(
-                method, path, params=query, content=content, headers=headers
-            ) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise RuntimeError(f"{path}: HTTP {response.status_code}")
-                async for line in response.aiter_lines():
-                    if line.startswith("data:"):
-                        json.loads(line[5:])
-            return
-        response = await client.request(
-            method, path, params=query, content=content, headers=headers
-        )
-        if response.status_code not in (200, 201):
-            raise RuntimeError(f"{path}: HTTP {response.status_code}: {response.text[:200]}")
-        response.json()
+        async with client.request(
+            method, path, params=query or None, data=data, headers=headers
+        ) as response:
+            if response.status not in (200, 201):
+                text = await response.text()
+                raise RuntimeError(f"{path}: HTTP {response.status}: {text[:200]}")
+            if not request["stream"]:
+                await response.json()
+                return
+            async for line in response.content:
+                if line.startswith(b"data:"):
+                    json.loads(line[5:])
 
     async def aclose(self) -> None:
         for client in self.clients.values():
-            await client.aclose()
+            await client.close()
 
 
 async def _drive(spec: dict[str, Any]) -> dict[str, Any]:
@@ -826,7 +827,8 @@ async def _double_phases(
     label = f"{rate:.1f}/s open loop (half of {best.rate:.1f})"
     turn, replay = Series(label, turns), Series(label + " direct", directs)
     setup.overhead.append((label, turn, replay))
-    missed = _overhead(turn, replay, "p99") > TARGET_OVERHEAD_P99_MS
+    pooled = turn.pooled.p99 - replay.pooled.p99
+    missed = max(_overhead(turn, replay, "p99"), pooled) > TARGET_OVERHEAD_P99_MS
     if args.profile == "always" or (args.profile == "auto" and missed):
         # Every process a turn crosses, one after the other (py-spy on one at a time).
         for name in [name for name in ("serve", "worker") if name in load.pids]:
@@ -1128,16 +1130,15 @@ def _summarise(report: Report, args: argparse.Namespace, setups: list[Setup]) ->
             "from the generator straight to the same double process, phases in that order "
             "(requests of a phase concurrently, as the plan runs them), the execution's SSE "
             "stream read to its end, every response parsed, fresh ids and traceparent per "
-            "replay, one pooled httpx client per service. Blocks of turns and of direct "
+            "replay, one pooled aiohttp session per service (the orchestrator's clients use "
+            "aiohttp too). Blocks of turns and of direct "
             f"replays alternate ({args.blocks} each: turns, direct, turns, direct, ...) at "
             "the same load: concurrency 1, then open loop at half the setup's own peak "
             "rate (latency from the scheduled send time, so a late generator counts against "
             f"it; {args.overhead_seconds / args.blocks:g} s per block). Overhead = turn "
             "percentile - direct percentile of adjacent blocks, median over the block pairs "
             "(a difference of percentiles, not a percentile of differences); pooled = the "
-            "same from all samples. The direct baseline includes httpx's own CPU per request: "
-            "at concurrency 1 it keeps the generator process busy most of the time, which is "
-            "latency, not a throughput limit.",
+            "same from all samples.",
             "",
         ]
         rows = []
@@ -1195,10 +1196,13 @@ def _summarise(report: Report, args: argparse.Namespace, setups: list[Setup]) ->
         label, turn, direct = setup.overhead[-1]
         overhead = _overhead(turn, direct, "p99")
         pooled = turn.pooled.p99 - direct.pooled.p99
+        # Both figures must hold: a difference of two tails is noisy, and one disturbed
+        # direct block can drive a block pair's difference below zero.
+        met = max(overhead, pooled) <= TARGET_OVERHEAD_P99_MS
         md.append(
             f"- Orchestration overhead p99 at most {TARGET_OVERHEAD_P99_MS:g} ms at half the "
-            f"peak rate, {setup.name}: {_verdict(overhead <= TARGET_OVERHEAD_P99_MS)} "
-            f"({overhead:.2f} ms, median of the block pairs; pooled {pooled:.2f} ms; {label})."
+            f"peak rate, {setup.name}: {_verdict(met)} ({overhead:.2f} ms, median of the "
+            f"block pairs; pooled {pooled:.2f} ms; both must hold; {label})."
         )
         if setup.best is not None:
             summary.append(f"{setup.name} c={args.concurrency} {setup.best.rate:.1f} turns/s")
