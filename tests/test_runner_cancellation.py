@@ -34,8 +34,10 @@ class FakeLedger:
         self.renewals = 0
         self.announce_seconds = announce_seconds
 
-    async def claim(self, tenant_id: str, task_id: uuid.UUID, worker_id: str, **_: Any) -> TaskRow:
-        return self.task
+    async def claim_then(
+        self, tenant_id: str, task_id: uuid.UUID, worker_id: str, then: Any = None
+    ) -> tuple[TaskRow, None]:
+        return self.task, None
 
     async def announce(self, task: TaskRow) -> None:
         await asyncio.sleep(self.announce_seconds)  # the `running` event on its way
@@ -46,19 +48,6 @@ class FakeLedger:
 
     async def finish(self, task: TaskRow, worker_id: str, status: TaskStatus, **_: Any) -> None:
         self.finished.append(status)
-
-
-class FakeClaimSession:
-    """The claim's transaction, which these fakes never write to."""
-
-    async def __aenter__(self) -> FakeClaimSession:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    async def commit(self) -> None:
-        return None
 
 
 class FakeBus:
@@ -113,7 +102,7 @@ def make_runner(
         ledger=ledger,  # type: ignore[arg-type]
         registry=registry,
         bus=bus,  # type: ignore[arg-type]
-        db_factory=FakeClaimSession,  # type: ignore[arg-type]
+        db_factory=None,  # type: ignore[arg-type]
         worker_id="worker-1",
         task_timeout=task_timeout,
         lease_ttl=0.3,  # renew every 0.1 s

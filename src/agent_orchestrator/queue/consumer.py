@@ -171,21 +171,12 @@ class TaskRunner:
 
     async def run(self, received: Received) -> None:
         delivery = received.delivery
-        async with self.db_factory() as db:
-            task = await self.ledger.claim(
-                delivery.tenant_id,
-                uuid.UUID(delivery.task_id),
-                self.worker_id,
-                announce=False,
-                db=db,
-            )
-            if task is None:
-                log.debug("delivery dropped: task not claimable", task_id=delivery.task_id)
-                return
-            kind = self.registry.get(task.kind)
-            hook = kind.on_claimed if kind is not None else None
-            after = await hook(db, task) if hook is not None else None
-            await db.commit()
+        task, after = await self.ledger.claim_then(
+            delivery.tenant_id, uuid.UUID(delivery.task_id), self.worker_id, self._on_claimed
+        )
+        if task is None:
+            log.debug("delivery dropped: task not claimable", task_id=delivery.task_id)
+            return
         with structlog.contextvars.bound_contextvars(
             task_id=str(task.id),
             tenant_id=task.tenant_id,
@@ -194,6 +185,12 @@ class TaskRunner:
             correlation_id=task.input.get("correlation_id"),
         ):
             await self._run_claimed(task, received, after)
+
+    async def _on_claimed(self, db: AsyncSession, task: TaskRow) -> AfterCommit | None:
+        kind = self.registry.get(task.kind)
+        if kind is None or kind.on_claimed is None:
+            return None
+        return await kind.on_claimed(db, task)
 
     async def _run_claimed(
         self, task: TaskRow, received: Received, after: AfterCommit | None

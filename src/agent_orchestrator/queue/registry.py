@@ -19,9 +19,10 @@ Handler = Callable[["TaskContext"], Coroutine[Any, Any, dict[str, Any] | None]]
 #: cancelled or timed out), once its state is committed: e.g. to wake the session's next turn.
 SettledHook = Callable[[TaskRow], Coroutine[Any, Any, None]]
 AfterCommit = Callable[[], Coroutine[Any, Any, None]]
-#: Runs inside the claim's transaction, once the task is `running`: writes that must begin
-#: with the attempt (chat marks its session `processing`) cost no transaction of their own.
-#: What it returns is awaited after the commit, before the handler's first event.
+#: Runs on the claim's database session once the task is `running` (see
+#: `TaskLedger.claim_then`): writes that begin with the attempt (chat marks its session
+#: `processing`) cost no session of their own. What it returns is awaited after the
+#: commit, before the handler's first event.
 ClaimHook = Callable[[AsyncSession, TaskRow], Coroutine[Any, Any, AfterCommit | None]]
 
 

@@ -39,6 +39,7 @@ from agent_orchestrator.observability import audit
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import TASKS_FINISHED
 from agent_orchestrator.queue.producer import TaskProducer
+from agent_orchestrator.queue.registry import AfterCommit, ClaimHook
 from agent_orchestrator.services.session_manager import sees_whole_tenant
 
 log = get_logger(__name__)
@@ -287,36 +288,42 @@ class TaskLedger:
 
     # --- worker side: each call is its own transaction ------------------------------------
     async def claim(
-        self,
-        tenant_id: str,
-        task_id: uuid.UUID,
-        worker_id: str,
-        *,
-        announce: bool = True,
-        db: AsyncSession | None = None,
+        self, tenant_id: str, task_id: uuid.UUID, worker_id: str, *, announce: bool = True
     ) -> TaskRow | None:
         """Take the lease: exactly one claimant wins; a duplicate delivery loses and is
-        dropped (the task is running elsewhere, finished, cancelled, or not yet due).
-        With `db` the claim joins the caller's transaction, which the caller commits."""
-        now = utcnow()
-        row = await self._write(
-            tenant_id,
-            task_id,
-            TaskStatus.RUNNING,
-            {
-                "lease_owner": worker_id,
-                "lease_expires_at": now + self.lease,
-                "attempt": Add(1),
-                "started_at": now,
-                "updated_at": now,
-                "not_before": None,
-            },
-            Guard(not_cancelled=True, due_at=now, turn_free=True),
-            db=db,
-        )
+        dropped (the task is running elsewhere, finished, cancelled, or not yet due)."""
+        row, _ = await self.claim_then(tenant_id, task_id, worker_id)
         if row is not None and announce:
             await self.bus.publish(status_event(row))
         return row
+
+    async def claim_then(
+        self, tenant_id: str, task_id: uuid.UUID, worker_id: str, then: ClaimHook | None = None
+    ) -> tuple[TaskRow | None, AfterCommit | None]:
+        """`claim` without the announcement, and with `then(db, row)` run on the claim's
+        session when the claim wins: one transaction on SQLite; on PostgreSQL the
+        ledger's sessions are autocommit, so one round trip per statement and no
+        BEGIN/COMMIT (the hook's writes must not need to commit with the claim)."""
+        now = utcnow()
+        async with self.factory() as db:
+            row = await self._write(
+                tenant_id,
+                task_id,
+                TaskStatus.RUNNING,
+                {
+                    "lease_owner": worker_id,
+                    "lease_expires_at": now + self.lease,
+                    "attempt": Add(1),
+                    "started_at": now,
+                    "updated_at": now,
+                    "not_before": None,
+                },
+                Guard(not_cancelled=True, due_at=now, turn_free=True),
+                db=db,
+            )
+            after = await then(db, row) if row is not None and then is not None else None
+            await db.commit()
+        return row, after
 
     async def renew(self, task: TaskRow, worker_id: str) -> Renewal:
         now = utcnow()
