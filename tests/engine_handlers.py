@@ -55,6 +55,14 @@ async def sleep_then_write(ctx: TaskContext) -> dict[str, Any]:
     return {"slept": seconds}
 
 
+async def parallel_steps(ctx: TaskContext) -> dict[str, Any]:
+    """`steps` steps that finish together, each reporting its progress, as a plan's
+    parallel steps do."""
+    steps = int(ctx.task.input.get("steps", 5))
+    await asyncio.gather(*(ctx.progress(step + 1, steps) for step in range(steps)))
+    return {"steps": steps}
+
+
 async def flaky(ctx: TaskContext) -> dict[str, Any]:
     await _record_run(ctx)
     if ctx.attempt < int(ctx.task.input.get("succeed_on", 2)):
@@ -74,6 +82,7 @@ async def crash(ctx: TaskContext) -> dict[str, Any]:
 
 def register(registry: HandlerRegistry) -> None:
     registry.register("test.sleep", sleep_then_write)
+    registry.register("test.parallel_steps", parallel_steps)
     registry.register("test.flaky", flaky)
     registry.register("test.fatal", fatal)
     registry.register("test.crash", crash)

@@ -557,6 +557,27 @@ async def test_event_stream_carries_every_state_change(
     assert events[-1]["data"]["progress"] == {"steps_completed": 3, "steps_total": 3}
 
 
+async def test_progress_of_steps_finishing_together_is_coalesced_and_ends_complete(
+    client: httpx.AsyncClient, headers: dict[str, str], backend: str
+) -> None:
+    task_id = await submit(client, "test.parallel_steps", {"steps": 5})
+    events = envelopes(await event_frames(client, headers, task_id))
+
+    statuses = [event["data"]["status"] for event in events]
+    assert statuses[:2] == ["queued", "running"]
+    assert statuses[-1] == "succeeded"
+    progress = [event["data"]["progress"]["steps_completed"] for event in events[2:-1]]
+    assert set(statuses[2:-1]) == {"running"}
+    # Never backwards, always ending on the last step, before the terminal event.
+    assert progress == sorted(set(progress))
+    assert progress[-1] == 5
+    assert events[-1]["data"]["progress"] == {"steps_completed": 5, "steps_total": 5}
+    if backend == "postgresql":
+        # The first caller suspends (on the `running` event, or in its own Redis
+        # publish); the four others report meanwhile and share one event after it.
+        assert progress in ([5], [1, 5])
+
+
 async def test_event_stream_resumes_after_last_event_id(
     client: httpx.AsyncClient, headers: dict[str, str]
 ) -> None:

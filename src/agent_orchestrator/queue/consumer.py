@@ -51,6 +51,8 @@ class TaskContext:
     #: The `running` event, published while the handler already starts; anything the
     #: handler announces waits for it, so the stream keeps its order.
     announced: asyncio.Future[None] | None = None
+    _publishing_progress: bool = field(default=False, init=False)
+    _progress_changed: bool = field(default=False, init=False)
 
     @property
     def attempt(self) -> int:
@@ -58,14 +60,31 @@ class TaskContext:
 
     async def progress(self, steps_completed: int, steps_total: int, **extra: Any) -> None:
         """Announced at once as an event; written to the ledger with the next lease
-        renewal and with the final state (a write per step would double a turn's cost)."""
+        renewal and with the final state (a write per step would double a turn's cost).
+
+        Progress is a state, not a log: a call made while another call's event is being
+        published returns at once, and that caller publishes the latest state once more
+        when its event is out (steps that finish together, as a plan's parallel steps
+        do, share one event; each event costs a Redis round trip and a message to every
+        API instance). The caller that publishes waits for both, so progress reported
+        before a handler ends is out before the handler's last event."""
         self.task.progress = {
             "steps_completed": steps_completed,
             "steps_total": steps_total,
             **extra,
         }
-        await self._after_announced()
-        await self.ledger.publish_progress(self.task)
+        if self._publishing_progress:
+            self._progress_changed = True
+            return
+        self._publishing_progress = True
+        try:
+            await self._after_announced()
+            self._progress_changed = True
+            while self._progress_changed:
+                self._progress_changed = False
+                await self.ledger.publish_progress(self.task)
+        finally:
+            self._publishing_progress = False
 
     async def emit(self, event_type: str, data: dict[str, Any]) -> Event:
         await self._after_announced()
