@@ -241,6 +241,37 @@ async def test_inline_session_lets_go_on_rollback_close_and_error(
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
+async def test_inline_sessions_share_one_held_connection_and_no_failed_transaction(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """Sessions bind to the one SQLite connection the maker keeps checked out (not back to
+    the pool after every transaction); a transaction that failed on it must be gone for
+    the next session, whatever the first left behind."""
+    pool = factory.sync_engine.pool  # type: ignore[attr-defined]
+    first, clash = _task(idempotency_key="k2"), _task(idempotency_key="k2")
+    async with factory() as db:
+        await TaskRepository(db).add(first)
+        await db.commit()
+    assert pool.checkedout() == 1  # held between sessions
+
+    async def fail_mid_transaction() -> None:
+        async with factory() as db:
+            await TaskRepository(db).add(_task())  # written, then rolled back
+            await TaskRepository(db).add(clash)  # the same idempotency key: refused
+
+    with pytest.raises(Exception, match="UNIQUE"):
+        await fail_mid_transaction()
+    later = _task()
+    async with factory() as db:
+        await TaskRepository(db).add(later)
+        await db.commit()
+    async with factory() as db:
+        ids = {row[0] for row in await db.execute(select(TaskRow.id))}
+    assert ids == {first.id, later.id}
+    assert pool.checkedout() == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
 async def test_inline_savepoint_rolls_back_alone(
     factory: async_sessionmaker[AsyncSession],
 ) -> None:
