@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.repositories.audit import AuditRepository
@@ -75,6 +75,43 @@ async def test_wait_returns_the_echo_reply(
     assert message["metadata"]["model"] == "echo"
     assert message["metadata"]["degraded"] == []
     assert body["task"]["result"]["content"] == message["content"]
+
+
+async def test_wait_answer_is_what_the_ledger_holds_and_needs_no_read_back(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    """The worker of this process hands the finished turn to the waiting request: the
+    answer must equal what the task and message endpoints read from the database after,
+    and the request must not have read the turn back (no SELECT on service_calls, which
+    only the task view reads)."""
+    headers = auth(make_token())
+    state = client.app.state.core  # type: ignore[attr-defined]
+    engines = {state.engine.sync_engine, getattr(state.db_factory, "sync_engine", None)}
+    read_calls: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        text = " ".join(statement.split()).lower()
+        if text.startswith("select") and "from service_calls" in text:
+            read_calls.append(text)
+
+    for engine in engines - {None}:
+        event.listen(engine, "before_cursor_execute", record)
+    try:
+        body = await chat(client, headers, expect=200, message="hand it over", mode="wait")
+    finally:
+        for engine in engines - {None}:
+            event.remove(engine, "before_cursor_execute", record)
+    assert read_calls == []
+
+    assert body["task"] == await task_view(client, headers, body["task"]["id"])
+    listed = await messages(client, headers, body["task"]["session_id"])
+    assert listed[-1] == body["message"]
+    assert [call["step"] for call in body["task"]["service_calls"]] == [
+        "history",
+        "agent",
+        "knowledge",
+        "generate",
+    ]
 
 
 async def test_stream_yields_chunks_then_completed_then_status(

@@ -18,6 +18,7 @@ from agent_orchestrator.services.orchestrator import ChatOrchestrator
 from agent_orchestrator.services.service_coordinator import ServiceCoordinator
 from agent_orchestrator.services.session_manager import SessionManager
 from agent_orchestrator.services.task_ledger import TaskLedger
+from agent_orchestrator.services.turn_results import TurnResults
 
 
 @dataclass
@@ -38,6 +39,8 @@ class AppState:
     orchestrator: ChatOrchestrator
     closeable: list[Any] = field(default_factory=list)
     worker: WorkerEngine | None = None
+    #: finished turns handed from this process's worker to its waiting requests
+    turn_results: TurnResults = field(default_factory=TurnResults)
 
 
 def build_verifier(settings: Settings) -> TokenVerifier:

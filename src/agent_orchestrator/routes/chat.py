@@ -57,9 +57,9 @@ async def chat(
             events_url=f"/api/v1/tasks/{task.id}/events",
         )
         return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
-    await uow.commit()  # the task must be queued before we wait on it
     stream = StreamKey("task", task.tenant_id, str(task.id))
     if body.mode is ChatMode.STREAM:
+        await uow.commit()  # the task must be queued before we follow it
         return sse_response(
             event_frames(
                 state.bus,
@@ -69,8 +69,13 @@ async def chat(
                 keepalive_seconds=state.settings.sse_keepalive_seconds,
             )
         )
-    await _wait_until_settled(state, stream)
-    response = await _finished_turn(state, principal, task.id)
+    state.turn_results.expect(task.id)
+    try:
+        await uow.commit()  # the task must be queued before we wait on it
+        await _wait_until_settled(state, stream)
+    finally:
+        handed_over = state.turn_results.take(task.id)
+    response = handed_over or await _finished_turn(state, principal, task.id)
     return JSONResponse(response.model_dump(mode="json"), status_code=200)
 
 

@@ -107,9 +107,10 @@ class MessageRepository:
         content: str,
         task_id: uuid.UUID | None,
         metadata: dict[str, Any],
-    ) -> bool:
+    ) -> MessageRow | None:
         """Insert unless this message (same id, or the assistant reply of the same task)
-        exists: a retried task writes its reply once. True when this call inserted it."""
+        exists: a retried task writes its reply once. The row when this call inserted it,
+        None when it was there already."""
         values = {
             "id": message_id,
             "session_id": session_id,
@@ -122,7 +123,8 @@ class MessageRepository:
         }
         statement = _ADD_ONCE[self.db.get_bind().dialect.name]
         result = await self.db.execute(statement, values)
-        return bool(getattr(result, "rowcount", 0))
+        inserted = bool(getattr(result, "rowcount", 0))
+        return MESSAGES.build(values) if inserted else None
 
     async def by_id(self, tenant_id: str, message_id: uuid.UUID) -> MessageRow | None:
         params = {"tenant_id": tenant_id, "message_id": message_id}

@@ -20,12 +20,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.repositories.messages import MessageRepository
-from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
+from agent_orchestrator.db.tables import MessageRow, ServiceCallRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.events.bus import EventBus
 from agent_orchestrator.events.models import Event, EventType
 from agent_orchestrator.ids import new_id
 from agent_orchestrator.models.agent import AgentConfig, ReplyChunk, Source
+from agent_orchestrator.models.chat import ChatResponse
 from agent_orchestrator.models.orchestration import StepOutcome
 from agent_orchestrator.models.session import Session, SessionState
 from agent_orchestrator.models.task import TaskStatus
@@ -42,8 +43,9 @@ from agent_orchestrator.services.service_coordinator import (
     ServiceCoordinator,
     StreamedReply,
 )
-from agent_orchestrator.services.session_manager import SessionManager
-from agent_orchestrator.services.task_ledger import TaskLedger
+from agent_orchestrator.services.session_manager import SessionManager, to_message
+from agent_orchestrator.services.task_ledger import TaskLedger, to_view
+from agent_orchestrator.services.turn_results import TurnResults
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ChatTurn:
     ledger: TaskLedger
     bus: EventBus
     remote_conversation: bool
+    turn_results: TurnResults = field(default_factory=TurnResults)
     #: turns whose session went back to `active` in their final transaction: `settled`
     #: need not write it again. An id outlives its turn only when the worker stops
     #: between that commit and the hook (shutdown), which leaves a few bytes behind.
@@ -156,7 +159,7 @@ class ChatTurn:
         }
         async with ctx.db_factory() as db:
             await self.ledger.save_service_calls(task, steps, db)
-            await MessageRepository(db).add_once(
+            stored = await MessageRepository(db).add_once(
                 tenant_id=task.tenant_id,
                 session_id=session_id,
                 message_id=message_id,
@@ -181,6 +184,10 @@ class ChatTurn:
                 db, task.tenant_id, session_id, SessionState.ACTIVE
             )
             await db.commit()
+        if stored is not None and task.attempt == 1:
+            # Exactly what a read-back would find: this attempt wrote every row of it
+            # (a retried attempt may leave earlier steps' rows, or find its reply stored).
+            self.turn_results.offer(task.id, lambda: _finished(row, steps, stored))
         await ctx.emit(
             EventType.CHAT_COMPLETED,
             {
@@ -269,3 +276,10 @@ def _service_call(task: TaskRow, outcome: StepOutcome) -> ServiceCallRow:
         started_at=now - timedelta(milliseconds=outcome.latency_ms or 0),
         finished_at=now,
     )
+
+
+def _finished(task: TaskRow, steps: list[ServiceCallRow], reply: MessageRow) -> ChatResponse:
+    """The `mode=wait` answer from the rows the final transaction wrote, in the order and
+    shape of `TaskLedger.view` and the reply lookup."""
+    calls = sorted(steps, key=lambda call: (call.started_at, call.step))
+    return ChatResponse(task=to_view(task, calls), message=to_message(reply))
