@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.config import Settings
@@ -269,6 +269,27 @@ async def test_inline_sessions_share_one_held_connection_and_no_failed_transacti
         ids = {row[0] for row in await db.execute(select(TaskRow.id))}
     assert ids == {first.id, later.id}
     assert pool.checkedout() == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_an_inline_session_that_let_go_cannot_join_anothers_transaction(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """A method InlineSession does not override (AsyncSession.scalar) runs without the
+    lock: it must fail, not read or write inside the transaction another session holds
+    on the shared connection."""
+    earlier = factory()
+    await TaskRepository(earlier).add(_task())
+    await earlier.commit()  # lets go of the lock
+    holder = factory()
+    await TaskRepository(holder).add(_task())  # uncommitted, on the shared connection
+    try:
+        with pytest.raises(Exception, match="QueuePool limit"):
+            await earlier.scalar(select(func.count()).select_from(TaskRow))
+    finally:
+        await holder.rollback()
+        await holder.close()
+        await earlier.close()
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])

@@ -28,11 +28,14 @@ from agent_orchestrator.services.task_ledger import Renewal
 
 
 class FakeLedger:
-    def __init__(self, task: TaskRow, *, announce_seconds: float = 0.0) -> None:
+    def __init__(
+        self, task: TaskRow, *, announce_seconds: float = 0.0, announce_fails: bool = False
+    ) -> None:
         self.task = task
         self.finished: list[TaskStatus] = []
         self.renewals = 0
         self.announce_seconds = announce_seconds
+        self.announce_fails = announce_fails
 
     async def claim_then(
         self, tenant_id: str, task_id: uuid.UUID, worker_id: str, then: Any = None
@@ -41,6 +44,8 @@ class FakeLedger:
 
     async def announce(self, task: TaskRow) -> None:
         await asyncio.sleep(self.announce_seconds)  # the `running` event on its way
+        if self.announce_fails:
+            raise ConnectionError("Redis went away")
 
     async def renew(self, task: TaskRow, worker_id: str) -> Renewal:
         self.renewals += 1
@@ -177,3 +182,14 @@ async def test_a_step_cancelled_while_waiting_for_the_running_event_does_not_los
     runner, ledger, _bus, task = make_runner(handler, announce_seconds=0.3)
     await asyncio.wait_for(runner.run(Received(task)), timeout=3)
     assert ledger.finished == [TaskStatus.FAILED]
+
+
+async def test_an_attempt_is_recorded_when_its_running_event_could_not_be_published() -> None:
+    async def handler(ctx: TaskContext) -> dict[str, Any]:
+        await ctx.emit("test.progress", {})  # waits for the announcement, which failed
+        return {"ok": True}
+
+    runner, ledger, _bus, task = make_runner(handler)
+    ledger.announce_fails = True
+    await asyncio.wait_for(runner.run(Received(task)), timeout=3)
+    assert ledger.finished == [TaskStatus.SUCCEEDED]

@@ -10,11 +10,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 
 from agent_orchestrator.config import Settings
+from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.repositories.audit import AuditRepository
 from agent_orchestrator.db.tables import AuditEntryRow, SessionRow
+from agent_orchestrator.models.principal import Principal
+from agent_orchestrator.observability import audit
 from tests.conftest import TokenFactory, auth, running_app
 
 SESSIONS = "/api/v1/sessions"
@@ -373,3 +377,28 @@ async def test_writes_are_audited(client: httpx.AsyncClient, make_token: TokenFa
     assert entries[1].details == {"fields": ["metadata"]}
     assert entries[3].details == {"code": "conflict"}
     assert await _audit(client, "tenant-b", session_id) == []
+
+
+async def test_audit_entries_of_a_rolled_back_unit_of_work_are_not_written(
+    client: httpx.AsyncClient,
+) -> None:
+    """Entries wait for the commit: a unit of work that rolls back, or fails, writes none,
+    and one that commits writes all of its entries."""
+    factory = client.app.state.core.db_factory  # type: ignore[attr-defined]
+    who = Principal("tenant-a", "auditor", frozenset())
+    async with UnitOfWork(factory) as uow:
+        audit.record(uow, who, "test.dropped", "thing", "r-1")
+        await uow.rollback()
+        audit.record(uow, who, "test.kept", "thing", "r-1")
+        audit.record(uow, who, "test.kept.too", "thing", "r-1")
+
+    async def fail_after_recording() -> None:
+        async with UnitOfWork(factory) as uow:
+            audit.record(uow, who, "test.failed", "thing", "r-1")
+            raise RuntimeError("the operation failed after recording")
+
+    with pytest.raises(RuntimeError):
+        await fail_after_recording()
+    async with factory() as db:
+        entries = await AuditRepository(db).list_for_resource("tenant-a", "r-1")
+    assert sorted(entry.action for entry in entries) == ["test.kept", "test.kept.too"]

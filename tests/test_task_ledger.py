@@ -469,3 +469,21 @@ async def test_cancelling_a_queued_turn_wakes_the_turn_after_it(core: AppState) 
     woken = await load(core, second)
     assert woken.delivery == before + 1
     assert await core.ledger.claim(second.tenant_id, second.id, "worker") is not None
+
+
+async def test_a_failing_claim_hook_leaves_the_claim_standing(core: AppState) -> None:
+    """The hook's writes are informative (a session's state); a claim undone or left
+    half-done for them would strand the task, whose delivery is already acknowledged."""
+    task, _ = await submit(core)
+    seen: list[TaskRow] = []
+
+    async def failing_hook(db: Any, row: TaskRow) -> None:
+        seen.append(row)
+        raise RuntimeError("the session's row could not be written")
+
+    claimed, after = await core.ledger.claim_then(task.tenant_id, task.id, "w1", failing_hook)
+    assert claimed is not None
+    assert after is None
+    assert [row.id for row in seen] == [task.id]
+    stored = await load(core, task)
+    assert (stored.status, stored.lease_owner, stored.attempt) == (TaskStatus.RUNNING, "w1", 1)

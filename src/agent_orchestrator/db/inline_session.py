@@ -96,6 +96,11 @@ class InlineSession(AsyncSession):
     def _let_go(self) -> None:
         if self._holding:
             self._holding = False
+            # Back to the engine, whose one pooled connection the maker holds: a method
+            # this class does not override (AsyncSession.scalar, get, ...) that would run
+            # without the lock now fails at once instead of joining another session's
+            # transaction on the shared connection.
+            self.sync_session.bind = self._maker.sync_engine
             self._lock.release()
 
     async def execute(  # type: ignore[override]

@@ -67,7 +67,8 @@ class TaskContext:
         when its event is out (steps that finish together, as a plan's parallel steps
         do, share one event; each event costs a Redis round trip and a message to every
         API instance). The caller that publishes waits for both, so progress reported
-        before a handler ends is out before the handler's last event."""
+        before a handler ends is out before the handler's last event; an event a caller
+        emits right after a progress call that was coalesced may go out before it."""
         self.task.progress = {
             "steps_completed": steps_completed,
             "steps_total": steps_total,
@@ -223,9 +224,15 @@ class TaskRunner:
             await announced
 
     async def _announce(self, task: TaskRow, after: AfterCommit | None) -> None:
-        await self.ledger.announce(task)
-        if after is not None:
-            await after()
+        # Never raises: the handler's events and the runner's record wait for this
+        # future, and a lost `running` or session event (Redis away) must not keep the
+        # attempt from being recorded; the ledger holds the state either way.
+        try:
+            await self.ledger.announce(task)
+            if after is not None:
+                await after()
+        except Exception as error:
+            log.warning("could not announce the claimed task", error=str(error))
 
     async def _run_announced(
         self, task: TaskRow, received: Received, announced: asyncio.Future[None]

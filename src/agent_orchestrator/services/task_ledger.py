@@ -321,9 +321,20 @@ class TaskLedger:
                 Guard(not_cancelled=True, due_at=now, turn_free=True),
                 db=db,
             )
-            after = await then(db, row) if row is not None and then is not None else None
+            after = await self._then(then, db, row) if row is not None and then else None
             await db.commit()
         return row, after
+
+    @staticmethod
+    async def _then(then: ClaimHook, db: AsyncSession, row: TaskRow) -> AfterCommit | None:
+        # The claim stands whatever the hook does: a claim that failed for its hook would
+        # strand the task (its delivery is acknowledged, and on PostgreSQL the claim is
+        # already written), while the hook's writes (a session's state) are informative.
+        try:
+            return await then(db, row)
+        except Exception:
+            log.warning("claim hook failed; the task runs without it", exc_info=True)
+            return None
 
     async def renew(self, task: TaskRow, worker_id: str) -> Renewal:
         now = utcnow()

@@ -7,7 +7,8 @@ UPDATE returned, the service calls and the reply it wrote. Reading the same thre
 back cost the waiting request a session and three SELECTs (~8% of an embedded turn's CPU).
 Only a turn somebody waits for is kept, from `expect` to `take`; anything else (a worker
 of another process, a retried attempt whose earlier rows may remain, a reply that was
-already stored) falls back to the read-back.
+already stored) falls back to the read-back. The values are those the database holds;
+the key order of JSON objects may differ (PostgreSQL's JSONB orders keys its own way).
 """
 
 from __future__ import annotations
