@@ -172,6 +172,7 @@ async def test_http_metrics_by_method_route_template_and_status(
         ("GET", "/boom/{number}", 500): 1,
         ("POST", "unmatched", 413): 1,  # refused by Content-Length, before routing
         ("POST", sessions, 413): 1,  # counted while the route read it
+        ("other", "/health", 405): 1,  # a method outside the known set mints no label
     }
     before = {key: _requests(*key) for key in expected}
     timed_before = _timed("GET", "/health")
@@ -184,6 +185,8 @@ async def test_http_metrics_by_method_route_template_and_status(
     big = {**user, "content-type": "application/json"}
     await small_client.post(sessions, content=b"x" * 2048, headers=big)
     await small_client.post(sessions, content=_chunks(4096), headers=big)
+    await small_client.request("PROPFIND", "/health")
 
     assert {key: _requests(*key) - before[key] for key in expected} == expected
+    assert _requests("PROPFIND", "/health", 405) == 0
     assert _timed("GET", "/health") - timed_before == 2

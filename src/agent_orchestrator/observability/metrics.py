@@ -27,13 +27,20 @@ def route_template(scope: Scope) -> str:
 
 
 # The labelled children per (method, route, status): `labels()` validates and looks them up
-# under a lock on every call, a third of what recording a request cost. Bounded because
-# the method is whatever token the client sent; past the bound, `labels()` as before.
+# under a lock on every call, a third of what recording a request cost. Bounded all the
+# same (routes x statuses x methods); past the bound, `labels()` as before.
 _HTTP_CHILDREN: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 _MAX_HTTP_CHILDREN = 1024
 
 
+#: Methods counted under their own name; any other (the HTTP parser admits WebDAV's and
+#: more) is counted as "other", so clients cannot mint label values.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def record_http_request(method: str, route: str, status: int, seconds: float) -> None:
+    if method not in HTTP_METHODS:
+        method = "other"
     key = (method, route, status)
     children = _HTTP_CHILDREN.get(key)
     if children is None:
