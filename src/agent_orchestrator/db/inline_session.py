@@ -82,13 +82,12 @@ class InlineSession(AsyncSession):
         self.sync_session = self._proxied = self._assign_proxied(
             Session(bind=maker.sync_engine, expire_on_commit=False)
         )
-        self._lock = maker.lock
         self._holding = False
 
     async def _hold(self) -> None:
         if not self._holding:
             async with asyncio.timeout(LOCK_TIMEOUT):
-                await self._lock.acquire()
+                await self._maker.lock.acquire()
             self._holding = True
             # Bound only while holding the lock: the connection serves one session at a time.
             self.sync_session.bind = self._maker.connection
@@ -101,7 +100,7 @@ class InlineSession(AsyncSession):
             # without the lock now fails at once instead of joining another session's
             # transaction on the shared connection.
             self.sync_session.bind = self._maker.sync_engine
-            self._lock.release()
+            self._maker.lock.release()
 
     async def execute(  # type: ignore[override]
         self,

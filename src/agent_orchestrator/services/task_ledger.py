@@ -287,14 +287,13 @@ class TaskLedger:
         return cancelled
 
     # --- worker side: each call is its own transaction ------------------------------------
-    async def claim(
-        self, tenant_id: str, task_id: uuid.UUID, worker_id: str, *, announce: bool = True
-    ) -> TaskRow | None:
-        """Take the lease: exactly one claimant wins; a duplicate delivery loses and is
-        dropped (the task is running elsewhere, finished, cancelled, or not yet due)."""
+    async def claim(self, tenant_id: str, task_id: uuid.UUID, worker_id: str) -> TaskRow | None:
+        """Take the lease and announce it: exactly one claimant wins; a duplicate delivery
+        loses and is dropped (the task is running elsewhere, finished, cancelled, or not
+        yet due). The runner uses `claim_then` and announces while its handler starts."""
         row, _ = await self.claim_then(tenant_id, task_id, worker_id)
-        if row is not None and announce:
-            await self.bus.publish(status_event(row))
+        if row is not None:
+            await self.announce(row)
         return row
 
     async def claim_then(

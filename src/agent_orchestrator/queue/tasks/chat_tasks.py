@@ -56,7 +56,7 @@ class ChatTurn:
     ledger: TaskLedger
     bus: EventBus
     remote_conversation: bool
-    turn_results: TurnResults = field(default_factory=TurnResults)
+    turn_results: TurnResults
     #: turns whose session went back to `active` in their final transaction: `settled`
     #: need not write it again. An id outlives its turn only when the worker stops
     #: between that commit and the hook (shutdown), which leaves a few bytes behind.
