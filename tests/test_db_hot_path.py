@@ -21,7 +21,7 @@ from agent_orchestrator.db.engine import (
 )
 from agent_orchestrator.db.inline_session import InlineSession
 from agent_orchestrator.db.migrate import upgrade
-from agent_orchestrator.db.repositories.sessions import SessionRepository
+from agent_orchestrator.db.repositories.sessions import SESSIONS, SessionRepository
 from agent_orchestrator.db.repositories.tasks import Add, Guard, TaskRepository
 from agent_orchestrator.db.tables import ServiceCallRow, SessionRow, TaskRow
 from agent_orchestrator.db.types import utcnow
@@ -342,3 +342,49 @@ async def test_single_statement_sessions_are_the_inline_ones_on_sqlite(
         assert single_statement_factory(engine, factory) is factory
     finally:
         await engine.dispose()
+
+
+def test_row_codec_new_matches_the_constructor_and_refuses_unknown_names() -> None:
+    values: dict[str, Any] = {
+        "id": new_id(),
+        "tenant_id": "tenant-a",
+        "user_id": "user-1",
+        "state": "active",
+        "metadata_": {"topic": "billing"},
+        "created_at": utcnow(),
+    }
+    made, constructed = SESSIONS.new(**values), SessionRow(**values)
+    assert SESSIONS.values(made) == SESSIONS.values(constructed)
+    assert made.agent_id is None  # not given: None
+    assert made.closed_at is None
+    assert inspect(made).transient
+    with pytest.raises(TypeError, match="'metadata'"):
+        SESSIONS.new(metadata={"topic": "billing"})  # the column's name, not the attribute's
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize("orm_first", [True, False])
+async def test_inline_core_and_orm_statements_share_one_transaction(
+    factory: async_sessionmaker[AsyncSession], orm_first: bool
+) -> None:
+    """Core statements run on the held Connection, ORM ones through a Session that joins
+    (or began) the same transaction: they commit together and roll back together,
+    whichever ran first."""
+    committed, dropped = _task(), _task()
+    listing = select(TaskRow).where(TaskRow.tenant_id == "tenant-a")
+
+    async def write(task: TaskRow) -> list[TaskRow]:
+        if orm_first:  # the Session begins the transaction, the Connection's joins it
+            await db.execute(listing)
+        await TaskRepository(db).add(task)
+        return list((await db.execute(listing)).scalars())
+
+    async with factory() as db:
+        assert [row.id for row in await write(committed)] == [committed.id]
+        await db.commit()
+    async with factory() as db:
+        assert {row.id for row in await write(dropped)} == {committed.id, dropped.id}
+        await db.rollback()
+    async with factory() as db:
+        ids = {row[0] for row in await db.execute(select(TaskRow.id))}
+    assert ids == {committed.id}

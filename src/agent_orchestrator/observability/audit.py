@@ -8,7 +8,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.db.engine import UnitOfWork
-from agent_orchestrator.db.repositories.audit import AuditRepository
+from agent_orchestrator.db.repositories.audit import ENTRIES, AuditRepository
 from agent_orchestrator.db.tables import AuditEntryRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.ids import new_id
@@ -24,7 +24,7 @@ def _entry(
     details: dict[str, Any] | None,
 ) -> AuditEntryRow:
     correlation_id = structlog.contextvars.get_contextvars().get("correlation_id")
-    return AuditEntryRow(
+    return ENTRIES.new(
         id=new_id(),
         tenant_id=principal.tenant_id,
         actor_id=principal.user_id,

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.repositories.messages import MessageRepository
-from agent_orchestrator.db.repositories.sessions import SessionRepository
+from agent_orchestrator.db.repositories.sessions import SESSIONS, SessionRepository
 from agent_orchestrator.db.tables import MessageRow, SessionRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import NotFound, ServiceError
@@ -146,7 +146,7 @@ class SessionManager:
         session_id: uuid.UUID | None = None,
     ) -> Session:
         now = utcnow()
-        row = SessionRow(
+        row = SESSIONS.new(
             id=session_id or new_id(),
             tenant_id=principal.tenant_id,
             user_id=principal.user_id,

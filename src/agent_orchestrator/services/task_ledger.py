@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.db.engine import UnitOfWork
-from agent_orchestrator.db.repositories.tasks import Add, Guard, TaskRepository
+from agent_orchestrator.db.repositories.tasks import TASKS, Add, Guard, TaskRepository
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import Conflict, NotFound
@@ -153,7 +153,7 @@ class TaskLedger:
             if existing is not None:
                 return existing, False
         now = utcnow()
-        row = TaskRow(
+        row = TASKS.new(
             id=new_id(),
             tenant_id=principal.tenant_id,
             user_id=principal.user_id,

@@ -31,6 +31,7 @@ class RowCodec(Generic[RowT]):
         self.table: Table = mapper.local_table  # type: ignore[assignment]
         self.columns = self.table.c
         self._pairs = tuple((attr.key, attr.columns[0].key) for attr in mapper.column_attrs)
+        self._attributes = frozenset(attr for attr, _ in self._pairs)
         self.insert: Insert = insert(self.table)
 
     def values(self, row: RowT) -> dict[str, Any]:
@@ -41,6 +42,18 @@ class RowCodec(Generic[RowT]):
         """Attribute names (as callers know them) -> column names (as UPDATE takes them)."""
         names = dict(self._pairs)
         return {names[attr]: value for attr, value in changes.items()}
+
+    def new(self, **values: Any) -> RowT:
+        """A new row from attribute values, like the mapped class's constructor (a column
+        not given is None) without its per-attribute change events: 3 us against 23 us
+        for a task row, and a turn makes several (task, session, audit entries, service
+        calls) that only an INSERT reads."""
+        unknown = values.keys() - self._attributes
+        if unknown:
+            raise TypeError(f"{self.cls.__name__} has no attribute {sorted(unknown)[0]!r}")
+        row = cast(RowT, self._manager.new_instance())
+        row.__dict__.update(dict.fromkeys(self._attributes), **values)
+        return row
 
     def build(self, mapping: Mapping[Any, Any]) -> RowT:
         """A transient instance holding the values: filled as the ORM's own loading fills

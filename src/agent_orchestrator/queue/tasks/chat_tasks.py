@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.repositories.messages import MessageRepository
+from agent_orchestrator.db.repositories.tasks import CALLS
 from agent_orchestrator.db.tables import MessageRow, ServiceCallRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.events.bus import EventBus
@@ -262,7 +263,7 @@ class ChatTurn:
 
 def _service_call(task: TaskRow, outcome: StepOutcome) -> ServiceCallRow:
     now = utcnow()
-    return ServiceCallRow(
+    return CALLS.new(
         id=new_id(),
         task_id=task.id,
         tenant_id=task.tenant_id,
