@@ -404,6 +404,21 @@ async def test_a_stalled_stream_hits_the_per_event_timeout(
     assert (await double.streams("agent_execution"))["client_disconnected"] == 1
 
 
+async def test_a_slow_but_steady_stream_outlives_the_per_event_timeout(
+    app_with: Callable[..., Any], double: Double, make_token: TokenFactory
+) -> None:
+    """The deadline is for the next event, moved on as events arrive: a reply whose
+    events come every 0.2 s takes several times LLM_TIMEOUT in all and still succeeds."""
+    headers = auth(make_token())
+    await double.fault("agent_execution", chunk_delay_ms=200)
+    async with app_with(llm_timeout=0.5, step_retry_attempts=1, task_timeout=30) as client:
+        started = time.monotonic()
+        task = await turn(client, headers, "one two three four five six seven")
+        assert task["status"] == "succeeded", task
+        assert time.monotonic() - started > 1.5  # three windows at least
+        assert await assistant_messages(client) == 1
+
+
 # --- streams: cancel, cuts, auth ----------------------------------------------------------
 @pytest.mark.parametrize("local_execution", [False, True], ids=["agent_execution", "llm"])
 async def test_cancel_mid_stream_closes_the_downstream_stream(
