@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
 
 import httpx
 from fastapi import FastAPI
-from sqlalchemy import event
 
 from agent_orchestrator.app import create_app
 from agent_orchestrator.config import Settings
@@ -19,6 +17,7 @@ from agent_orchestrator.services.orchestrator import CHAT_KIND
 from agent_orchestrator.services.task_ledger import Submission
 from agent_orchestrator.state import AppState
 from tests.conftest import TokenFactory, auth
+from tests.sql_trace import statements_sent
 
 CHAT = "/api/v1/chat"
 ALICE = Principal("tenant-a", "user-1", frozenset(USER_SCOPES))
@@ -37,20 +36,11 @@ async def api_only(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 @contextmanager
 def task_selects(state: AppState) -> Iterator[list[str]]:
-    """SELECTs on `tasks` run on embedded mode's one SQLite connection meanwhile."""
-    seen: list[str] = []
-    engine = state.db_factory.sync_engine  # type: ignore[attr-defined]
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        text = " ".join(statement.split()).lower()
-        if text.startswith("select") and "from tasks" in text:
-            seen.append(text)
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
+    """SELECTs on `tasks` sent meanwhile."""
+    with statements_sent(state) as sent:
+        seen: list[str] = []
         yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+    seen.extend(text for text in sent if text.startswith("select") and "from tasks" in text)
 
 
 async def queue_task(state: AppState, kind: str) -> str:

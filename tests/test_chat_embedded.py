@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.repositories.audit import AuditRepository
@@ -40,6 +40,7 @@ from tests.chat_helpers import (
 )
 from tests.conftest import TokenFactory, auth, running_app
 from tests.processes import parse_sse
+from tests.sql_trace import statements_sent
 
 #: A message long enough that, at ECHO_CHUNK_DELAY 0.05 s, the echo reply streams for ~3 s.
 LONG = " ".join(f"word{i}" for i in range(60))
@@ -86,21 +87,10 @@ async def test_wait_answer_is_what_the_ledger_holds_and_needs_no_read_back(
     only the task view reads)."""
     headers = auth(make_token())
     state = client.app.state.core  # type: ignore[attr-defined]
-    engines = {state.engine.sync_engine, getattr(state.db_factory, "sync_engine", None)}
-    read_calls: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        text = " ".join(statement.split()).lower()
-        if text.startswith("select") and "from service_calls" in text:
-            read_calls.append(text)
-
-    for engine in engines - {None}:
-        event.listen(engine, "before_cursor_execute", record)
-    try:
+    with statements_sent(state) as sent:
         body = await chat(client, headers, expect=200, message="hand it over", mode="wait")
-    finally:
-        for engine in engines - {None}:
-            event.remove(engine, "before_cursor_execute", record)
+    read_calls = [text for text in sent if text.startswith("select") and "service_calls" in text]
+    assert any("insert into service_calls" in text for text in sent)  # the trace sees the turn
     assert read_calls == []
 
     assert body["task"] == await task_view(client, headers, body["task"]["id"])

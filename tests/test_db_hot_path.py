@@ -4,12 +4,15 @@ and embedded mode's inline SQLite sessions (one transaction at a time)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import Executable, func, inspect, select
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import IntegrityError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.config import Settings
@@ -19,9 +22,11 @@ from agent_orchestrator.db.engine import (
     session_factory,
     single_statement_factory,
 )
-from agent_orchestrator.db.inline_session import InlineSession
+from agent_orchestrator.db.inline_session import InlineSession, InlineSessionMaker
 from agent_orchestrator.db.migrate import upgrade
+from agent_orchestrator.db.prepared import OPTION, PreparedStatement, hot
 from agent_orchestrator.db.repositories.sessions import SESSIONS, SessionRepository
+from agent_orchestrator.db.repositories.tasks import _GET as TASKS_GET
 from agent_orchestrator.db.repositories.tasks import Add, Guard, TaskRepository
 from agent_orchestrator.db.tables import ServiceCallRow, SessionRow, TaskRow
 from agent_orchestrator.db.types import utcnow
@@ -38,6 +43,10 @@ async def factory(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncS
     finally:
         dispose_sessions(made)
         await engine.dispose()
+
+
+def unmarked(statement: Executable) -> Executable:
+    return statement.execution_options(**{OPTION: False})
 
 
 def _task(**overrides: Any) -> TaskRow:
@@ -388,3 +397,49 @@ async def test_inline_core_and_orm_statements_share_one_transaction(
     async with factory() as db:
         ids = {row[0] for row in await db.execute(select(TaskRow.id))}
     assert ids == {committed.id}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_prepared_statements_read_and_write_as_sqlalchemy_does(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """A hot statement run by the driver stores what SQLAlchemy would store and reads back
+    what SQLAlchemy would read (the same type processors on both ways)."""
+    maker = factory
+    assert isinstance(maker, InlineSessionMaker)
+    task = _task(input={"message": "hé", "n": [1, 2]}, not_before=utcnow())
+    async with maker() as db:
+        await TaskRepository(db).add(task)  # prepared INSERT
+        await db.commit()
+    params = {"tenant_id": task.tenant_id, "task_id": task.id}
+    async with maker() as db:
+        prepared = (await db.execute(TASKS_GET, params)).mappings().one_or_none()
+        # The same statement without the mark: SQLAlchemy's own execution.
+        plain = (await db.execute(unmarked(TASKS_GET), params)).mappings().one_or_none()
+    assert prepared is not None
+    assert plain is not None
+    assert prepared == dict(plain)
+    assert prepared["input"] == {"message": "hé", "n": [1, 2]}
+    assert prepared["not_before"] == task.not_before  # timezone-aware UTC, as written
+    assert isinstance(prepared["id"], uuid.UUID)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_prepared_statement_errors_are_sqlalchemy_errors(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    task = _task()
+    async with factory() as db:
+        await TaskRepository(db).add(task)
+        with pytest.raises(IntegrityError, match="UNIQUE"):
+            await TaskRepository(db).add(task)  # the same id again
+        await db.rollback()
+    async with factory() as db:
+        with pytest.raises(InvalidRequestError, match="'task_id'"):
+            await db.execute(TASKS_GET, {"tenant_id": "tenant-a"})
+
+
+def test_a_statement_that_renders_per_call_cannot_be_prepared() -> None:
+    statuses = select(TaskRow.__table__).where(TaskRow.__table__.c.status.in_(["a", "b"]))
+    with pytest.raises(ValueError, match="fixed SQL"):
+        PreparedStatement(hot(statuses), sqlite.dialect())

@@ -19,15 +19,19 @@ so a transaction costs no pool checkout, check-in and reset.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.base import Executable
+
+from agent_orchestrator.db.prepared import PreparedStatement, is_hot
 
 #: As long as the pool used to wait for its one connection before giving up.
 LOCK_TIMEOUT = 60.0
@@ -49,6 +53,7 @@ class InlineSessionMaker(async_sessionmaker[AsyncSession]):
         event.listen(self.sync_engine, "connect", pragmas)
         self.lock = asyncio.Lock()
         self._connection: Connection | None = None
+        self._prepared: dict[Executable, PreparedStatement] = {}
 
     def __call__(self, **local_kw: Any) -> AsyncSession:
         return InlineSession(self)
@@ -62,6 +67,20 @@ class InlineSessionMaker(async_sessionmaker[AsyncSession]):
         if self._connection is None or self._connection.closed:
             self._connection = self.sync_engine.connect()
         return self._connection
+
+    @property
+    def driver_connection(self) -> sqlite3.Connection:
+        """The sqlite3 connection under `connection`, for prepared statements."""
+        driver = self.connection.connection.dbapi_connection
+        assert isinstance(driver, sqlite3.Connection)
+        return driver
+
+    def prepared(self, statement: Executable) -> PreparedStatement:
+        found = self._prepared.get(statement)
+        if found is None:
+            found = PreparedStatement(statement, self.sync_engine.dialect)
+            self._prepared[statement] = found
+        return found
 
     def dispose(self) -> None:
         if self._connection is not None:
@@ -144,6 +163,9 @@ class InlineSession(AsyncSession):
         **kwargs: Any,
     ) -> Result[Any]:
         connection = await self._hold()
+        if is_hot(statement) and not kwargs:
+            prepared = self._maker.prepared(statement)
+            return cast(Result[Any], prepared.run(self._maker.driver_connection, params))
         # The attribute SQLAlchemy itself reads to route a statement to the ORM.
         if statement._propagate_attrs.get("compile_state_plugin") == "orm":
             return self.sync_session.execute(statement, params, **kwargs)
@@ -163,6 +185,8 @@ class InlineSession(AsyncSession):
                 self._orm.commit()
             if self._holding:
                 self._maker.connection.commit()
+                # What prepared statements began without SQLAlchemy (a no-op otherwise).
+                self._maker.driver_connection.commit()
         finally:
             self._let_go()
 
@@ -172,6 +196,7 @@ class InlineSession(AsyncSession):
                 self._orm.rollback()
             if self._holding:
                 self._maker.connection.rollback()
+                self._maker.driver_connection.rollback()
         finally:
             self._let_go()
 
@@ -179,8 +204,9 @@ class InlineSession(AsyncSession):
         try:
             if self._orm is not None:
                 self._orm.close()
-            if self._holding:
-                self._maker.connection.rollback()  # what was not committed is dropped
+            if self._holding:  # what was not committed is dropped
+                self._maker.connection.rollback()
+                self._maker.driver_connection.rollback()
         finally:
             self._let_go()
 

@@ -43,38 +43,45 @@ async def chat(
     body: ChatRequest,
     principal: ChatWriter,
     state: State,
-    uow: UoW,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> Response:
-    submitted = await state.orchestrator.submit(uow, principal, body, idempotency_key)
-    task = submitted.task
-    assert task.session_id is not None
-    if body.mode is ChatMode.ASYNC:
-        accepted = ChatAccepted(
-            task_id=task.id,
-            session_id=task.session_id,
-            status=task.status,
-            events_url=f"/api/v1/tasks/{task.id}/events",
-        )
-        return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
-    stream = StreamKey("task", task.tenant_id, str(task.id))
-    if body.mode is ChatMode.STREAM:
-        await uow.commit()  # the task must be queued before we follow it
-        return sse_response(
-            event_frames(
-                state.bus,
-                stream,
-                None,
-                is_last=ends_task_stream,
-                keepalive_seconds=state.settings.sse_keepalive_seconds,
-            )
-        )
-    state.turn_results.expect(task.id)
+    # The unit of work is opened here rather than taken as the `UoW` dependency: FastAPI's
+    # generator dependencies (exit stack, cancel scope, context manager) cost more than
+    # the rest of the route's dependencies together, on the path every turn takes.
+    # Leaving the block commits, before the task is followed or the answer is sent.
+    expected: uuid.UUID | None = None
     try:
-        await uow.commit()  # the task must be queued before we wait on it
+        async with UnitOfWork(state.db_factory) as uow:
+            submitted = await state.orchestrator.submit(uow, principal, body, idempotency_key)
+            task = submitted.task
+            if body.mode is ChatMode.WAIT:
+                # Before the commit, whose hook enqueues the turn: a worker of this
+                # process may finish it before the commit returns.
+                expected = task.id
+                state.turn_results.expect(expected)
+        assert task.session_id is not None
+        if body.mode is ChatMode.ASYNC:
+            accepted = ChatAccepted(
+                task_id=task.id,
+                session_id=task.session_id,
+                status=task.status,
+                events_url=f"/api/v1/tasks/{task.id}/events",
+            )
+            return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
+        stream = StreamKey("task", task.tenant_id, str(task.id))
+        if body.mode is ChatMode.STREAM:
+            return sse_response(
+                event_frames(
+                    state.bus,
+                    stream,
+                    None,
+                    is_last=ends_task_stream,
+                    keepalive_seconds=state.settings.sse_keepalive_seconds,
+                )
+            )
         await _wait_until_settled(state, stream)
     finally:
-        handed_over = state.turn_results.take(task.id)
+        handed_over = state.turn_results.take(expected) if expected is not None else None
     response = handed_over or await _finished_turn(state, principal, task.id)
     return JSONResponse(response.model_dump(mode="json"), status_code=200)
 

@@ -12,13 +12,16 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.clients.base import CallContext, DownstreamError
+from agent_orchestrator.db.prepared import hot
 from agent_orchestrator.db.tables import AgentRow
 from agent_orchestrator.models.agent import AgentConfig
 
 #: Built once: a turn asks for its agent every time (see db/repositories/rows.py).
-_STORED_CONFIG = select(AgentRow.__table__.c.config).where(
-    AgentRow.__table__.c.tenant_id == bindparam("tenant_id"),
-    AgentRow.__table__.c.id == bindparam("agent_id"),
+_STORED_CONFIG = hot(
+    select(AgentRow.__table__.c.config).where(
+        AgentRow.__table__.c.tenant_id == bindparam("tenant_id"),
+        AgentRow.__table__.c.id == bindparam("agent_id"),
+    )
 )
 
 DEFAULT_AGENT = AgentConfig(

@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from agent_orchestrator.db.prepared import hot
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.repositories.rows import RowCodec
 from agent_orchestrator.db.repositories.tasks import TASKS
@@ -36,18 +37,20 @@ def _latest(*, excluding_task: bool) -> Select[Any]:
         query = query.where(
             _M.task_id.is_(None) | ((_M.task_id != answered) & _M.task_id.not_in(later))
         )
-    return query.order_by(_M.created_at.desc(), _M.id.desc()).limit(bindparam("limit"))
+    return hot(query.order_by(_M.created_at.desc(), _M.id.desc()).limit(bindparam("limit")))
 
 
 _LATEST = _latest(excluding_task=False)
 _LATEST_BEFORE_TASK = _latest(excluding_task=True)
-_BY_ID = select(MESSAGES.table).where(
-    _M.tenant_id == bindparam("tenant_id"), _M.id == bindparam("message_id")
+_BY_ID = hot(
+    select(MESSAGES.table).where(
+        _M.tenant_id == bindparam("tenant_id"), _M.id == bindparam("message_id")
+    )
 )
 #: INSERT ... ON CONFLICT DO NOTHING, per dialect.
 _ADD_ONCE: dict[str, Insert] = {
     "postgresql": pg_insert(MESSAGES.table).on_conflict_do_nothing(),
-    "sqlite": sqlite_insert(MESSAGES.table).on_conflict_do_nothing(),
+    "sqlite": hot(sqlite_insert(MESSAGES.table).on_conflict_do_nothing()),
 }
 
 

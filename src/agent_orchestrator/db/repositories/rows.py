@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar, cast
 from sqlalchemy import Executable, Insert, Table, insert, inspect
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from agent_orchestrator.db.prepared import hot
 from agent_orchestrator.db.tables import Base
 
 RowT = TypeVar("RowT", bound=Base)
@@ -32,7 +33,7 @@ class RowCodec(Generic[RowT]):
         self.columns = self.table.c
         self._pairs = tuple((attr.key, attr.columns[0].key) for attr in mapper.column_attrs)
         self._attributes = frozenset(attr for attr, _ in self._pairs)
-        self.insert: Insert = insert(self.table)
+        self.insert: Insert = hot(insert(self.table))
 
     def values(self, row: RowT) -> dict[str, Any]:
         """Column name -> value, as an INSERT takes them."""

@@ -7,9 +7,10 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Update, bindparam, select, update
+from sqlalchemy import Update, bindparam, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from agent_orchestrator.db.prepared import hot
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.repositories.rows import RowCodec
 from agent_orchestrator.db.tables import SessionRow
@@ -17,8 +18,10 @@ from agent_orchestrator.db.tables import SessionRow
 SESSIONS = RowCodec(SessionRow)
 _S = SESSIONS.columns
 
-_GET = select(SESSIONS.table).where(
-    _S.tenant_id == bindparam("tenant_id"), _S.id == bindparam("session_id")
+_GET = hot(
+    select(SESSIONS.table).where(
+        _S.tenant_id == bindparam("tenant_id"), _S.id == bindparam("session_id")
+    )
 )
 _GET_FOR_UPDATE = _GET.with_for_update()
 
@@ -34,7 +37,7 @@ def _update_statement(sources: tuple[str, ...], columns: tuple[str, ...]) -> Upd
         conditions = [_S.tenant_id == bindparam("w_tenant_id"), _S.id == bindparam("w_id")]
         if sources:
             conditions += [
-                _S.state.in_(sources),
+                _S.state.in_([literal(source) for source in sources]),  # see tasks.py
                 _S.expires_at > bindparam("w_live_at", type_=_S.expires_at.type),
             ]
         statement = (
@@ -43,6 +46,7 @@ def _update_statement(sources: tuple[str, ...], columns: tuple[str, ...]) -> Upd
             .values({name: bindparam(f"v_{name}", type_=_S[name].type) for name in columns})
             .returning(*_S)
         )
+        statement = hot(statement)
         _updates[key] = statement
     return statement
 

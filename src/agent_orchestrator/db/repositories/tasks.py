@@ -15,12 +15,24 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert, Update, and_, bindparam, exists, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    Update,
+    and_,
+    bindparam,
+    exists,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from agent_orchestrator.db.prepared import hot
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.repositories.rows import RowCodec
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
@@ -109,7 +121,11 @@ def _transition_statement(shape: _Shape) -> Update:
             .where(
                 _T.tenant_id == bindparam("w_tenant_id"),
                 _T.id == bindparam("w_id"),
-                status == sources[0] if len(sources) == 1 else status.in_(sources),
+                # literal() values: an IN list of plain values would render per call
+                # (an expanding parameter), which a prepared statement cannot.
+                status == sources[0]
+                if len(sources) == 1
+                else status.in_([literal(source) for source in sources]),
                 *(_guard_condition(name) for name in guard),
             )
             .values(
@@ -122,6 +138,7 @@ def _transition_statement(shape: _Shape) -> Update:
             )
             .returning(*_T)
         )
+        statement = hot(statement)
         _transitions[shape] = statement
     return statement
 
@@ -130,8 +147,10 @@ def _by_tenant(*conditions: ColumnElement[bool]) -> tuple[ColumnElement[bool], .
     return (_T.tenant_id == bindparam("tenant_id"), *conditions)
 
 
-_GET = select(TASKS.table).where(*_by_tenant(_T.id == bindparam("task_id")))
-_BY_IDEMPOTENCY_KEY = select(TASKS.table).where(*_by_tenant(_T.idempotency_key == bindparam("key")))
+_GET = hot(select(TASKS.table).where(*_by_tenant(_T.id == bindparam("task_id"))))
+_BY_IDEMPOTENCY_KEY = hot(
+    select(TASKS.table).where(*_by_tenant(_T.idempotency_key == bindparam("key")))
+)
 _UNFINISHED_IN_SESSION = (
     select(TASKS.table)
     .where(
@@ -139,7 +158,7 @@ _UNFINISHED_IN_SESSION = (
     )
     .order_by(_T.created_at)
 )
-_NEXT_IN_SESSION = (
+_NEXT_IN_SESSION = hot(
     select(TASKS.table)
     .where(*_by_tenant(_T.session_id == bindparam("session_id"), _T.status == "queued"))
     .order_by(_T.id)
@@ -165,7 +184,7 @@ _QUEUED_BEFORE = (
     .order_by(_T.updated_at)
     .limit(bindparam("limit"))
 )
-_SERVICE_CALLS = (
+_SERVICE_CALLS = hot(
     select(CALLS.table)
     .where(_C.tenant_id == bindparam("tenant_id"), _C.task_id == bindparam("task_id"))
     .order_by(_C.started_at, _C.step)
@@ -185,7 +204,7 @@ def _upsert_calls(insert: Any) -> Any:
 
 _UPSERT_CALLS: dict[str, Insert] = {
     "postgresql": _upsert_calls(pg_insert),
-    "sqlite": _upsert_calls(sqlite_insert),
+    "sqlite": hot(_upsert_calls(sqlite_insert)),
 }
 
 
