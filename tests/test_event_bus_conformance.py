@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -361,6 +363,39 @@ async def test_subscriber_count_returns_to_zero(bus: EventBus) -> None:
 
 
 # --- control messages -------------------------------------------------------------------
+async def test_a_finished_subscription_is_freed_without_the_collector(bus: EventBus) -> None:
+    """No reference cycle per subscription (each `wait` turn makes one): with the garbage
+    collector off, the subscriber is gone as soon as its subscription ends."""
+    task_id = new_id()
+    gc.collect()
+    gc.disable()
+    try:
+        async with bus.subscribe(task_stream(task_id)) as events:
+            [subscriber] = bus._fanout.all_subscribers()  # type: ignore[attr-defined]
+            gone = weakref.ref(subscriber)
+            del subscriber
+            await bus.publish(task_event(task_id, 1))
+            assert (await anext(events)).data["n"] == 1
+        del events
+        for _ in range(6):  # asyncio closes the unfinished iterators in a few turns
+            await asyncio.sleep(0)
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+async def test_memory_bus_keeps_events_as_text() -> None:
+    """What the embedded bus retains for replay is text, which the collector never walks,
+    and replay gives back the published events."""
+    bus = MemoryEventBus(stream_cap=100, ttl_seconds=3600)
+    task_id = new_id()
+    published = await bus.publish(task_event(task_id, 7))
+    [(_, _, kept)] = bus._streams[task_stream(task_id)]  # type: ignore[attr-defined]
+    assert isinstance(kept, str)
+    assert not gc.is_tracked(kept)
+    assert await bus.replay(task_stream(task_id), None, 10) == [published]
+
+
 async def test_control_messages_reach_every_process(make_bus: BusFactory, bus_kind: str) -> None:
     here = await make_bus()
     # Redis: a second bus on the same namespace stands for another process.

@@ -22,16 +22,36 @@ class SubscriberOverflow(Exception):
     """The subscriber did not keep up: its bounded queue filled, so it was cut off."""
 
 
+class _Waker:
+    """The future a subscriber's iterator sleeps on, shared by the subscriber and its
+    replay flag. A flag holding the subscriber (or its bound method) would make a
+    reference cycle per subscription, freed only by the garbage collector: one per `wait`
+    turn, for instance, and what the collector must walk makes its pauses (see
+    events/memory.py)."""
+
+    __slots__ = ("waiter",)
+
+    def __init__(self) -> None:
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 class _Flag:
     """Set, cleared and read like asyncio.Event, but setting it wakes its subscriber."""
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    __slots__ = ("_set", "_waker")
+
+    def __init__(self, waker: _Waker) -> None:
         self._set = False
-        self._wake = wake
+        self._waker = waker
 
     def set(self) -> None:
         self._set = True
-        self._wake()
+        self._waker.wake()
 
     def clear(self) -> None:
         self._set = False
@@ -53,9 +73,9 @@ class Subscriber:
         self.max_queue = max_queue
         self.overflowed = False
         self.last_id = 0
+        self._waker = _Waker()
         # Set by a backend whose live feed broke (e.g. Redis reconnect): read the log again.
-        self.needs_replay = _Flag(self._wake)
-        self._waiter: asyncio.Future[None] | None = None
+        self.needs_replay = _Flag(self._waker)
 
     def offer(self, event: Event) -> None:
         if self.overflowed:
@@ -64,22 +84,17 @@ class Subscriber:
             self.overflowed = True
         else:
             self.queue.append(event)
-        self._wake()
+        self._waker.wake()
 
     async def changed(self) -> None:
         """Returns once there is an event to take or a replay to do."""
         if self.queue or self.needs_replay.is_set():
             return
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waiter = self._waker.waiter = asyncio.get_running_loop().create_future()
         try:
             await waiter
         finally:
-            self._waiter = None
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            self._waker.waiter = None
 
 
 class EventBus(Protocol):

@@ -1,4 +1,12 @@
-"""In-process event bus for embedded mode: ring buffers per stream, direct fan-out."""
+"""In-process event bus for embedded mode: ring buffers per stream, direct fan-out.
+
+The buffers keep each event as its JSON text, not as the model: text is invisible to the
+garbage collector, a model is half a dozen objects it must walk. Kept as models, the
+events of the last 10,000 streams were most of what a long-running embedded server
+retained (~80 objects per chat turn), and each young collection walked 50,000 of them
+(threshold in websocket/server.py): pauses of 17-54 ms every few hundred turns, measured
+here, which were the p99 of a turn at half the peak rate. Replay, the rare path, parses.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +21,8 @@ from agent_orchestrator.events.models import Event, StreamKey
 class MemoryEventBus(LocalFanoutBus):
     def __init__(self, *, stream_cap: int, ttl_seconds: float, max_streams: int = 10_000) -> None:
         super().__init__()
-        self._streams: OrderedDict[StreamKey, deque[tuple[float, Event]]] = OrderedDict()
+        #: stream -> (published at, cursor, event JSON), oldest first
+        self._streams: OrderedDict[StreamKey, deque[tuple[float, int, str]]] = OrderedDict()
         self._cap = stream_cap
         self._ttl = ttl_seconds
         self._max_streams = max_streams
@@ -29,14 +38,14 @@ class MemoryEventBus(LocalFanoutBus):
         # Ids follow the clock (microseconds) so they keep rising across restarts too.
         self._last_id = max(self._last_id + 1, time.time_ns() // 1000)
         stamped = event.model_copy(update={"id": str(self._last_id)})
-        now = time.monotonic()
+        kept = (time.monotonic(), self._last_id, stamped.model_dump_json())
         streams = stamped.streams()
         for stream in streams:
             log = self._streams.get(stream)
             if log is None:
                 log = self._streams[stream] = deque(maxlen=self._cap)
             self._streams.move_to_end(stream)
-            log.append((now, stamped))
+            log.append(kept)
         while len(self._streams) > self._max_streams:
             self._streams.popitem(last=False)
         self._fanout.deliver(stamped, streams)
@@ -50,7 +59,8 @@ class MemoryEventBus(LocalFanoutBus):
         while log and log[0][0] < horizon:
             log.popleft()
         floor = after or 0
-        return [event for _, event in log if event.cursor > floor][:limit]
+        texts = [text for _, cursor, text in log if cursor > floor][:limit]
+        return [Event.model_validate_json(text) for text in texts]
 
     async def publish_control(self, message: dict[str, Any]) -> None:
         await self._fanout.dispatch_control(message)

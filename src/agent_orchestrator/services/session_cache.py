@@ -30,8 +30,11 @@ class SessionCache(Protocol):
 
 
 class MemorySessionCache:
+    """Sessions kept as JSON text, as in Redis: text is nothing for the garbage collector
+    to walk (see events/memory.py), a model is several objects per session."""
+
     def __init__(self, max_entries: int) -> None:
-        self._entries: OrderedDict[str, tuple[float, Session]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._max = max_entries
 
     async def get(self, tenant_id: str, session_id: str) -> Session | None:
@@ -39,16 +42,16 @@ class MemorySessionCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        deadline, session = entry
+        deadline, text = entry
         if deadline <= time.monotonic():
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return session
+        return Session.model_validate_json(text)
 
     async def put(self, session: Session, ttl_seconds: int) -> None:
         key = _key(session.tenant_id, str(session.id))
-        self._entries[key] = (time.monotonic() + ttl_seconds, session)
+        self._entries[key] = (time.monotonic() + ttl_seconds, session.model_dump_json())
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
