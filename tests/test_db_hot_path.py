@@ -4,6 +4,8 @@ and embedded mode's inline SQLite sessions (one transaction at a time)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -17,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import (
+    _sqlite_pragmas,
     create_engine,
     dispose_sessions,
     session_factory,
@@ -443,3 +446,42 @@ def test_a_statement_that_renders_per_call_cannot_be_prepared() -> None:
     statuses = select(TaskRow.__table__).where(TaskRow.__table__.c.status.in_(["a", "b"]))
     with pytest.raises(ValueError, match="fixed SQL"):
         PreparedStatement(hot(statuses), sqlite.dialect())
+
+
+def _in_file(path: str, task: TaskRow) -> bool:
+    """Whether the database file alone holds the task (immutable: the log is ignored, and
+    the file is read afresh by a new connection each time)."""
+    file_only = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        query = "SELECT count(*) FROM tasks WHERE id = ?"
+        return bool(file_only.execute(query, (task.id.hex,)).fetchone() == (1,))
+    except sqlite3.OperationalError:  # not even the tables are in the file yet
+        return False
+    finally:
+        file_only.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_embedded_commits_leave_wal_checkpoints_to_a_thread(settings: Settings) -> None:
+    """The inline connection never checkpoints in a commit (the event loop would wait for
+    the disk); the checkpointer thread copies the log into the database file soon after."""
+    engine = create_engine(settings.resolved_database_url())
+    await upgrade(engine)
+    maker = InlineSessionMaker(engine, _sqlite_pragmas, checkpoint_interval=0.05)
+    task = _task()
+    try:
+        pragma = maker.driver_connection.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert pragma == (0,)
+        async with maker() as db:
+            await TaskRepository(db).add(task)
+            await db.commit()
+        # The database file shows the row only once a checkpoint has copied it there.
+        path = engine.url.database
+        assert path is not None
+        async with asyncio.timeout(5):
+            while not _in_file(path, task):
+                await asyncio.sleep(0.02)
+    finally:
+        maker.dispose()
+        await engine.dispose()
+    assert not any(thread.name == "sqlite-wal-checkpoints" for thread in threading.enumerate())

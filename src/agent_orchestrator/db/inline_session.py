@@ -32,13 +32,16 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.base import Executable
 
 from agent_orchestrator.db.prepared import PreparedStatement, is_hot
+from agent_orchestrator.db.wal_checkpoints import INTERVAL, WalCheckpointer
 
 #: As long as the pool used to wait for its one connection before giving up.
 LOCK_TIMEOUT = 60.0
 
 
 class InlineSessionMaker(async_sessionmaker[AsyncSession]):
-    def __init__(self, engine: AsyncEngine, pragmas: Any) -> None:
+    def __init__(
+        self, engine: AsyncEngine, pragmas: Any, *, checkpoint_interval: float = INTERVAL
+    ) -> None:
         super().__init__(engine, expire_on_commit=False)
         url = engine.url.set(drivername="sqlite+pysqlite")
         # pool_timeout=0: the lock serialises sessions, so a wait here would be a bug, and
@@ -51,6 +54,13 @@ class InlineSessionMaker(async_sessionmaker[AsyncSession]):
             connect_args={"check_same_thread": False},
         )
         event.listen(self.sync_engine, "connect", pragmas)
+        event.listen(self.sync_engine, "connect", _leave_checkpoints_to_the_thread)
+        database = url.database
+        self._checkpointer = (
+            WalCheckpointer(database, checkpoint_interval)
+            if database and database != ":memory:"
+            else None
+        )
         self.lock = asyncio.Lock()
         self._connection: Connection | None = None
         self._prepared: dict[Executable, PreparedStatement] = {}
@@ -66,6 +76,8 @@ class InlineSessionMaker(async_sessionmaker[AsyncSession]):
         a one-SELECT transaction on a held connection, 94 us through the pool)."""
         if self._connection is None or self._connection.closed:
             self._connection = self.sync_engine.connect()
+            if self._checkpointer is not None:
+                self._checkpointer.start()
         return self._connection
 
     @property
@@ -83,10 +95,17 @@ class InlineSessionMaker(async_sessionmaker[AsyncSession]):
         return found
 
     def dispose(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         if self._connection is not None:
             self._connection.close()
             self._connection = None
         self.sync_engine.dispose()
+
+
+def _leave_checkpoints_to_the_thread(dbapi_connection: Any, _record: Any) -> None:
+    # See wal_checkpoints.py.
+    dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")
 
 
 class InlineSession(AsyncSession):
