@@ -31,6 +31,7 @@ import httpx
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import RawTestServer
+from sqlalchemy import insert
 
 from agent_orchestrator.clients.agent_execution import AgentExecutionClient
 from agent_orchestrator.clients.agent_execution.http import HttpAgentExecutionClient
@@ -60,7 +61,7 @@ from agent_orchestrator.clients.workflow import WorkflowClient, WorkflowRun
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import create_engine, dispose_sessions, session_factory
 from agent_orchestrator.db.migrate import upgrade
-from agent_orchestrator.db.tables import SessionRow
+from agent_orchestrator.db.tables import AgentRow, SessionRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.models.agent import (
     AgentConfig,
@@ -395,6 +396,33 @@ class TestAgentManagementConformance:
             await agents.get_agent(ctx(), agent_id="nobody")
         assert caught.value.code == "not_found"
         assert caught.value.retryable is False
+
+
+async def test_an_agent_stored_in_the_database_wins_over_the_declared_one(
+    sqlite_factory: Any, tmp_path: Path
+) -> None:
+    """The local provider reads the tenant's row first: its JSON config comes back as the
+    agent (through embedded mode's prepared statement), for that tenant only."""
+    agents_file = tmp_path / "agents.yaml"
+    agents_file.write_text("agents:\n  - id: researcher\n    name: Declared\n")
+    stored = {"name": "Stored researcher", "system_prompt": "Cite.", "temperature": 0.1}
+    async with sqlite_factory() as db:
+        await db.execute(
+            insert(AgentRow.__table__),
+            {
+                "tenant_id": ctx().tenant_id,
+                "id": "researcher",
+                "config": stored,
+                "created_at": utcnow(),
+                "updated_at": utcnow(),
+            },
+        )
+        await db.commit()
+    local = LocalAgentManagement(sqlite_factory, load_agents_file(agents_file))
+    agent = await local.get_agent(ctx(), agent_id="researcher")
+    assert agent == AgentConfig.model_validate({**stored, "id": "researcher"})
+    other_tenant = await local.get_agent(ctx(tenant="tenant-b"), agent_id="researcher")
+    assert other_tenant.name == "Declared"
 
 
 def test_broken_agents_file_names_the_file(tmp_path: Path) -> None:
