@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.run chat             # chat turns and overhead (about 4 minutes)
     .venv/bin/python -m bench.run chat --quick     # the same, shorter phases
     .venv/bin/python -m bench.run websocket        # memory per connection, fan-out latency (~2 min)
+    .venv/bin/python -m bench.run instructions --baseline REF   # callgrind count per turn (~2 min)
     .venv/bin/python -m bench.run all              # every benchmark with its defaults
 
 Each benchmark is a module with `NAME`, `add_arguments(parser)` and
@@ -20,13 +21,14 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from bench import chat, queue_bench, websocket
+from bench import chat, instructions, queue_bench, websocket
 from bench.common import RESULTS, append_results
 
 BENCHMARKS: dict[str, ModuleType] = {
     queue_bench.NAME: queue_bench,
     chat.NAME: chat,
     websocket.NAME: websocket,
+    instructions.NAME: instructions,
 }
 
 
