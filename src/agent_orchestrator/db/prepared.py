@@ -128,10 +128,9 @@ class PreparedStatement:
 
 
 def _result_columns(statement: ClauseElement) -> list[Any]:
-    """What the statement returns: a SELECT's columns, or an INSERT/UPDATE's RETURNING."""
+    """What the statement returns: a SELECT's columns, an INSERT/UPDATE's RETURNING
+    (none without one)."""
     selected = getattr(statement, "selected_columns", None)
-    if selected is not None:
-        return list(selected)
-    if getattr(statement, "_returning", ()):
-        return list(statement.exported_columns)  # type: ignore[attr-defined]
-    return []
+    if selected is None:
+        selected = getattr(statement, "exported_columns", None)
+    return [] if selected is None else list(selected)
