@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import pytest
-from sqlalchemy import Executable, func, inspect, select
+from sqlalchemy import Executable, func, inspect, select, text
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.exc import IntegrityError, InvalidRequestError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.config import Settings
@@ -30,6 +31,7 @@ from agent_orchestrator.db.migrate import upgrade
 from agent_orchestrator.db.prepared import OPTION, PreparedStatement, hot
 from agent_orchestrator.db.repositories.sessions import SESSIONS, SessionRepository
 from agent_orchestrator.db.repositories.tasks import _GET as TASKS_GET
+from agent_orchestrator.db.repositories.tasks import _SERVICE_CALLS as SERVICE_CALLS
 from agent_orchestrator.db.repositories.tasks import Add, Guard, TaskRepository
 from agent_orchestrator.db.tables import ServiceCallRow, SessionRow, TaskRow
 from agent_orchestrator.db.types import utcnow
@@ -402,39 +404,59 @@ async def test_inline_core_and_orm_statements_share_one_transaction(
     assert ids == {committed.id}
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
 async def test_prepared_statements_read_and_write_as_sqlalchemy_does(
     factory: async_sessionmaker[AsyncSession],
 ) -> None:
-    """A hot statement run by the driver stores what SQLAlchemy would store and reads back
-    what SQLAlchemy would read (the same type processors on both ways)."""
-    maker = factory
-    assert isinstance(maker, InlineSessionMaker)
+    """A hot statement run by the driver (sqlite3 or asyncpg) stores what SQLAlchemy would
+    store and reads back what SQLAlchemy would read (the same type processors)."""
     task = _task(input={"message": "hé", "n": [1, 2]}, not_before=utcnow())
-    async with maker() as db:
-        await TaskRepository(db).add(task)  # prepared INSERT
+    async with factory() as db:
+        repo = TaskRepository(db)
+        await repo.add(task)  # prepared INSERT
+        await repo.replace_service_calls(  # prepared upsert, float latencies
+            task.tenant_id, task.id, [_call(task, "history", "succeeded", 1)]
+        )
         await db.commit()
     params = {"tenant_id": task.tenant_id, "task_id": task.id}
-    async with maker() as db:
-        prepared = (await db.execute(TASKS_GET, params)).mappings().one_or_none()
-        # The same statement without the mark: SQLAlchemy's own execution.
-        plain = (await db.execute(unmarked(TASKS_GET), params)).mappings().one_or_none()
-    assert prepared is not None
-    assert plain is not None
-    assert prepared == dict(plain)
-    assert prepared["input"] == {"message": "hé", "n": [1, 2]}
-    assert prepared["not_before"] == task.not_before  # timezone-aware UTC, as written
-    assert isinstance(prepared["id"], uuid.UUID)
+    async with factory() as db:
+        for statement in (TASKS_GET, SERVICE_CALLS):
+            prepared = (await db.execute(statement, params)).mappings().all()
+            # The same statement without the mark: SQLAlchemy's own execution.
+            plain = (await db.execute(unmarked(statement), params)).mappings().all()
+            assert len(prepared) == 1
+            assert prepared == [dict(row) for row in plain]
+        row = (await db.execute(TASKS_GET, params)).mappings().one_or_none()
+    assert row is not None
+    assert row["input"] == {"message": "hé", "n": [1, 2]}
+    assert row["not_before"] == task.not_before  # timezone-aware UTC, as written
+    assert isinstance(row["id"], uuid.UUID)
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_hot_writes_commit_and_roll_back_with_their_transaction(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    dropped, kept = _task(), _task()
+    async with factory() as db:
+        await TaskRepository(db).add(dropped)
+        await db.rollback()
+    async with factory() as db:
+        await TaskRepository(db).add(kept)
+        assert (
+            await db.execute(TASKS_GET, {"tenant_id": "tenant-a", "task_id": kept.id})
+        ).mappings().one_or_none() is not None
+        await db.commit()
+    async with factory() as db:
+        ids = {row[0] for row in await db.execute(select(TaskRow.id))}
+    assert ids == {kept.id}
+
+
 async def test_prepared_statement_errors_are_sqlalchemy_errors(
     factory: async_sessionmaker[AsyncSession],
 ) -> None:
     task = _task()
     async with factory() as db:
         await TaskRepository(db).add(task)
-        with pytest.raises(IntegrityError, match="UNIQUE"):
+        with pytest.raises(IntegrityError, match=r"UNIQUE|duplicate key"):
             await TaskRepository(db).add(task)  # the same id again
         await db.rollback()
     async with factory() as db:
@@ -485,3 +507,28 @@ async def test_embedded_commits_leave_wal_checkpoints_to_a_thread(settings: Sett
         maker.dispose()
         await engine.dispose()
     assert not any(thread.name == "sqlite-wal-checkpoints" for thread in threading.enumerate())
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_connection_closed_under_a_hot_statement_is_replaced(
+    factory: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """PostgreSQL restarted, or the connection killed: the hot statement fails as
+    SQLAlchemy's would (connection invalidated), and the next session gets a new one."""
+    task = _task()
+    async with factory() as db:
+        await TaskRepository(db).add(task)
+        await db.commit()
+    params = {"tenant_id": task.tenant_id, "task_id": task.id}
+    async with factory() as db:
+        backend_pid = (await db.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        admin = await asyncpg.connect(settings.resolved_database_url().replace("+asyncpg", ""))
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", backend_pid)
+        finally:
+            await admin.close()
+        with pytest.raises(DBAPIError) as caught:
+            await db.execute(TASKS_GET, params)
+        assert caught.value.connection_invalidated
+    async with factory() as db:
+        assert (await db.execute(TASKS_GET, params)).mappings().one_or_none() is not None

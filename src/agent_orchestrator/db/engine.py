@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from agent_orchestrator.db.driver_session import DriverSession
 from agent_orchestrator.db.inline_session import InlineSessionMaker
 from agent_orchestrator.db.repositories.audit import AuditRepository
 from agent_orchestrator.db.tables import AuditEntryRow
@@ -67,7 +68,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     if engine.dialect.name == "sqlite":
         return InlineSessionMaker(engine, _sqlite_pragmas)
-    return async_sessionmaker(engine, expire_on_commit=False)
+    return async_sessionmaker(engine, expire_on_commit=False, class_=DriverSession)
 
 
 def single_statement_factory(
@@ -80,7 +81,7 @@ def single_statement_factory(
     if isinstance(transactional, InlineSessionMaker):
         return transactional
     autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-    return async_sessionmaker(autocommit, expire_on_commit=False)
+    return async_sessionmaker(autocommit, expire_on_commit=False, class_=DriverSession)
 
 
 def dispose_sessions(factory: async_sessionmaker[AsyncSession]) -> None:

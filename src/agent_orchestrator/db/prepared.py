@@ -1,4 +1,4 @@
-"""Embedded mode's hot statements, compiled once and run on the SQLite driver directly.
+"""Hot statements, compiled once and run by the database driver directly.
 
 On the held connection (inline_session.py), SQLAlchemy's execution machinery still cost
 more than SQLite's own work: measured here, a one-row SELECT by key took 43 us through
@@ -8,10 +8,10 @@ converted by the same type processors. A chat turn runs about a dozen such state
 So the statements every turn runs are marked `hot(...)` where they are built. On SQLite,
 an inline session compiles a marked statement once (SQLAlchemy's compiler, SQLAlchemy's
 bind and result processors of each column type) and then runs it with `sqlite3` itself;
-on PostgreSQL the mark is an execution option nobody reads. A marked statement's result
-offers what the repositories read of it: `mappings()` (`one_or_none`, `all`, iteration),
-`scalar_one_or_none()` and `rowcount`. Driver errors are raised as SQLAlchemy's, so
-`IntegrityError` means the same on both paths.
+on PostgreSQL a `DriverSession` does the same with asyncpg (driver_session.py). A marked
+statement's result offers what the repositories read of it: `mappings()` (`one_or_none`,
+`all`, iteration), `scalar_one_or_none()` and `rowcount`. Driver errors are raised as
+SQLAlchemy's, so `IntegrityError` means the same on every path.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import exc
+from sqlalchemy import Float, exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.types import TypeEngine
 
 OPTION = "inline_prepared"
 _MISSING = object()
@@ -89,7 +90,7 @@ class PreparedStatement:
         columns = _result_columns(statement)
         self._keys = tuple(column.key for column in columns)
         self._result_processors: tuple[Processor, ...] = tuple(
-            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
+            _result_processor(column.type, dialect) for column in columns
         )
 
     def run(
@@ -109,6 +110,22 @@ class PreparedStatement:
             ) from error
         return PreparedResult([self._mapping(row) for row in rows], cursor.rowcount)
 
+    async def fetch(
+        self, driver: Any, params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
+    ) -> PreparedResult:
+        """Run on an asyncpg connection; its errors are the caller's to translate (see
+        driver_session.py)."""
+        if isinstance(params, Sequence):
+            await driver.executemany(self.sql, [self._bound(one) for one in params])
+            return PreparedResult([], -1)
+        values = self._bound(params or {})
+        if self._keys:
+            records = await driver.fetch(self.sql, *values)
+            return PreparedResult([self._mapping(record) for record in records], len(records))
+        status: str = await driver.execute(self.sql, *values)  # "INSERT 0 1", "UPDATE 2"
+        count = status.rsplit(" ", 1)[-1]
+        return PreparedResult([], int(count) if count.isdigit() else -1)
+
     def _bound(self, params: Mapping[str, Any]) -> list[Any]:
         values = []
         for name, process in zip(self._names, self._bind_processors, strict=True):
@@ -125,6 +142,14 @@ class PreparedStatement:
             key: value if process is None else process(value)
             for key, process, value in zip(self._keys, self._result_processors, row, strict=True)
         }
+
+
+def _result_processor(type_: TypeEngine[Any], dialect: Dialect) -> Processor:
+    if isinstance(type_, Float) and dialect.name == "postgresql":
+        # asyncpg's processor choice needs the driver's type code; a Float column is
+        # double precision, which asyncpg returns as a float already.
+        return None
+    return type_.dialect_impl(dialect).result_processor(dialect, None)
 
 
 def _result_columns(statement: ClauseElement) -> list[Any]:
