@@ -8,7 +8,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Response
-from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.repositories.messages import MessageRepository
@@ -67,7 +67,7 @@ async def chat(
                 status=task.status,
                 events_url=f"/api/v1/tasks/{task.id}/events",
             )
-            return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
+            return _json(accepted, 202)
         stream = StreamKey("task", task.tenant_id, str(task.id))
         if body.mode is ChatMode.STREAM:
             return sse_response(
@@ -83,7 +83,7 @@ async def chat(
     finally:
         handed_over = state.turn_results.take(expected) if expected is not None else None
     response = handed_over or await _finished_turn(state, principal, task.id)
-    return JSONResponse(response.model_dump(mode="json"), status_code=200)
+    return _json(response, 200)
 
 
 @router.post("/{task_id}/cancel", status_code=202)
@@ -91,6 +91,12 @@ async def cancel_chat(
     task_id: uuid.UUID, principal: ChatWriter, state: State, uow: UoW
 ) -> TaskView:
     return to_view(await state.ledger.request_cancel(uow, principal, task_id, kind=CHAT_KIND))
+
+
+def _json(body: BaseModel, status: int) -> Response:
+    # Serialised by pydantic-core straight to JSON: the same bytes as JSONResponse over
+    # model_dump(mode="json"), without the intermediate dicts and the stdlib encoder.
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
 
 
 async def _wait_until_settled(state: AppState, stream: StreamKey) -> None:
