@@ -18,7 +18,7 @@ invalidated, so that the pool replaces it as it would after SQLAlchemy's own sta
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from sqlalchemy import exc
 from sqlalchemy.engine import Result
@@ -57,11 +57,10 @@ class DriverSession(AsyncSession):
                 # As the adapter does before its first statement (a no-op in autocommit).
                 await adapted._start_transaction()
             return await prepared.fetch(adapted.driver_connection, params)
-        except exc.DBAPIError:
-            raise
+        except exc.SQLAlchemyError:
+            raise  # already SQLAlchemy's (a missing parameter, say)
         except Exception as error:
             await self._raise_translated(connection, adapted, prepared, params, error)
-            raise  # unreachable: _raise_translated always raises
 
     async def _hot_connection(self) -> tuple[AsyncConnection, Any]:
         """The session's connection (joining or beginning its transaction, as any
@@ -80,7 +79,7 @@ class DriverSession(AsyncSession):
         prepared: PreparedStatement,
         params: Any,
         error: Exception,
-    ) -> None:
+    ) -> NoReturn:
         dialect = connection.dialect
         try:
             adapted._handle_exception(error)  # raises the DBAPI-level error
@@ -100,6 +99,7 @@ class DriverSession(AsyncSession):
                 connection_invalidated=closed,
                 dialect=dialect,
             ) from error
+        raise AssertionError("_handle_exception returned")  # it always raises
 
     def begin_nested(self) -> AsyncSessionTransaction:
         # SQLAlchemy emits the SAVEPOINT when the nested transaction is first asked for
