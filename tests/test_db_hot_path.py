@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import Executable, func, inspect, select, text
+from sqlalchemy import Executable, func, inspect, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -510,25 +510,44 @@ async def test_embedded_commits_leave_wal_checkpoints_to_a_thread(settings: Sett
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])
-async def test_a_connection_closed_under_a_hot_statement_is_replaced(
-    factory: async_sessionmaker[AsyncSession], settings: Settings
+@pytest.mark.parametrize("autocommit", [False, True], ids=["transactional", "single"])
+async def test_after_a_postgresql_restart_one_hot_statement_fails_not_one_per_connection(
+    factory: async_sessionmaker[AsyncSession], settings: Settings, autocommit: bool
 ) -> None:
-    """PostgreSQL restarted, or the connection killed: the hot statement fails as
-    SQLAlchemy's would (connection invalidated), and the next session gets a new one."""
+    """Every pooled connection dies (as in a restart): the first hot statement fails as
+    SQLAlchemy's would (connection invalidated) and takes the pool with it, so the next
+    sessions get new connections instead of the other dead ones."""
+    if autocommit:
+        factory = single_statement_factory(factory.kw["bind"], factory)
     task = _task()
     async with factory() as db:
         await TaskRepository(db).add(task)
         await db.commit()
     params = {"tenant_id": task.tenant_id, "task_id": task.id}
-    async with factory() as db:
-        backend_pid = (await db.execute(text("SELECT pg_backend_pid()"))).scalar_one()
-        admin = await asyncpg.connect(settings.resolved_database_url().replace("+asyncpg", ""))
-        try:
-            await admin.execute("SELECT pg_terminate_backend($1)", backend_pid)
-        finally:
-            await admin.close()
-        with pytest.raises(DBAPIError) as caught:
+
+    async def read(hold: asyncio.Event | None = None) -> None:
+        async with factory() as db:
             await db.execute(TASKS_GET, params)
-        assert caught.value.connection_invalidated
-    async with factory() as db:
-        assert (await db.execute(TASKS_GET, params)).mappings().one_or_none() is not None
+            if hold is not None:
+                await hold.wait()  # keep the connection until the others have theirs
+
+    hold = asyncio.Event()
+    readers = [asyncio.create_task(read(hold)) for _ in range(3)]
+    await asyncio.sleep(0.3)
+    hold.set()
+    await asyncio.gather(*readers)  # the pool now holds three idle connections
+    database = settings.resolved_database_url().rsplit("/", 1)[1]
+    admin = await asyncpg.connect(settings.resolved_database_url().replace("+asyncpg", ""))
+    try:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database,
+        )
+    finally:
+        await admin.close()
+    with pytest.raises(DBAPIError) as caught:
+        await read()
+    assert caught.value.connection_invalidated
+    for _ in range(3):
+        await read()  # new connections, not the other dead ones

@@ -12,7 +12,7 @@ compiler and type processors, and sent by asyncpg on the session's own connectio
 inside the session's transaction (which it starts the way SQLAlchemy's adapter does, at
 the first statement), or on its own in an autocommit session. Errors are translated as
 SQLAlchemy translates them (`IntegrityError` and so on), and a connection found closed is
-invalidated, so that the pool replaces it as it would after SQLAlchemy's own statement.
+invalidated with the pool's other connections, as after SQLAlchemy's own statement.
 """
 
 from __future__ import annotations
@@ -89,8 +89,13 @@ class DriverSession(AsyncSession):
                 raise
             closed = bool(adapted.driver_connection.is_closed())
             if closed:
+                # As SQLAlchemy does on a disconnect: this connection, and the pool with
+                # it (after a PostgreSQL restart every pooled connection is dead; a new
+                # pool means one failed statement, not one per pooled connection).
+                # Connections checked out elsewhere stay theirs and close when returned.
                 self._hot = None
                 await connection.invalidate(translated)
+                await connection.engine.dispose()
             raise exc.DBAPIError.instance(
                 prepared.sql,
                 params,
