@@ -25,9 +25,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncSessionTransaction
 from sqlalchemy.sql.base import Executable
 
-from agent_orchestrator.db.prepared import PreparedResult, PreparedStatement, is_hot
-
-_prepared: dict[Executable, PreparedStatement] = {}
+from agent_orchestrator.db.prepared import PreparedResult, PreparedStatement, is_hot, prepared
 
 
 class DriverSession(AsyncSession):
@@ -49,18 +47,16 @@ class DriverSession(AsyncSession):
         params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
     ) -> PreparedResult:
         connection, adapted = await self._hot_connection()
-        prepared = _prepared.get(statement)
-        if prepared is None:
-            prepared = _prepared[statement] = PreparedStatement(statement, connection.dialect)
+        compiled = prepared(statement, connection.dialect)
         try:
             if adapted._transaction is None:
                 # As the adapter does before its first statement (a no-op in autocommit).
                 await adapted._start_transaction()
-            return await prepared.fetch(adapted.driver_connection, params)
+            return await compiled.fetch(adapted.driver_connection, params)
         except exc.SQLAlchemyError:
             raise  # already SQLAlchemy's (a missing parameter, say)
         except Exception as error:
-            await self._raise_translated(connection, adapted, prepared, params, error)
+            await self._raise_translated(connection, adapted, compiled, params, error)
 
     async def _hot_connection(self) -> tuple[AsyncConnection, Any]:
         """The session's connection (joining or beginning its transaction, as any

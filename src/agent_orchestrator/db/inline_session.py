@@ -29,9 +29,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.base import Executable
 
-from agent_orchestrator.db.prepared import PreparedStatement, is_hot
+from agent_orchestrator.db.prepared import is_hot, prepared
 from agent_orchestrator.db.wal_checkpoints import INTERVAL, WalCheckpointer
 
 #: As long as the pool used to wait for its one connection before giving up.
@@ -63,7 +62,6 @@ class InlineSessionMaker(async_sessionmaker[AsyncSession]):
         )
         self.lock = asyncio.Lock()
         self._connection: Connection | None = None
-        self._prepared: dict[Executable, PreparedStatement] = {}
 
     def __call__(self, **local_kw: Any) -> AsyncSession:
         return InlineSession(self)
@@ -86,13 +84,6 @@ class InlineSessionMaker(async_sessionmaker[AsyncSession]):
         driver = self.connection.connection.dbapi_connection
         assert isinstance(driver, sqlite3.Connection)
         return driver
-
-    def prepared(self, statement: Executable) -> PreparedStatement:
-        found = self._prepared.get(statement)
-        if found is None:
-            found = PreparedStatement(statement, self.sync_engine.dialect)
-            self._prepared[statement] = found
-        return found
 
     def dispose(self) -> None:
         if self._checkpointer is not None:
@@ -183,8 +174,8 @@ class InlineSession(AsyncSession):
     ) -> Result[Any]:
         connection = await self._hold()
         if is_hot(statement) and not kwargs:
-            prepared = self._maker.prepared(statement)
-            return cast(Result[Any], prepared.run(self._maker.driver_connection, params))
+            compiled = prepared(statement, self._maker.sync_engine.dialect)
+            return cast(Result[Any], compiled.run(self._maker.driver_connection, params))
         # The attribute SQLAlchemy itself reads to route a statement to the ORM.
         if statement._propagate_attrs.get("compile_state_plugin") == "orm":
             return self.sync_session.execute(statement, params, **kwargs)

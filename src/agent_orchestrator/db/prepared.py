@@ -44,6 +44,19 @@ def is_hot(statement: Executable) -> bool:
     return bool(statement.get_execution_options().get(OPTION))
 
 
+_compiled: dict[tuple[str, str, Executable], PreparedStatement] = {}
+
+
+def prepared(statement: Executable, dialect: Dialect) -> PreparedStatement:
+    """The statement compiled for this database and driver, once per process (hot
+    statements are built once, so this holds a few dozen)."""
+    key = (dialect.name, dialect.driver, statement)
+    found = _compiled.get(key)
+    if found is None:
+        found = _compiled[key] = PreparedStatement(statement, dialect)
+    return found
+
+
 class PreparedResult:
     """The rows (as column key -> value mappings) or the row count of one execution."""
 

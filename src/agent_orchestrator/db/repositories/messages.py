@@ -49,7 +49,7 @@ _BY_ID = hot(
 )
 #: INSERT ... ON CONFLICT DO NOTHING, per dialect.
 _ADD_ONCE: dict[str, Insert] = {
-    "postgresql": pg_insert(MESSAGES.table).on_conflict_do_nothing(),
+    "postgresql": hot(pg_insert(MESSAGES.table).on_conflict_do_nothing()),
     "sqlite": hot(sqlite_insert(MESSAGES.table).on_conflict_do_nothing()),
 }
 

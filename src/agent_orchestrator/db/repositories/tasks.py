@@ -203,7 +203,7 @@ def _upsert_calls(insert: Any) -> Any:
 
 
 _UPSERT_CALLS: dict[str, Insert] = {
-    "postgresql": _upsert_calls(pg_insert),
+    "postgresql": hot(_upsert_calls(pg_insert)),
     "sqlite": hot(_upsert_calls(sqlite_insert)),
 }
 
