@@ -28,7 +28,7 @@ from agent_orchestrator.db.engine import (
 )
 from agent_orchestrator.db.inline_session import InlineSession, InlineSessionMaker
 from agent_orchestrator.db.migrate import upgrade
-from agent_orchestrator.db.prepared import OPTION, PreparedStatement, hot
+from agent_orchestrator.db.prepared import OPTION, PreparedResult, PreparedStatement, hot
 from agent_orchestrator.db.repositories.sessions import SESSIONS, SessionRepository
 from agent_orchestrator.db.repositories.tasks import _GET as TASKS_GET
 from agent_orchestrator.db.repositories.tasks import _SERVICE_CALLS as SERVICE_CALLS
@@ -420,7 +420,9 @@ async def test_prepared_statements_read_and_write_as_sqlalchemy_does(
     params = {"tenant_id": task.tenant_id, "task_id": task.id}
     async with factory() as db:
         for statement in (TASKS_GET, SERVICE_CALLS):
-            prepared = (await db.execute(statement, params)).mappings().all()
+            by_driver = await db.execute(statement, params)
+            assert isinstance(by_driver, PreparedResult)  # the driver path ran it
+            prepared = by_driver.mappings().all()
             # The same statement without the mark: SQLAlchemy's own execution.
             plain = (await db.execute(unmarked(statement), params)).mappings().all()
             assert len(prepared) == 1
