@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from agent_orchestrator.db.prepared import is_hot, prepared
-from agent_orchestrator.db.wal_checkpoints import INTERVAL, WalCheckpointer
+from agent_orchestrator.db.wal_checkpoints import INTERVAL, JOURNAL_SIZE_LIMIT, WalCheckpointer
 
 #: As long as the pool used to wait for its one connection before giving up.
 LOCK_TIMEOUT = 60.0
@@ -55,7 +55,7 @@ class InlineSessionMaker(async_sessionmaker[AsyncSession]):
         event.listen(self.sync_engine, "connect", pragmas)
         event.listen(self.sync_engine, "connect", _leave_checkpoints_to_the_thread)
         database = url.database
-        self._checkpointer = (
+        self.checkpointer = (
             WalCheckpointer(database, checkpoint_interval)
             if database and database != ":memory:"
             else None
@@ -74,8 +74,12 @@ class InlineSessionMaker(async_sessionmaker[AsyncSession]):
         a one-SELECT transaction on a held connection, 94 us through the pool)."""
         if self._connection is None or self._connection.closed:
             self._connection = self.sync_engine.connect()
-            if self._checkpointer is not None:
-                self._checkpointer.start()
+            if self.checkpointer is not None:
+                try:
+                    loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+                except RuntimeError:
+                    loop = None
+                self.checkpointer.start(loop, self.lock)
         return self._connection
 
     @property
@@ -86,8 +90,8 @@ class InlineSessionMaker(async_sessionmaker[AsyncSession]):
         return driver
 
     def dispose(self) -> None:
-        if self._checkpointer is not None:
-            self._checkpointer.stop()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -97,6 +101,7 @@ class InlineSessionMaker(async_sessionmaker[AsyncSession]):
 def _leave_checkpoints_to_the_thread(dbapi_connection: Any, _record: Any) -> None:
     # See wal_checkpoints.py.
     dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")
+    dbapi_connection.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
 
 
 class InlineSession(AsyncSession):
