@@ -174,6 +174,39 @@ async def test_an_event_of_a_task_and_session_is_in_both_streams(bus: EventBus) 
     assert [event.id for event in session_after] == [second.id]
 
 
+async def test_publish_many_is_publish_in_order(bus: EventBus) -> None:
+    """Events published together get rising ids in the order given, each lands in its own
+    streams (some in two, some in one), and a live subscriber sees them in that order."""
+    session_id, task_a, task_b = new_id(), new_id(), new_id()
+    before = await bus.publish(task_event(task_a, 0))
+    events = [
+        task_event(task_a, 1, session_id=session_id),
+        task_event(task_b, 2),
+        Event(type="session.state", tenant_id=TENANT, session_id=session_id, data={"n": 3}),
+        task_event(task_a, 4, session_id=session_id),
+    ]
+    async with bus.subscribe(task_stream(task_a), before.cursor) as live:
+        published = await bus.publish_many(events)
+        seen = [await anext(live) for _ in range(2)]
+
+    cursors = [event.cursor for event in published]
+    assert cursors == sorted(cursors)
+    assert len(set(cursors)) == 4
+    assert cursors[0] > before.cursor
+    assert [event.data["n"] for event in published] == [1, 2, 3, 4]
+    assert [event.id for event in seen] == [published[0].id, published[3].id]
+    task_log = await bus.replay(task_stream(task_a), None, 100)
+    assert [event.id for event in task_log] == [before.id, published[0].id, published[3].id]
+    assert [event.id for event in await bus.replay(task_stream(task_b), None, 100)] == [
+        published[1].id
+    ]
+    session_log = await bus.replay(StreamKey("session", TENANT, session_id), None, 100)
+    assert [event.id for event in session_log] == [published[0].id, *(e.id for e in published[2:])]
+    assert await bus.publish_many([]) == []
+    later = await bus.publish(task_event(task_b, 5))
+    assert later.cursor > cursors[-1]
+
+
 async def test_tenants_have_separate_streams(bus: EventBus) -> None:
     shared_task_id = new_id()
     mine = await bus.publish(task_event(shared_task_id, 1, tenant="tenant-a"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -101,6 +101,10 @@ class EventBus(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def publish(self, event: Event) -> Event: ...
+    async def publish_many(self, events: Sequence[Event]) -> list[Event]:
+        """Several events, in order, with rising ids; on Redis in one round trip."""
+        ...
+
     async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]: ...
     def subscribe(
         self,
@@ -226,6 +230,12 @@ class LocalFanoutBus:
 
     def __init__(self) -> None:
         self._fanout = LocalFanout()
+
+    async def publish(self, event: Event) -> Event:
+        raise NotImplementedError
+
+    async def publish_many(self, events: Sequence[Event]) -> list[Event]:
+        return [await self.publish(event) for event in events]
 
     async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]:
         raise NotImplementedError

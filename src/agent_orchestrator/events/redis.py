@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -30,22 +31,29 @@ log = get_logger(__name__)
 #: anyway (it then replays the log once the channel is live).
 LIVE_WAIT_SECONDS = 5.0
 
-# KEYS[1] id counter, KEYS[2] channel, KEYS[3..] streams; ARGV json, cap, ttl.
-# The id is max(counter + 1, server clock in microseconds): it rises monotonically and
-# keeps rising even if Redis lost its data, so an old client cursor never hides new events.
+# KEYS[1] id counter, KEYS[2] channel, KEYS[3..] the streams of every event in turn;
+# ARGV[1] cap, ARGV[2] ttl, then per event: how many of KEYS are its streams, its JSON.
+# Each id is max(previous + 1, server clock in microseconds): ids rise monotonically and
+# keep rising even if Redis lost its data, so an old client cursor never hides new events.
 _PUBLISH = """
 local clock = redis.call('TIME')
-local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local last = tonumber(redis.call('GET', KEYS[1]) or '0')
-local id = math.max(last + 1, now_us)
-redis.call('SET', KEYS[1], string.format('%d', id))
-local sid = string.format('%d', id) .. '-0'
-for i = 3, #KEYS do
-  redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[2], sid, 'e', ARGV[1])
-  redis.call('EXPIRE', KEYS[i], ARGV[3])
+local id = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'),
+                    tonumber(clock[1]) * 1000000 + tonumber(clock[2]) - 1)
+local ids = {}
+local key = 3
+for arg = 3, #ARGV, 2 do
+  id = id + 1
+  local sid = string.format('%d', id)
+  for i = key, key + tonumber(ARGV[arg]) - 1 do
+    redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[1], sid .. '-0', 'e', ARGV[arg + 1])
+    redis.call('EXPIRE', KEYS[i], ARGV[2])
+  end
+  key = key + tonumber(ARGV[arg])
+  redis.call('PUBLISH', KEYS[2], sid .. '|' .. ARGV[arg + 1])
+  ids[#ids + 1] = sid
 end
-redis.call('PUBLISH', KEYS[2], string.format('%d', id) .. '|' .. ARGV[1])
-return string.format('%d', id)
+redis.call('SET', KEYS[1], string.format('%d', id))
+return ids
 """
 
 
@@ -79,10 +87,22 @@ class RedisEventBus(LocalFanoutBus):
         await self._publisher.aclose()
 
     async def publish(self, event: Event) -> Event:
-        payload = event.model_dump_json(exclude={"id"})
-        keys = [self._counter, self._events_channel] + [s.name(self._ns) for s in event.streams()]
-        raw = await self._publisher.run(keys, [payload, self._cap, self._ttl])
-        return event.model_copy(update={"id": raw.decode() if isinstance(raw, bytes) else raw})
+        return (await self.publish_many([event]))[0]
+
+    async def publish_many(self, events: Sequence[Event]) -> list[Event]:
+        if not events:
+            return []
+        keys = [self._counter, self._events_channel]
+        args: list[Any] = [self._cap, self._ttl]
+        for event in events:
+            streams = [s.name(self._ns) for s in event.streams()]
+            keys += streams
+            args += [len(streams), event.model_dump_json(exclude={"id"})]
+        ids = await self._publisher.run(keys, args)
+        return [
+            event.model_copy(update={"id": raw.decode() if isinstance(raw, bytes) else raw})
+            for event, raw in zip(events, ids, strict=True)
+        ]
 
     async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]:
         start = f"({after}-0" if after else "-"

@@ -89,15 +89,22 @@ class TaskContext:
 
     async def emit(self, event_type: str, data: dict[str, Any]) -> Event:
         await self._after_announced()
-        return await self.bus.publish(
-            Event(
-                type=event_type,
-                tenant_id=self.task.tenant_id,
-                session_id=str(self.task.session_id) if self.task.session_id else None,
-                task_id=str(self.task.id),
-                data=data,
-            )
+        return await self.bus.publish(self.event(event_type, data))
+
+    def event(self, event_type: str, data: dict[str, Any]) -> Event:
+        """An event of this task (and its session), to `emit` or `publish` with others."""
+        return Event(
+            type=event_type,
+            tenant_id=self.task.tenant_id,
+            session_id=str(self.task.session_id) if self.task.session_id else None,
+            task_id=str(self.task.id),
+            data=data,
         )
+
+    async def publish(self, events: list[Event]) -> list[Event]:
+        """Events published together (one round trip on Redis), in order, after `running`."""
+        await self._after_announced()
+        return await self.bus.publish_many(events)
 
     async def _after_announced(self) -> None:
         # Shielded: the future is shared by every step of the handler, and a waiter that

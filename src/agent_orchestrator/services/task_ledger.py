@@ -377,9 +377,13 @@ class TaskLedger:
 
     async def announce(self, row: TaskRow) -> None:
         """Publish a committed state change (and count a finished task)."""
+        await self.bus.publish(self.announcement(row))
+
+    def announcement(self, row: TaskRow) -> Event:
+        """`announce` for a caller that publishes the event together with others."""
         if row.status in TERMINAL:
             _count_finished(row)
-        await self.bus.publish(status_event(row))
+        return status_event(row)
 
     async def wake_next_in_session(self, tenant_id: str, session_id: uuid.UUID) -> None:
         """After a turn ends, hand the session's next queued turn a fresh delivery (its

@@ -189,7 +189,7 @@ class ChatTurn:
             # Exactly what a read-back would find: this attempt wrote every row of it
             # (a retried attempt may leave earlier steps' rows, or find its reply stored).
             self.turn_results.offer(task.id, lambda: _finished(row, steps, stored))
-        await ctx.emit(
+        completed = ctx.event(
             EventType.CHAT_COMPLETED,
             {
                 "message_id": str(message_id),
@@ -200,10 +200,14 @@ class ChatTurn:
                 "degraded": degraded,
             },
         )
-        await self.ledger.announce(row)
+        # One publish for the turn's last events (a round trip each on Redis otherwise);
+        # the hot copy first, so a client that sees the session free reads it free.
+        events = [completed, self.ledger.announcement(row)]
         if session is not None:
             self._freed.add(task.id)
-            await self._announce_session(task, session)
+            await self.sessions.refresh_hot_copy(session)
+            events.append(_session_event(task, session))
+        await ctx.publish(events)
 
     async def claimed(self, db: AsyncSession, task: TaskRow) -> AfterCommit | None:
         """In the claim's transaction: the session is `processing` from the moment the
@@ -237,14 +241,7 @@ class ChatTurn:
 
     async def _announce_session(self, task: TaskRow, session: Session) -> None:
         await self.sessions.refresh_hot_copy(session)
-        await self.bus.publish(
-            Event(
-                type=EventType.SESSION_STATE,
-                tenant_id=task.tenant_id,
-                session_id=str(task.session_id),
-                data={"state": session.state.value, "task_id": str(task.id)},
-            )
-        )
+        await self.bus.publish(_session_event(task, session))
 
     def _check_requirements(self, outcome: StepOutcome) -> None:
         agent = outcome.output
@@ -284,3 +281,12 @@ def _finished(task: TaskRow, steps: list[ServiceCallRow], reply: MessageRow) -> 
     shape of `TaskLedger.view` and the reply lookup."""
     calls = sorted(steps, key=lambda call: (call.started_at, call.step))
     return ChatResponse(task=to_view(task, calls), message=to_message(reply))
+
+
+def _session_event(task: TaskRow, session: Session) -> Event:
+    return Event(
+        type=EventType.SESSION_STATE,
+        tenant_id=task.tenant_id,
+        session_id=str(task.session_id),
+        data={"state": session.state.value, "task_id": str(task.id)},
+    )
