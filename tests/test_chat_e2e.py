@@ -23,7 +23,14 @@ import pytest
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.state import build_verifier
-from tests.chat_helpers import chat, check_stream_shape, messages, settled, stream_turn
+from tests.chat_helpers import (
+    chat,
+    check_stream_shape,
+    messages,
+    settled,
+    stream_turn,
+    task_view,
+)
 from tests.conftest import REDIS_URL, auth, token_factory
 from tests.doubles.process import running_double, service_env
 from tests.processes import (
@@ -128,6 +135,13 @@ def start_stack(
     return start
 
 
+async def wait_answers(api: httpx.AsyncClient) -> dict[str, float]:
+    """The API's count of mode=wait answers by source (handed over or read back)."""
+    text = (await api.get("/metrics")).text
+    found = re.findall(r'chat_wait_answers_total\{source="(\w+)"\} ([0-9.e+]+)', text)
+    return {source: float(value) for source, value in found}
+
+
 def turn(headers: dict[str, str], correlation_id: str) -> dict[str, str]:
     return {**headers, "X-Correlation-ID": correlation_id}
 
@@ -164,6 +178,11 @@ async def test_three_modes_through_api_worker_and_double(
         assert waited["task"]["status"] == "succeeded", waited
         assert waited["message"]["content"] == "double says: hello from wait"
         session_id = waited["task"]["session_id"]
+        # The worker handed the answer over through Redis (no read-back by the API), and
+        # it is what the database holds.
+        assert await wait_answers(stack.api) == {"handed_over": 1.0}
+        assert waited["task"] == await task_view(stack.api, h, waited["task"]["id"])
+        assert (await messages(stack.api, h, session_id))[-1] == waited["message"]
 
         frames = await stream_turn(
             stack.api, turn(h, "e2e-stream"), message="hello from stream", session_id=session_id

@@ -207,6 +207,34 @@ async def test_publish_many_is_publish_in_order(bus: EventBus) -> None:
     assert later.cursor > cursors[-1]
 
 
+async def test_a_hand_over_reaches_a_listening_process_before_the_events(
+    make_bus: BusFactory, bus_kind: str
+) -> None:
+    """What a worker hands to a waiting request: another process's bus (the same bus in
+    embedded mode) that listens gets it before the events published with it, once."""
+    publisher = await make_bus()
+    listener = await make_bus() if bus_kind == "redis" else publisher
+    task_id = new_id()
+    order: list[str] = []
+    listener.on_handover(lambda key, text: order.append(f"{key} {text}"))
+
+    async def consume(live: AsyncIterator[Event]) -> None:
+        async for event in live:
+            order.append(f"event {event.data['n']}")
+            if event.data["n"] == 2:
+                return
+
+    async with listener.subscribe(task_stream(task_id), replay=False) as live:
+        consumer = asyncio.create_task(consume(live))
+        await asyncio.sleep(0)
+        events = [task_event(task_id, 1), task_event(task_id, 2)]
+        await publisher.publish_many(events, handover=(task_id, '{"answer": "a|b"}'))
+        await asyncio.wait_for(consumer, 5)
+    assert order == [f'{task_id} {{"answer": "a|b"}}', "event 1", "event 2"]
+    # Never stored: a replay holds only the events.
+    assert [e.data["n"] for e in await listener.replay(task_stream(task_id), None, 10)] == [1, 2]
+
+
 async def test_tenants_have_separate_streams(bus: EventBus) -> None:
     shared_task_id = new_id()
     mine = await bus.publish(task_event(shared_task_id, 1, tenant="tenant-a"))

@@ -39,8 +39,11 @@ class AppState:
     orchestrator: ChatOrchestrator
     closeable: list[Any] = field(default_factory=list)
     worker: WorkerEngine | None = None
-    #: finished turns handed from this process's worker to its waiting requests
+    #: finished turns handed over by a worker to this process's waiting requests
     turn_results: TurnResults = field(default_factory=TurnResults)
+
+    def __post_init__(self) -> None:
+        self.bus.on_handover(self.turn_results.offer)
 
 
 def build_verifier(settings: Settings) -> TokenVerifier:

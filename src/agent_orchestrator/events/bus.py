@@ -16,6 +16,10 @@ from typing import Any, Protocol
 from agent_orchestrator.events.models import Event, StreamKey
 
 ControlHandler = Callable[[dict[str, Any]], Awaitable[None]]
+#: (key, text): a hand-over, see `EventBus.publish_many`.
+HandoverHandler = Callable[[str, str], None]
+#: A text for whichever process awaits its key: (key, text).
+Handover = tuple[str, str]
 
 
 class SubscriberOverflow(Exception):
@@ -101,8 +105,14 @@ class EventBus(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def publish(self, event: Event) -> Event: ...
-    async def publish_many(self, events: Sequence[Event]) -> list[Event]:
-        """Several events, in order, with rising ids; on Redis in one round trip."""
+    async def publish_many(
+        self, events: Sequence[Event], handover: Handover | None = None
+    ) -> list[Event]:
+        """Several events, in order, with rising ids; on Redis in one round trip.
+
+        `handover` goes to the `on_handover` handler of every process listening, before
+        the events: never stored, so a process that was not listening (or one that
+        replays) does not get it, and whoever awaits it must have a way without it."""
         ...
 
     async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]: ...
@@ -116,6 +126,7 @@ class EventBus(Protocol):
     ) -> AbstractSubscription: ...
     async def publish_control(self, message: dict[str, Any]) -> None: ...
     def on_control(self, handler: ControlHandler) -> None: ...
+    def on_handover(self, handler: HandoverHandler) -> None: ...
     def subscriber_count(self) -> int: ...
 
 
@@ -130,6 +141,7 @@ class LocalFanout:
     def __init__(self) -> None:
         self._by_stream: dict[StreamKey, set[Subscriber]] = {}
         self._control: list[ControlHandler] = []
+        self._handover: HandoverHandler | None = None
 
     def add(self, subscriber: Subscriber) -> None:
         self._by_stream.setdefault(subscriber.stream, set()).add(subscriber)
@@ -159,6 +171,13 @@ class LocalFanout:
     async def dispatch_control(self, message: dict[str, Any]) -> None:
         for handler in list(self._control):
             await handler(message)
+
+    def on_handover(self, handler: HandoverHandler) -> None:
+        self._handover = handler
+
+    def hand_over(self, key: str, text: str) -> None:
+        if self._handover is not None:
+            self._handover(key, text)
 
 
 ReplayFn = Callable[[StreamKey, int | None, int], Awaitable[list[Event]]]
@@ -234,7 +253,11 @@ class LocalFanoutBus:
     async def publish(self, event: Event) -> Event:
         raise NotImplementedError
 
-    async def publish_many(self, events: Sequence[Event]) -> list[Event]:
+    async def publish_many(
+        self, events: Sequence[Event], handover: Handover | None = None
+    ) -> list[Event]:
+        if handover is not None:
+            self._fanout.hand_over(*handover)
         return [await self.publish(event) for event in events]
 
     async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]:
@@ -264,6 +287,9 @@ class LocalFanoutBus:
 
     def on_control(self, handler: ControlHandler) -> None:
         self._fanout.on_control(handler)
+
+    def on_handover(self, handler: HandoverHandler) -> None:
+        self._fanout.on_handover(handler)
 
     def subscriber_count(self) -> int:
         return self._fanout.count()

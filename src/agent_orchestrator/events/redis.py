@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agent_orchestrator.aio import cancel_and_wait
-from agent_orchestrator.events.bus import LocalFanoutBus
+from agent_orchestrator.events.bus import Handover, LocalFanoutBus
 from agent_orchestrator.events.models import Event, StreamKey
 from agent_orchestrator.events.script_batch import ScriptBatcher
 from agent_orchestrator.observability.logging import get_logger
@@ -30,9 +30,12 @@ log = get_logger(__name__)
 #: How long a new subscriber waits for the events channel to be live before it starts
 #: anyway (it then replays the log once the channel is live).
 LIVE_WAIT_SECONDS = 5.0
+#: Marks a hand-over (EventBus.publish_many) on the events channel.
+HANDOVER_PREFIX = "h|"
 
 # KEYS[1] id counter, KEYS[2] channel, KEYS[3..] the streams of every event in turn;
-# ARGV[1] cap, ARGV[2] ttl, then per event: how many of KEYS are its streams, its JSON.
+# ARGV[1] cap, ARGV[2] ttl, ARGV[3] a hand-over message for the channel or '', then per
+# event: how many of KEYS are its streams, its JSON.
 # Each id is max(previous + 1, server clock in microseconds): ids rise monotonically and
 # keep rising even if Redis lost its data, so an old client cursor never hides new events.
 _PUBLISH = """
@@ -41,7 +44,10 @@ local id = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'),
                     tonumber(clock[1]) * 1000000 + tonumber(clock[2]) - 1)
 local ids = {}
 local key = 3
-for arg = 3, #ARGV, 2 do
+if ARGV[3] ~= '' then
+  redis.call('PUBLISH', KEYS[2], ARGV[3])
+end
+for arg = 4, #ARGV, 2 do
   id = id + 1
   local sid = string.format('%d', id)
   for i = key, key + tonumber(ARGV[arg]) - 1 do
@@ -89,11 +95,16 @@ class RedisEventBus(LocalFanoutBus):
     async def publish(self, event: Event) -> Event:
         return (await self.publish_many([event]))[0]
 
-    async def publish_many(self, events: Sequence[Event]) -> list[Event]:
-        if not events:
+    async def publish_many(
+        self, events: Sequence[Event], handover: Handover | None = None
+    ) -> list[Event]:
+        if not events and handover is None:
             return []
         keys = [self._counter, self._events_channel]
-        args: list[Any] = [self._cap, self._ttl]
+        # On the events channel, marked by its prefix (an event's message starts with
+        # its id's digits): only processes that listen for events take hand-overs.
+        note = f"{HANDOVER_PREFIX}{handover[0]}|{handover[1]}" if handover else ""
+        args: list[Any] = [self._cap, self._ttl, note]
         for event in events:
             streams = [s.name(self._ns) for s in event.streams()]
             keys += streams
@@ -175,6 +186,10 @@ class RedisEventBus(LocalFanoutBus):
             return
         channel = message["channel"].decode()
         data = message["data"].decode()
+        if data.startswith(HANDOVER_PREFIX):
+            key, _, text = data[len(HANDOVER_PREFIX) :].partition("|")
+            self._fanout.hand_over(key, text)
+            return
         try:
             if channel == self._control_channel:
                 await self._fanout.dispatch_control(json.loads(data))

@@ -71,3 +71,8 @@ SERVICE_CALL_FAILURES = Counter(
     f"{PREFIX}_service_call_failures_total", "Downstream steps that failed", ["service", "code"]
 )
 CHAT_TURNS = Counter(f"{PREFIX}_messages_processed_total", "Chat turns accepted", ["mode"])
+CHAT_WAIT_ANSWERS = Counter(
+    f"{PREFIX}_chat_wait_answers_total",
+    "mode=wait answers, by where they came from: handed over by the worker or read back",
+    ["source"],
+)

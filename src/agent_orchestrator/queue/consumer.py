@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.aio import cancel_and_wait
 from agent_orchestrator.db.tables import TaskRow
-from agent_orchestrator.events.bus import EventBus
+from agent_orchestrator.events.bus import EventBus, Handover
 from agent_orchestrator.events.models import Event
 from agent_orchestrator.models.task import TaskErrorInfo, TaskStatus
 from agent_orchestrator.observability.logging import get_logger
@@ -101,10 +101,10 @@ class TaskContext:
             data=data,
         )
 
-    async def publish(self, events: list[Event]) -> list[Event]:
+    async def publish(self, events: list[Event], handover: Handover | None = None) -> list[Event]:
         """Events published together (one round trip on Redis), in order, after `running`."""
         await self._after_announced()
-        return await self.bus.publish_many(events)
+        return await self.bus.publish_many(events, handover)
 
     async def _after_announced(self) -> None:
         # Shielded: the future is shared by every step of the handler, and a waiter that

@@ -17,6 +17,7 @@ from agent_orchestrator.middleware.auth import require_scope
 from agent_orchestrator.models.chat import ChatAccepted, ChatMode, ChatRequest, ChatResponse
 from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.models.task import TERMINAL, TaskView
+from agent_orchestrator.observability.metrics import CHAT_WAIT_ANSWERS
 from agent_orchestrator.routes.deps import State, UoW
 from agent_orchestrator.routes.sse import event_frames, sse_response
 from agent_orchestrator.services.orchestrator import CHAT_KIND, reply_message_id
@@ -82,8 +83,11 @@ async def chat(
         await _wait_until_settled(state, stream)
     finally:
         handed_over = state.turn_results.take(expected) if expected is not None else None
-    response = handed_over or await _finished_turn(state, principal, task.id)
-    return _json(response, 200)
+    if handed_over is not None:
+        CHAT_WAIT_ANSWERS.labels("handed_over").inc()
+        return Response(handed_over, status_code=200, media_type="application/json")
+    CHAT_WAIT_ANSWERS.labels("read_back").inc()
+    return _json(await _finished_turn(state, principal, task.id), 200)
 
 
 @router.post("/{task_id}/cancel", status_code=202)

@@ -21,6 +21,5 @@ def register_builtin_kinds(registry: HandlerRegistry, state: AppState) -> None:
         ledger=state.ledger,
         bus=state.bus,
         remote_conversation=bool(state.settings.conversation_service_url),
-        turn_results=state.turn_results,
     )
     registry.register(CHAT_KIND, turn.run, on_settled=turn.settled, on_claimed=turn.claimed)

@@ -46,7 +46,6 @@ from agent_orchestrator.services.service_coordinator import (
 )
 from agent_orchestrator.services.session_manager import SessionManager, to_message
 from agent_orchestrator.services.task_ledger import TaskLedger, to_view
-from agent_orchestrator.services.turn_results import TurnResults
 
 
 @dataclass
@@ -57,7 +56,6 @@ class ChatTurn:
     ledger: TaskLedger
     bus: EventBus
     remote_conversation: bool
-    turn_results: TurnResults
     #: turns whose session went back to `active` in their final transaction: `settled`
     #: need not write it again. An id outlives its turn only when the worker stops
     #: between that commit and the hook (shutdown), which leaves a few bytes behind.
@@ -185,10 +183,12 @@ class ChatTurn:
                 db, task.tenant_id, session_id, SessionState.ACTIVE
             )
             await db.commit()
-        if stored is not None and task.attempt == 1:
+        handover = None
+        if stored is not None and task.attempt == 1 and task.input.get("mode") == "wait":
             # Exactly what a read-back would find: this attempt wrote every row of it
             # (a retried attempt may leave earlier steps' rows, or find its reply stored).
-            self.turn_results.offer(task.id, lambda: _finished(row, steps, stored))
+            # See services/turn_results.py.
+            handover = (str(task.id), _finished(row, steps, stored).model_dump_json())
         completed = ctx.event(
             EventType.CHAT_COMPLETED,
             {
@@ -207,7 +207,7 @@ class ChatTurn:
             self._freed.add(task.id)
             await self.sessions.refresh_hot_copy(session)
             events.append(_session_event(task, session))
-        await ctx.publish(events)
+        await ctx.publish(events, handover)
 
     async def claimed(self, db: AsyncSession, task: TaskRow) -> AfterCommit | None:
         """In the claim's transaction: the session is `processing` from the moment the
