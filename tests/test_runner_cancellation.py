@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -25,6 +26,14 @@ from agent_orchestrator.queue.base import Delivery
 from agent_orchestrator.queue.consumer import TaskContext, TaskRunner
 from agent_orchestrator.queue.registry import HandlerRegistry, TaskFailure
 from agent_orchestrator.services.task_ledger import Renewal
+
+
+@dataclass
+class RunningEvent:
+    """The `running` event, as FakeBus publishes it: slowly, or not at all."""
+
+    seconds: float
+    fails: bool
 
 
 class FakeLedger:
@@ -42,10 +51,8 @@ class FakeLedger:
     ) -> tuple[TaskRow, None]:
         return self.task, None
 
-    async def announce(self, task: TaskRow) -> None:
-        await asyncio.sleep(self.announce_seconds)  # the `running` event on its way
-        if self.announce_fails:
-            raise ConnectionError("Redis went away")
+    def announcement(self, task: TaskRow) -> RunningEvent:
+        return RunningEvent(self.announce_seconds, self.announce_fails)
 
     async def renew(self, task: TaskRow, worker_id: str) -> Renewal:
         self.renewals += 1
@@ -68,6 +75,14 @@ class FakeBus:
 
     async def publish(self, event: Any) -> Any:
         return event
+
+    async def publish_many(self, events: list[Any], handover: Any = None) -> list[Any]:
+        running = next((e for e in events if isinstance(e, RunningEvent)), None)
+        if running is not None:
+            await asyncio.sleep(running.seconds)  # the `running` event on its way
+            if running.fails:
+                raise ConnectionError("Redis went away")
+        return events
 
 
 class Received:

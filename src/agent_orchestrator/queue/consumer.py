@@ -28,7 +28,7 @@ from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import TASK_DURATION
 from agent_orchestrator.queue.base import Received, TaskQueue
 from agent_orchestrator.queue.registry import (
-    AfterCommit,
+    ClaimFollowUp,
     HandlerRegistry,
     TaskFailure,
     TaskKind,
@@ -213,14 +213,14 @@ class TaskRunner:
         ):
             await self._run_claimed(task, received, after)
 
-    async def _on_claimed(self, db: AsyncSession, task: TaskRow) -> AfterCommit | None:
+    async def _on_claimed(self, db: AsyncSession, task: TaskRow) -> ClaimFollowUp | None:
         kind = self.registry.get(task.kind)
         if kind is None or kind.on_claimed is None:
             return None
         return await kind.on_claimed(db, task)
 
     async def _run_claimed(
-        self, task: TaskRow, received: Received, after: AfterCommit | None
+        self, task: TaskRow, received: Received, after: ClaimFollowUp | None
     ) -> None:
         # Start the handler without waiting for the `running` event to be written: that
         # round trip was a third of the enqueue-to-start latency (bench/RESULTS.md).
@@ -230,14 +230,18 @@ class TaskRunner:
         finally:
             await announced
 
-    async def _announce(self, task: TaskRow, after: AfterCommit | None) -> None:
+    async def _announce(self, task: TaskRow, after: ClaimFollowUp | None) -> None:
         # Never raises: the handler's events and the runner's record wait for this
         # future, and a lost `running` or session event (Redis away) must not keep the
         # attempt from being recorded; the ledger holds the state either way.
+        events = [self.ledger.announcement(task)]
+        if after is not None:
+            try:
+                events += await after()
+            except Exception as error:  # the task's own `running` goes out all the same
+                log.warning("claim follow-up failed", error=str(error))
         try:
-            await self.ledger.announce(task)
-            if after is not None:
-                await after()
+            await self.bus.publish_many(events)
         except Exception as error:
             log.warning("could not announce the claimed task", error=str(error))
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.db.tables import TaskRow
+from agent_orchestrator.events.models import Event
 
 if TYPE_CHECKING:
     from agent_orchestrator.queue.consumer import TaskContext
@@ -18,12 +19,13 @@ Handler = Callable[["TaskContext"], Coroutine[Any, Any, dict[str, Any] | None]]
 #: Called after an attempt ended in this process (finished, failed, retried later,
 #: cancelled or timed out), once its state is committed: e.g. to wake the session's next turn.
 SettledHook = Callable[[TaskRow], Coroutine[Any, Any, None]]
-AfterCommit = Callable[[], Coroutine[Any, Any, None]]
+#: Awaited after the claim's commit; returns events to publish right after `running`, in
+#: the same publish (one round trip on Redis), before the handler's first event.
+ClaimFollowUp = Callable[[], Coroutine[Any, Any, list[Event]]]
 #: Runs on the claim's database session once the task is `running` (see
 #: `TaskLedger.claim_then`): writes that begin with the attempt (chat marks its session
-#: `processing`) cost no session of their own. What it returns is awaited after the
-#: commit, before the handler's first event.
-ClaimHook = Callable[[AsyncSession, TaskRow], Coroutine[Any, Any, AfterCommit | None]]
+#: `processing`) cost no session of their own.
+ClaimHook = Callable[[AsyncSession, TaskRow], Coroutine[Any, Any, ClaimFollowUp | None]]
 
 
 class TaskFailure(Exception):

@@ -39,7 +39,7 @@ from agent_orchestrator.observability import audit
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import TASKS_FINISHED
 from agent_orchestrator.queue.producer import TaskProducer
-from agent_orchestrator.queue.registry import AfterCommit, ClaimHook
+from agent_orchestrator.queue.registry import ClaimFollowUp, ClaimHook
 from agent_orchestrator.services.session_manager import sees_whole_tenant
 
 log = get_logger(__name__)
@@ -298,7 +298,7 @@ class TaskLedger:
 
     async def claim_then(
         self, tenant_id: str, task_id: uuid.UUID, worker_id: str, then: ClaimHook | None = None
-    ) -> tuple[TaskRow | None, AfterCommit | None]:
+    ) -> tuple[TaskRow | None, ClaimFollowUp | None]:
         """`claim` without the announcement, and with `then(db, row)` run on the claim's
         session when the claim wins: one transaction on SQLite; on PostgreSQL the
         ledger's sessions are autocommit, so one round trip per statement and no
@@ -325,7 +325,7 @@ class TaskLedger:
         return row, after
 
     @staticmethod
-    async def _then(then: ClaimHook, db: AsyncSession, row: TaskRow) -> AfterCommit | None:
+    async def _then(then: ClaimHook, db: AsyncSession, row: TaskRow) -> ClaimFollowUp | None:
         # The claim stands whatever the hook does: a claim that failed for its hook would
         # strand the task (its delivery is acknowledged, and on PostgreSQL the claim is
         # already written), while the hook's writes (a session's state) are informative.

@@ -8,7 +8,6 @@ conversation holds one answer.
 
 from __future__ import annotations
 
-import functools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from agent_orchestrator.models.orchestration import StepOutcome
 from agent_orchestrator.models.session import Session, SessionState
 from agent_orchestrator.models.task import TaskStatus
 from agent_orchestrator.queue.consumer import ALREADY_FINISHED, TaskContext
-from agent_orchestrator.queue.registry import AfterCommit, TaskFailure
+from agent_orchestrator.queue.registry import ClaimFollowUp, TaskFailure
 from agent_orchestrator.services.orchestrator import (
     chat_plan,
     reply_message_id,
@@ -209,7 +208,7 @@ class ChatTurn:
             events.append(_session_event(task, session))
         await ctx.publish(events, handover)
 
-    async def claimed(self, db: AsyncSession, task: TaskRow) -> AfterCommit | None:
+    async def claimed(self, db: AsyncSession, task: TaskRow) -> ClaimFollowUp | None:
         """In the claim's transaction: the session is `processing` from the moment the
         turn holds it."""
         if task.session_id is None:
@@ -219,7 +218,12 @@ class ChatTurn:
         )
         if session is None:
             return None
-        return functools.partial(self._announce_session, task, session)
+
+        async def announce() -> list[Event]:
+            await self.sessions.refresh_hot_copy(session)
+            return [_session_event(task, session)]
+
+        return announce
 
     async def settled(self, task: TaskRow) -> None:
         """Whatever the outcome: the session is free again, and its next turn may run."""
