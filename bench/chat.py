@@ -542,8 +542,10 @@ def _spawn(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> subpro
         return subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=out)
 
 
-async def _wait_log(needle: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
+async def _wait_log(
+    needle: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60
+) -> None:
+    deadline = time.monotonic() + timeout
     while needle not in log.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"worker did not start:\n{_tail(log)}")

@@ -1,13 +1,21 @@
-"""Instructions per chat turn in the embedded server, counted by callgrind.
+"""Instructions per chat turn, counted by callgrind, in the embedded server or in the API
+and worker processes of the production-like setup.
 
 Wall-clock figures on this shared 2-core machine move by 15-30% from run to run; an
 instruction count does not (the same code and inputs give the same total, whatever the
-other core is doing), so it shows what a change to the hot path is worth. The embedded
-server (`agent-orchestrator serve`, SQLite, echo model) runs under `valgrind
---tool=callgrind`; after warm-up turns its counters are zeroed, a number of sequential
-`mode=wait` turns run, and the counters are dumped. With `--baseline REF`, a git ref's
-`src` (checked out into a temporary worktree) is counted in the same run, concurrently
-(each valgrind uses one core). Needs valgrind (with callgrind_control) on PATH.
+other core is doing), so it shows what a change to the hot path is worth. The counted
+processes run under `valgrind --tool=callgrind`; after warm-up turns their counters are
+zeroed, a number of sequential `mode=wait` turns run, and the counters are dumped.
+
+- `--setup embedded` (default): `agent-orchestrator serve` (SQLite, echo model).
+- `--setup production`: a fresh PostgreSQL database and Redis namespace, the downstream
+  double for every service, `serve --no-worker` and `worker`, both counted; PostgreSQL,
+  Redis and the double run natively and are not counted. Work that follows the clock
+  rather than the turns (the queue's 0.25 s polls, lease renewals) is counted too, and
+  takes longer under valgrind: a few percent of a turn, more on a slower host.
+
+With `--baseline REF`, a git ref's `src` (checked out into a temporary worktree) is
+counted in the same run, concurrently. Needs valgrind (with callgrind_control) on PATH.
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.chat import TENANT, _clean_env, _cli, _free_port, _token
-from bench.common import ROOT, VENV_BIN, Report, machine, table
+from bench.chat import TENANT, _clean_env, _cli, _free_port, _token, _wait_log
+from bench.common import DEFAULT_POSTGRES, DEFAULT_REDIS, ROOT, VENV_BIN, Report, machine, table
 from bench.ws_harness import wait_ok
 
 NAME = "instructions"
@@ -35,17 +43,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--baseline", default=None, help="a git ref whose src is counted in the same run"
     )
+    parser.add_argument("--setup", choices=["embedded", "production"], default="embedded")
+    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES, help="production setup")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS, help="production setup")
 
 
 @dataclass
 class Count:
     label: str
-    instructions: int
+    #: counted process ("serve", "worker") -> instructions over the counted turns
+    instructions: dict[str, int]
     turns: int
 
-    @property
-    def per_turn(self) -> float:
-        return self.instructions / self.turns
+    def per_turn(self, process: str | None = None) -> float:
+        counted = self.instructions[process] if process else sum(self.instructions.values())
+        return counted / self.turns
 
 
 async def _turns(base: str, token: str, count: int) -> None:
@@ -76,45 +88,108 @@ def _total(dump: Path, timeout: float = 60) -> int:
     raise RuntimeError(f"no callgrind dump at {dump}")
 
 
+def _under_callgrind(
+    argv: list[str], env: dict[str, str], home: Path, name: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    out = home / f"{name}.callgrind"
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    command += [str(VENV_BIN / "python"), *argv]
+    with (home / f"{name}.log").open("ab") as sink:
+        process = subprocess.Popen(command, env=env, cwd=home, stdout=sink, stderr=sink)
+    return process, out
+
+
+async def _counted_turns(
+    base: str, token: str, args: argparse.Namespace, counted: dict[str, tuple[int, Path]]
+) -> dict[str, int]:
+    """Warm-up, zero the counters of every counted process, the turns, then dump."""
+    await _turns(base, token, args.warmup)
+    for pid, _ in counted.values():
+        _control("-z", pid)
+    await _turns(base, token, args.turns)
+    totals = {}
+    for name, (pid, out) in counted.items():
+        _control("-d", pid)
+        totals[name] = await asyncio.to_thread(_total, Path(f"{out}.1"))
+    return totals
+
+
+def _stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 async def _count(label: str, src: Path | None, args: argparse.Namespace, home: Path) -> Count:
     home.mkdir(parents=True)
     env = _clean_env()
     env.update(DATA_DIR=str(home / "data"), LOG_LEVEL="WARNING", ENVIRONMENT="development")
     if src is not None:
         env["PYTHONPATH"] = str(src)
+    if args.setup == "production":
+        totals = await _count_production(args, env, home)
+    else:
+        totals = await _count_embedded(args, env, home)
+    count = Count(label, totals, args.turns)
+    shares = ", ".join(f"{name} {count.per_turn(name) / 1e6:.2f} M" for name in totals)
+    print(f"  {label}: {count.per_turn() / 1e6:.2f} M instructions per turn ({shares})")
+    return count
+
+
+async def _count_embedded(
+    args: argparse.Namespace, env: dict[str, str], home: Path
+) -> dict[str, int]:
     token = _token(env, home)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    out = home / "callgrind.out"
-    argv = [
-        "valgrind",
-        "--tool=callgrind",
-        f"--callgrind-out-file={out}",
-        str(VENV_BIN / "python"),
-        *_cli("serve", "--port", str(port)),
-    ]
-    log = home / "serve.log"
-    with log.open("ab") as sink:
-        server = subprocess.Popen(argv, env=env, cwd=home, stdout=sink, stderr=sink)
+    server, out = _under_callgrind(_cli("serve", "--port", str(port)), env, home, "serve")
     try:
-        await wait_ok(f"{base}/health", server, timeout=600, log=log)
-        await _turns(base, token, args.warmup)
-        subprocess.run(
-            ["callgrind_control", "-z", str(server.pid)], check=True, capture_output=True
-        )
-        await _turns(base, token, args.turns)
-        subprocess.run(
-            ["callgrind_control", "-d", str(server.pid)], check=True, capture_output=True
-        )
-        total = await asyncio.to_thread(_total, Path(f"{out}.1"))
+        await wait_ok(f"{base}/health", server, timeout=600, log=home / "serve.log")
+        return await _counted_turns(base, token, args, {"serve": (server.pid, out)})
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-    print(f"  {label}: {total / args.turns / 1e6:.2f} M instructions per turn", flush=True)
-    return Count(label, total, args.turns)
+        _stop_all([server])
+
+
+async def _count_production(
+    args: argparse.Namespace, env: dict[str, str], home: Path
+) -> dict[str, int]:
+    from tests.doubles.process import running_double, service_env
+
+    from bench.chat import Production
+
+    infra = Production(args)
+    await infra.create()
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        with running_double() as double:
+            env.update(
+                DATABASE_URL=infra.database_url,
+                REDIS_URI=args.redis_url,
+                REDIS_NAMESPACE=infra.namespace,
+                AUTO_MIGRATE="false",
+                **service_env(double),
+            )
+            subprocess.run(_cli("migrate"), env=env, cwd=home, check=True, capture_output=True)
+            token = _token(env, home)
+            port = _free_port()
+            base = f"http://127.0.0.1:{port}"
+            serve, serve_out = _under_callgrind(
+                _cli("serve", "--no-worker", "--port", str(port)), env, home, "serve"
+            )
+            processes.append(serve)
+            worker, worker_out = _under_callgrind(_cli("worker"), env, home, "worker")
+            processes.append(worker)
+            await wait_ok(f"{base}/health", serve, timeout=600, log=home / "serve.log")
+            await _wait_log("running", worker, home / "worker.log", timeout=600)
+            counted = {"serve": (serve.pid, serve_out), "worker": (worker.pid, worker_out)}
+            return await _counted_turns(base, token, args, counted)
+    finally:
+        _stop_all(processes)
+        await infra.drop()
 
 
 def _worktree(ref: str, into: Path) -> str:
@@ -145,7 +220,10 @@ def run(args: argparse.Namespace, command: str) -> Report:
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             raise SystemExit(f"instructions: {tool} is not on PATH (Debian package valgrind)")
-    report = Report(NAME, command, machine("not used", "not used (SQLite)"))
+    if args.setup == "production":
+        report = Report(NAME, command, machine(args.redis_url, args.postgres_url))
+    else:
+        report = Report(NAME, command, machine("not used", "not used (SQLite)"))
     workdir = Path(tempfile.mkdtemp(prefix="bench-instructions-"))
     try:
         counts = asyncio.run(_measure(args, workdir))
@@ -165,19 +243,38 @@ def run(args: argparse.Namespace, command: str) -> Report:
                 capture_output=True,
             )
         shutil.rmtree(workdir, ignore_errors=True)
-    rows = [[c.label, f"{c.per_turn / 1e6:.2f}", str(c.turns)] for c in counts]
+    processes = list(counts[0].instructions)
+    rows = [
+        [
+            c.label,
+            f"{c.per_turn() / 1e6:.2f}",
+            *(f"{c.per_turn(p) / 1e6:.2f}" for p in processes),
+            str(c.turns),
+        ]
+        for c in counts
+    ]
+    if args.setup == "production":
+        what = (
+            "the production-like setup (fresh PostgreSQL database and Redis namespace, "
+            "downstream double for every service): `serve --no-worker` and `worker` under "
+            "callgrind, PostgreSQL, Redis and the double not counted"
+        )
+    else:
+        what = "`agent-orchestrator serve` (embedded, echo model) under callgrind"
     lines = [
-        "### Instructions per embedded chat turn (callgrind)",
+        f"### Instructions per chat turn, {args.setup} (callgrind)",
         "",
-        f"`agent-orchestrator serve` (embedded, echo model) under callgrind: {args.warmup} "
-        f"warm-up turns, counters zeroed, then {args.turns} sequential `mode=wait` turns "
-        f"(tenant {TENANT}, a new session each); instructions of the server process only, "
-        "every thread (the load generator is another process).",
+        f"{what}: {args.warmup} warm-up turns, counters zeroed, then {args.turns} sequential "
+        f"`mode=wait` turns (tenant {TENANT}, a new session each); every thread of each "
+        "counted process (the load generator is another process).",
         "",
-        *table(["code", "M instructions per turn", "turns"], rows),
+        *table(
+            ["code", "M instructions per turn", *(f"of which {p}" for p in processes), "turns"],
+            rows,
+        ),
     ]
     if len(counts) == 2:
-        ratio = counts[1].per_turn / counts[0].per_turn
+        ratio = counts[1].per_turn() / counts[0].per_turn()
         lines += ["", f"Baseline / this checkout: **{ratio:.2f}x**."]
     report.markdown = lines
     report.console = lines
