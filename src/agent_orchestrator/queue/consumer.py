@@ -33,9 +33,13 @@ from agent_orchestrator.queue.registry import (
     TaskFailure,
     TaskKind,
 )
-from agent_orchestrator.services.task_ledger import Renewal, TaskLedger
+from agent_orchestrator.services.task_ledger import Renewal, TaskLedger, status_event
 
 log = get_logger(__name__)
+
+#: Seconds a progress change waits for an event of its task to travel with (see
+#: `TaskContext.progress`).
+PROGRESS_DELAY = 0.02
 
 
 @dataclass
@@ -51,45 +55,54 @@ class TaskContext:
     #: The `running` event, published while the handler already starts; anything the
     #: handler announces waits for it, so the stream keeps its order.
     announced: asyncio.Future[None] | None = None
-    _publishing_progress: bool = field(default=False, init=False)
-    _progress_changed: bool = field(default=False, init=False)
+    #: Set while a progress change waits to be announced (see `progress`).
+    _progress_due: asyncio.TimerHandle | None = field(default=None, init=False)
+    _announcing: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     @property
     def attempt(self) -> int:
         return self.task.attempt
 
     async def progress(self, steps_completed: int, steps_total: int, **extra: Any) -> None:
-        """Announced at once as an event; written to the ledger with the next lease
-        renewal and with the final state (a write per step would double a turn's cost).
+        """Written to the ledger with the next lease renewal and with the final state (a
+        write per step would double a turn's cost), and announced as a `task.status` event
+        together with the next event this task publishes, or PROGRESS_DELAY after the
+        change if none comes first.
 
-        Progress is a state, not a log: a call made while another call's event is being
-        published returns at once, and that caller publishes the latest state once more
-        when its event is out (steps that finish together, as a plan's parallel steps
-        do, share one event; each event costs a Redis round trip and a message to every
-        API instance). The caller that publishes waits for both, so progress reported
-        before a handler ends is out before the handler's last event; an event a caller
-        emits right after a progress call that was coalesced may go out before it."""
+        Progress is a state, not a log: changes within that time share one event (a
+        plan's parallel steps, a step and the reply chunk after it), and it travels in the
+        same publish as the event that follows (each publish is a Redis round trip, and
+        each event a message to every API instance). It is always out before the
+        attempt's terminal event."""
         self.task.progress = {
             "steps_completed": steps_completed,
             "steps_total": steps_total,
             **extra,
         }
-        if self._publishing_progress:
-            self._progress_changed = True
-            return
-        self._publishing_progress = True
+        if self._progress_due is None:
+            loop = asyncio.get_running_loop()
+            self._progress_due = loop.call_later(PROGRESS_DELAY, self._announce_progress)
+
+    def _announce_progress(self) -> None:
+        task = asyncio.ensure_future(self._publish_pending())
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _publish_pending(self) -> None:
         try:
-            await self._after_announced()
-            self._progress_changed = True
-            while self._progress_changed:
-                self._progress_changed = False
-                await self.ledger.publish_progress(self.task)
-        finally:
-            self._publishing_progress = False
+            await self.publish([])
+        except Exception as error:  # the next progress event, or the terminal one, says it
+            log.warning("could not announce progress", error=str(error))
+
+    async def settle(self) -> None:
+        """Announces a progress change still waiting: before the attempt's end is recorded."""
+        if self._progress_due is not None:
+            await self._publish_pending()
+        if self._announcing:
+            await asyncio.wait(self._announcing)
 
     async def emit(self, event_type: str, data: dict[str, Any]) -> Event:
-        await self._after_announced()
-        return await self.bus.publish(self.event(event_type, data))
+        return (await self.publish([self.event(event_type, data)]))[-1]
 
     def event(self, event_type: str, data: dict[str, Any]) -> Event:
         """An event of this task (and its session), to `emit` or `publish` with others."""
@@ -102,9 +115,18 @@ class TaskContext:
         )
 
     async def publish(self, events: list[Event], handover: Handover | None = None) -> list[Event]:
-        """Events published together (one round trip on Redis), in order, after `running`."""
+        """Events published together (one round trip on Redis), in order, after `running`
+        and after the progress change waiting, if any."""
         await self._after_announced()
-        return await self.bus.publish_many(events, handover)
+        pending = []
+        if self._progress_due is not None:
+            self._progress_due.cancel()
+            self._progress_due = None
+            pending.append(status_event(self.task))
+        if not pending and not events:
+            return []
+        published = await self.bus.publish_many(pending + events, handover)
+        return published[len(pending) :]
 
     async def _after_announced(self) -> None:
         # Shielded: the future is shared by every step of the handler, and a waiter that
@@ -283,6 +305,7 @@ class TaskRunner:
             TASK_DURATION.labels(task.kind).observe(time.perf_counter() - started)
         try:
             await announced  # the terminal event must follow `running`
+            await context.settle()  # and the last progress
             await self._record(task, attempt)
         finally:
             # Even when recording failed (the database or Redis away): the session must

@@ -350,9 +350,6 @@ class TaskLedger:
             return Renewal.LOST
         return Renewal.CANCEL if row.cancel_requested else Renewal.ALIVE
 
-    async def publish_progress(self, task: TaskRow) -> None:
-        await self.bus.publish(status_event(task))
-
     async def finish(
         self,
         task: TaskRow,
