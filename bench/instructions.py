@@ -10,9 +10,13 @@ zeroed, a number of sequential `mode=wait` turns run, and the counters are dumpe
 - `--setup embedded` (default): `agent-orchestrator serve` (SQLite, echo model).
 - `--setup production`: a fresh PostgreSQL database and Redis namespace, the downstream
   double for every service, `serve --no-worker` and `worker`, both counted; PostgreSQL,
-  Redis and the double run natively and are not counted. Work that follows the clock
-  rather than the turns (the queue's 0.25 s polls, lease renewals) is counted too, and
-  takes longer under valgrind: a few percent of a turn, more on a slower host.
+  Redis and the double run natively and are not counted.
+
+Work that follows the clock rather than the turns (the queue's polls, timers, the WAL
+checkpoint thread) runs at its usual rate per second while valgrind makes each turn ~50
+times longer, so it would count ~50 times over per turn: an idle spell before the turns
+measures its rate, and that rate times the turns' duration is taken off. In the
+production-like worker it was most of the raw count.
 
 With `--baseline REF`, a git ref's `src` (checked out into a temporary worktree) is
 counted in the same run, concurrently. Needs valgrind (with callgrind_control) on PATH.
@@ -44,20 +48,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--baseline", default=None, help="a git ref whose src is counted in the same run"
     )
     parser.add_argument("--setup", choices=["embedded", "production"], default="embedded")
+    parser.add_argument(
+        "--idle-seconds", type=float, default=10.0, help="idle spell counted before the turns"
+    )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES, help="production setup")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS, help="production setup")
 
 
 @dataclass
+class Measured:
+    """One counted process: its instructions over the counted turns, and per second of an
+    idle spell just before (the queue's polls, timers: work that follows the clock, which
+    runs ~50 times slower under valgrind, so per turn it would count ~50 times over)."""
+
+    total: int
+    idle_per_second: float
+
+
+@dataclass
 class Count:
     label: str
-    #: counted process ("serve", "worker") -> instructions over the counted turns
-    instructions: dict[str, int]
+    processes: dict[str, Measured]
     turns: int
+    #: wall-clock seconds the counted turns took
+    seconds: float
 
     def per_turn(self, process: str | None = None) -> float:
-        counted = self.instructions[process] if process else sum(self.instructions.values())
-        return counted / self.turns
+        """Instructions per turn, the idle rate over the turns' duration taken off."""
+        chosen = [self.processes[process]] if process else list(self.processes.values())
+        work = sum(m.total - m.idle_per_second * self.seconds for m in chosen)
+        return work / self.turns
+
+    def raw_per_turn(self) -> float:
+        return sum(m.total for m in self.processes.values()) / self.turns
 
 
 async def _turns(base: str, token: str, count: int) -> None:
@@ -101,17 +124,29 @@ def _under_callgrind(
 
 async def _counted_turns(
     base: str, token: str, args: argparse.Namespace, counted: dict[str, tuple[int, Path]]
-) -> dict[str, int]:
-    """Warm-up, zero the counters of every counted process, the turns, then dump."""
+) -> tuple[dict[str, Measured], float]:
+    """Warm-up; an idle spell counted; the turns counted. Returns what each process
+    counted and the turns' wall-clock duration."""
     await _turns(base, token, args.warmup)
-    for pid, _ in counted.values():
-        _control("-z", pid)
-    await _turns(base, token, args.turns)
-    totals = {}
-    for name, (pid, out) in counted.items():
-        _control("-d", pid)
-        totals[name] = await asyncio.to_thread(_total, Path(f"{out}.1"))
-    return totals
+    durations = []
+    for spell in ("idle", "turns"):
+        for pid, _ in counted.values():
+            _control("-z", pid)
+        started = time.monotonic()
+        if spell == "idle":
+            await asyncio.sleep(args.idle_seconds)
+        else:
+            await _turns(base, token, args.turns)
+        elapsed = time.monotonic() - started
+        for pid, _ in counted.values():
+            _control("-d", pid)
+        durations.append(elapsed)
+    measured = {}
+    for name, (_, out) in counted.items():
+        idle = await asyncio.to_thread(_total, Path(f"{out}.1"))
+        total = await asyncio.to_thread(_total, Path(f"{out}.2"))
+        measured[name] = Measured(total, idle / durations[0])
+    return measured, durations[1]
 
 
 def _stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -131,18 +166,22 @@ async def _count(label: str, src: Path | None, args: argparse.Namespace, home: P
     if src is not None:
         env["PYTHONPATH"] = str(src)
     if args.setup == "production":
-        totals = await _count_production(args, env, home)
+        measured, seconds = await _count_production(args, env, home)
     else:
-        totals = await _count_embedded(args, env, home)
-    count = Count(label, totals, args.turns)
-    shares = ", ".join(f"{name} {count.per_turn(name) / 1e6:.2f} M" for name in totals)
-    print(f"  {label}: {count.per_turn() / 1e6:.2f} M instructions per turn ({shares})")
+        measured, seconds = await _count_embedded(args, env, home)
+    count = Count(label, measured, args.turns, seconds)
+    shares = ", ".join(f"{name} {count.per_turn(name) / 1e6:.2f} M" for name in measured)
+    print(
+        f"  {label}: {count.per_turn() / 1e6:.2f} M instructions per turn ({shares}; "
+        f"{count.raw_per_turn() / 1e6:.2f} M before taking the idle rate off)",
+        flush=True,
+    )
     return count
 
 
 async def _count_embedded(
     args: argparse.Namespace, env: dict[str, str], home: Path
-) -> dict[str, int]:
+) -> tuple[dict[str, Measured], float]:
     token = _token(env, home)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -156,7 +195,7 @@ async def _count_embedded(
 
 async def _count_production(
     args: argparse.Namespace, env: dict[str, str], home: Path
-) -> dict[str, int]:
+) -> tuple[dict[str, Measured], float]:
     from tests.doubles.process import running_double, service_env
 
     from bench.chat import Production
@@ -243,12 +282,15 @@ def run(args: argparse.Namespace, command: str) -> Report:
                 capture_output=True,
             )
         shutil.rmtree(workdir, ignore_errors=True)
-    processes = list(counts[0].instructions)
+    processes = list(counts[0].processes)
     rows = [
         [
             c.label,
             f"{c.per_turn() / 1e6:.2f}",
             *(f"{c.per_turn(p) / 1e6:.2f}" for p in processes),
+            f"{c.raw_per_turn() / 1e6:.2f}",
+            ", ".join(f"{p} {m.idle_per_second / 1e6:.1f} M/s" for p, m in c.processes.items()),
+            f"{c.seconds / c.turns:.2f} s",
             str(c.turns),
         ]
         for c in counts
@@ -264,12 +306,24 @@ def run(args: argparse.Namespace, command: str) -> Report:
     lines = [
         f"### Instructions per chat turn, {args.setup} (callgrind)",
         "",
-        f"{what}: {args.warmup} warm-up turns, counters zeroed, then {args.turns} sequential "
+        f"{what}: {args.warmup} warm-up turns; counters zeroed, {args.idle_seconds:g} s "
+        f"with no turn (the idle rate); counters zeroed, {args.turns} sequential "
         f"`mode=wait` turns (tenant {TENANT}, a new session each); every thread of each "
-        "counted process (the load generator is another process).",
+        "counted process (the load generator is another process). Per turn = (the "
+        "turns' count - the idle rate x their duration) / turns: work that follows the "
+        "clock (the queue's polls, timers) is ~50 times slower under valgrind, so it "
+        "would otherwise count about 50 times over.",
         "",
         *table(
-            ["code", "M instructions per turn", *(f"of which {p}" for p in processes), "turns"],
+            [
+                "code",
+                "M instructions per turn",
+                *(f"of which {p}" for p in processes),
+                "raw (idle not taken off)",
+                "idle rate",
+                "wall time per turn",
+                "turns",
+            ],
             rows,
         ),
     ]
