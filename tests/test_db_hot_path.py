@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.config import Settings
+from agent_orchestrator.db import wal_checkpoints
 from agent_orchestrator.db.engine import (
     _sqlite_pragmas,
     create_engine,
@@ -547,6 +548,44 @@ async def test_embedded_wal_starts_over_under_steady_writes(settings: Settings) 
     # never started over holds ~7 per transaction (seen: 73,644 pages for 10,312); one
     # started over, the pages since the last restart.
     assert log_pages < len(ids) / 2, (log_pages, len(ids))
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_embedded_wal_restart_waits_for_an_open_transaction(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A RESTART is due while a transaction holds the inline sessions' lock: the
+    checkpointer gives up within LOCK_WAIT instead of waiting on (or breaking into) the
+    transaction, the event loop keeps running meanwhile, and once the transaction ends
+    the log starts over; the lock is never left taken."""
+    monkeypatch.setattr(wal_checkpoints, "LOCK_WAIT", 0.1)
+    engine = create_engine(settings.resolved_database_url())
+    await upgrade(engine)
+    maker = InlineSessionMaker(engine, _sqlite_pragmas, checkpoint_interval=0.05)
+    assert maker.checkpointer is not None
+    maker.checkpointer.restart_frames = 1
+    loop = asyncio.get_running_loop()
+    try:
+        async with maker() as db:
+            await TaskRepository(db).add(_task())
+            # Several rounds come and go while this transaction is open.
+            ticks, until = 0, loop.time() + 0.6
+            while loop.time() < until:
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert maker.checkpointer.restarts == 0
+            await db.commit()
+        assert ticks > 30  # the loop ran on: nothing blocked it
+        async with asyncio.timeout(5):
+            while maker.checkpointer.restarts == 0:
+                async with maker() as db:  # a fresh session finds the lock free
+                    await TaskRepository(db).add(_task())
+                    await db.commit()
+                await asyncio.sleep(0.02)
+        assert not maker.lock.locked()
+    finally:
+        maker.dispose()
+        await engine.dispose()
 
 
 def _log_pages(path: str) -> int:
