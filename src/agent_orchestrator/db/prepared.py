@@ -17,10 +17,10 @@ SQLAlchemy's, so `IntegrityError` means the same on every path.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Float, exc
+from sqlalchemy import ColumnElement, Float, exc, literal
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.base import Executable
@@ -42,6 +42,13 @@ def hot(statement: StatementT) -> StatementT:
 
 def is_hot(statement: Executable) -> bool:
     return bool(statement.get_execution_options().get(OPTION))
+
+
+def fixed_in(column: ColumnElement[Any], values: Iterable[Any]) -> ColumnElement[bool]:
+    """`column IN (values)` for a hot statement: the values as literals. An IN list of
+    plain values is an expanding parameter, rendered per call, which a statement compiled
+    once cannot be (PreparedStatement refuses it)."""
+    return column.in_([literal(value) for value in values])
 
 
 _compiled: dict[tuple[str, str, Executable], PreparedStatement] = {}

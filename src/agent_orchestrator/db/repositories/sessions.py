@@ -7,10 +7,10 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Update, bindparam, literal, select, update
+from sqlalchemy import Update, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from agent_orchestrator.db.prepared import hot
+from agent_orchestrator.db.prepared import fixed_in, hot
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.repositories.rows import RowCodec
 from agent_orchestrator.db.tables import SessionRow
@@ -37,7 +37,7 @@ def _update_statement(sources: tuple[str, ...], columns: tuple[str, ...]) -> Upd
         conditions = [_S.tenant_id == bindparam("w_tenant_id"), _S.id == bindparam("w_id")]
         if sources:
             conditions += [
-                _S.state.in_([literal(source) for source in sources]),  # see tasks.py
+                fixed_in(_S.state, sources),
                 _S.expires_at > bindparam("w_live_at", type_=_S.expires_at.type),
             ]
         statement = (

@@ -22,7 +22,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     exists,
-    literal,
     or_,
     select,
     update,
@@ -32,7 +31,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from agent_orchestrator.db.prepared import hot
+from agent_orchestrator.db.prepared import fixed_in, hot
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.repositories.rows import RowCodec
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
@@ -121,11 +120,7 @@ def _transition_statement(shape: _Shape) -> Update:
             .where(
                 _T.tenant_id == bindparam("w_tenant_id"),
                 _T.id == bindparam("w_id"),
-                # literal() values: an IN list of plain values would render per call
-                # (an expanding parameter), which a prepared statement cannot.
-                status == sources[0]
-                if len(sources) == 1
-                else status.in_([literal(source) for source in sources]),
+                status == sources[0] if len(sources) == 1 else fixed_in(status, sources),
                 *(_guard_condition(name) for name in guard),
             )
             .values(
