@@ -47,6 +47,14 @@ async def core(make_backend_settings: Callable[..., Settings]) -> AsyncIterator[
         await close_state(state)
 
 
+async def claim(core: AppState, task: TaskRow, worker: str) -> TaskRow | None:
+    """Take the lease as the runner does, and announce it."""
+    row, _ = await core.ledger.claim_then(task.tenant_id, task.id, worker)
+    if row is not None:
+        await core.ledger.announce(row)
+    return row
+
+
 async def submit(
     core: AppState,
     principal: Principal = ALICE,
@@ -154,7 +162,7 @@ async def test_illegal_moves_through_the_ledger_api_do_nothing(core: AppState) -
     assert row.delivery == 1
     await force(core, task, lease_owner=None)
 
-    claimed = await core.ledger.claim(task.tenant_id, task.id, "w1")
+    claimed = await claim(core, task, "w1")
     assert claimed is not None
     assert claimed.attempt == 1
     done = await core.ledger.finish(claimed, "w1", TaskStatus.SUCCEEDED, result={"ok": True})
@@ -162,8 +170,8 @@ async def test_illegal_moves_through_the_ledger_api_do_nothing(core: AppState) -
     assert done.status == TaskStatus.SUCCEEDED
 
     # A finished task stays finished: no claim, no retry, no progress, no second ending.
-    assert await core.ledger.claim(task.tenant_id, task.id, "w2") is None
-    assert await core.ledger.claim(task.tenant_id, task.id, "w1") is None
+    assert await claim(core, task, "w2") is None
+    assert await claim(core, task, "w1") is None
     error = TaskErrorInfo(code="x", message="y", retryable=True)
     assert await core.ledger.retry_later(claimed, "w1", error, 0.0) is None
     assert await core.ledger.finish(claimed, "w1", TaskStatus.FAILED, error=error) is None
@@ -187,7 +195,7 @@ async def test_a_cancelled_queued_task_cannot_be_claimed(core: AppState) -> None
     async with UnitOfWork(core.db_factory) as uow:
         cancelled = await core.ledger.request_cancel(uow, ALICE, task.id)
     assert cancelled.status == TaskStatus.CANCELLED
-    assert await core.ledger.claim(task.tenant_id, task.id, "w1") is None
+    assert await claim(core, task, "w1") is None
     row = await load(core, task)
     assert row.status == TaskStatus.CANCELLED
     assert row.attempt == 0
@@ -195,7 +203,7 @@ async def test_a_cancelled_queued_task_cannot_be_claimed(core: AppState) -> None
 
 async def test_only_the_lease_owner_writes(core: AppState) -> None:
     task, _ = await submit(core)
-    claimed = await core.ledger.claim(task.tenant_id, task.id, "owner")
+    claimed = await claim(core, task, "owner")
     assert claimed is not None
 
     # Progress reaches the ledger with lease renewals: only the owner's.
@@ -227,9 +235,7 @@ async def test_concurrent_claimants_exactly_one_wins(core: AppState) -> None:
     task, _ = await submit(core)
     workers = [f"worker-{n}" for n in range(10)]
 
-    results = await asyncio.gather(
-        *(core.ledger.claim(task.tenant_id, task.id, worker) for worker in workers)
-    )
+    results = await asyncio.gather(*(claim(core, task, worker) for worker in workers))
 
     winners = [(worker, row) for worker, row in zip(workers, results, strict=True) if row]
     assert len(winners) == 1, [worker for worker, _ in winners]
@@ -270,11 +276,11 @@ async def test_concurrent_submissions_with_one_key_give_one_task(core: AppState)
 async def test_an_expired_lease_is_requeued(core: AppState) -> None:
     task, _ = await submit(core)
     await lose_delivery(core, task)  # the dead worker had taken delivery 1
-    claimed = await core.ledger.claim(task.tenant_id, task.id, "dead-worker")
+    claimed = await claim(core, task, "dead-worker")
     assert claimed is not None
     live, _ = await submit(core)
     await lose_delivery(core, live)
-    assert await core.ledger.claim(live.tenant_id, live.id, "live-worker") is not None
+    assert await claim(core, live, "live-worker") is not None
 
     assert await core.ledger.recover_expired_leases() == 0  # nothing has expired yet
     await force(core, task, lease_expires_at=utcnow() - timedelta(seconds=30))
@@ -301,7 +307,7 @@ async def test_an_expired_lease_is_requeued(core: AppState) -> None:
 async def test_an_expired_lease_on_the_last_attempt_fails_the_task(core: AppState) -> None:
     task, _ = await submit(core, max_attempts=2)
     for attempt in (1, 2):
-        claimed = await core.ledger.claim(task.tenant_id, task.id, f"worker-{attempt}")
+        claimed = await claim(core, task, f"worker-{attempt}")
         assert claimed is not None
         assert claimed.attempt == attempt
         await force(core, task, lease_expires_at=utcnow() - timedelta(seconds=1))
@@ -320,7 +326,7 @@ async def test_an_expired_lease_on_the_last_attempt_fails_the_task(core: AppStat
 
 async def test_an_expired_lease_with_cancel_requested_is_cancelled(core: AppState) -> None:
     task, _ = await submit(core)
-    assert await core.ledger.claim(task.tenant_id, task.id, "dead-worker") is not None
+    assert await claim(core, task, "dead-worker") is not None
     async with UnitOfWork(core.db_factory) as uow:
         await core.ledger.request_cancel(uow, ALICE, task.id)
     await force(core, task, lease_expires_at=utcnow() - timedelta(seconds=1))
@@ -338,7 +344,7 @@ async def test_concurrent_lease_recovery_delivers_once(
     core: AppState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     task, _ = await submit(core)
-    assert await core.ledger.claim(task.tenant_id, task.id, "dead-worker") is not None
+    assert await claim(core, task, "dead-worker") is not None
     await force(core, task, lease_expires_at=utcnow() - timedelta(seconds=5))
     enqueues = count_enqueues(core, monkeypatch)
 
@@ -404,7 +410,7 @@ async def test_concurrent_reconcilers_never_double_deliver(
     await force(core, lost, updated_at=utcnow() - timedelta(seconds=stale_after + 1))
     expired, _ = await submit(core)
     await lose_delivery(core, expired)
-    assert await core.ledger.claim(expired.tenant_id, expired.id, "dead-worker") is not None
+    assert await claim(core, expired, "dead-worker") is not None
     await force(core, expired, lease_expires_at=utcnow() - timedelta(seconds=5))
     enqueues = count_enqueues(core, monkeypatch)
     reconcilers = [
@@ -443,9 +449,9 @@ async def test_a_session_turn_lost_with_its_worker_wakes_the_next_turn(core: App
     session_id = new_id()
     first = await submit_in_session(core, session_id, max_attempts=1)
     second = await submit_in_session(core, session_id, max_attempts=1)
-    assert await core.ledger.claim(first.tenant_id, first.id, "dead-worker") is not None
+    assert await claim(core, first, "dead-worker") is not None
     # The second turn's delivery was dropped while the first held the session.
-    assert await core.ledger.claim(second.tenant_id, second.id, "other") is None
+    assert await claim(core, second, "other") is None
     before = (await load(core, second)).delivery
     await force(core, first, lease_expires_at=utcnow() - timedelta(seconds=1))
 
@@ -455,7 +461,7 @@ async def test_a_session_turn_lost_with_its_worker_wakes_the_next_turn(core: App
     woken = await load(core, second)
     assert woken.delivery == before + 1
     assert await core.queue.is_pending(delivery_of(woken))
-    assert await core.ledger.claim(second.tenant_id, second.id, "other") is not None
+    assert await claim(core, second, "other") is not None
 
 
 async def test_cancelling_a_queued_turn_wakes_the_turn_after_it(core: AppState) -> None:
@@ -468,7 +474,7 @@ async def test_cancelling_a_queued_turn_wakes_the_turn_after_it(core: AppState) 
 
     woken = await load(core, second)
     assert woken.delivery == before + 1
-    assert await core.ledger.claim(second.tenant_id, second.id, "worker") is not None
+    assert await claim(core, second, "worker") is not None
 
 
 async def test_a_failing_claim_hook_leaves_the_claim_standing(core: AppState) -> None:

@@ -287,22 +287,16 @@ class TaskLedger:
         return cancelled
 
     # --- worker side: each call is its own transaction ------------------------------------
-    async def claim(self, tenant_id: str, task_id: uuid.UUID, worker_id: str) -> TaskRow | None:
-        """Take the lease and announce it: exactly one claimant wins; a duplicate delivery
-        loses and is dropped (the task is running elsewhere, finished, cancelled, or not
-        yet due). The runner uses `claim_then` and announces while its handler starts."""
-        row, _ = await self.claim_then(tenant_id, task_id, worker_id)
-        if row is not None:
-            await self.announce(row)
-        return row
-
     async def claim_then(
         self, tenant_id: str, task_id: uuid.UUID, worker_id: str, then: ClaimHook | None = None
     ) -> tuple[TaskRow | None, ClaimFollowUp | None]:
-        """`claim` without the announcement, and with `then(db, row)` run on the claim's
-        session when the claim wins: one transaction on SQLite; on PostgreSQL the
-        ledger's sessions are autocommit, so one round trip per statement and no
-        BEGIN/COMMIT (the hook's writes must not need to commit with the claim)."""
+        """Take the lease: exactly one claimant wins; a duplicate delivery loses and is
+        dropped (the task is running elsewhere, finished, cancelled, or not yet due).
+        The caller announces the claimed row (the runner does so while its handler
+        starts). `then(db, row)` runs on the claim's session when the claim wins: one
+        transaction on SQLite; on PostgreSQL the ledger's sessions are autocommit, so one
+        round trip per statement and no BEGIN/COMMIT (the hook's writes must not need to
+        commit with the claim)."""
         now = utcnow()
         async with self.factory() as db:
             row = await self._write(
