@@ -388,18 +388,29 @@ async def test_a_hanging_service_hits_its_timeout(
     assert await double.requests("agent_execution") == 0
 
 
+async def _turn_streamed_every(
+    app_with: Callable[..., Any], double: Double, make_token: TokenFactory, delay_ms: int, text: str
+) -> tuple[dict[str, Any], float, int]:
+    """A turn whose reply events come `delay_ms` apart, with LLM_TIMEOUT 0.5 s and one
+    attempt per step: the task, the seconds it took, the assistant messages stored."""
+    await double.fault("agent_execution", chunk_delay_ms=delay_ms)
+    async with app_with(llm_timeout=0.5, step_retry_attempts=1, task_timeout=30) as client:
+        started = time.monotonic()
+        task = await turn(client, auth(make_token()), text)
+        elapsed = time.monotonic() - started
+        return task, elapsed, await assistant_messages(client)
+
+
 async def test_a_stalled_stream_hits_the_per_event_timeout(
     app_with: Callable[..., Any], double: Double, make_token: TokenFactory
 ) -> None:
-    headers = auth(make_token())
-    await double.fault("agent_execution", chunk_delay_ms=3000)
-    async with app_with(llm_timeout=0.5, step_retry_attempts=1, task_timeout=30) as client:
-        started = time.monotonic()
-        task = await turn(client, headers, "slow stream")
-        assert task["status"] == "failed", task
-        assert task["error"]["code"] == "timeout"
-        assert time.monotonic() - started < 3.0
-        assert await assistant_messages(client) == 0
+    task, elapsed, replies = await _turn_streamed_every(
+        app_with, double, make_token, 3000, "slow stream"
+    )
+    assert task["status"] == "failed", task
+    assert task["error"]["code"] == "timeout"
+    assert elapsed < 3.0
+    assert replies == 0
     await asyncio.sleep(0.3)
     assert (await double.streams("agent_execution"))["client_disconnected"] == 1
 
@@ -409,14 +420,12 @@ async def test_a_slow_but_steady_stream_outlives_the_per_event_timeout(
 ) -> None:
     """The deadline is for the next event, moved on as events arrive: a reply whose
     events come every 0.2 s takes several times LLM_TIMEOUT in all and still succeeds."""
-    headers = auth(make_token())
-    await double.fault("agent_execution", chunk_delay_ms=200)
-    async with app_with(llm_timeout=0.5, step_retry_attempts=1, task_timeout=30) as client:
-        started = time.monotonic()
-        task = await turn(client, headers, "one two three four five six seven")
-        assert task["status"] == "succeeded", task
-        assert time.monotonic() - started > 1.5  # three windows at least
-        assert await assistant_messages(client) == 1
+    task, elapsed, replies = await _turn_streamed_every(
+        app_with, double, make_token, 200, "one two three four five six seven"
+    )
+    assert task["status"] == "succeeded", task
+    assert elapsed > 1.5  # three windows at least
+    assert replies == 1
 
 
 # --- streams: cancel, cuts, auth ----------------------------------------------------------

@@ -280,9 +280,7 @@ async def test_inline_sessions_share_one_held_connection_and_no_failed_transacti
     async with factory() as db:
         await TaskRepository(db).add(later)
         await db.commit()
-    async with factory() as db:
-        ids = {row[0] for row in await db.execute(select(TaskRow.id))}
-    assert ids == {first.id, later.id}
+    assert await _stored_task_ids(factory) == {first.id, later.id}
     assert pool.checkedout() == 1
 
 
@@ -321,8 +319,7 @@ async def test_inline_savepoint_rolls_back_alone(
             async with db.begin_nested():
                 await repo.add(clash)
         await db.commit()
-    async with factory() as db:
-        ids = {row[0] for row in await db.execute(select(TaskRow.id))}
+    ids = await _stored_task_ids(factory)
     assert ids == {kept.id, dropped.id}
     assert clash.id not in ids
 
@@ -400,9 +397,7 @@ async def test_inline_core_and_orm_statements_share_one_transaction(
     async with factory() as db:
         assert {row.id for row in await write(dropped)} == {committed.id, dropped.id}
         await db.rollback()
-    async with factory() as db:
-        ids = {row[0] for row in await db.execute(select(TaskRow.id))}
-    assert ids == {committed.id}
+    assert await _stored_task_ids(factory) == {committed.id}
 
 
 async def test_prepared_statements_read_and_write_as_sqlalchemy_does(
@@ -448,9 +443,7 @@ async def test_hot_writes_commit_and_roll_back_with_their_transaction(
             await db.execute(TASKS_GET, {"tenant_id": "tenant-a", "task_id": kept.id})
         ).mappings().one_or_none() is not None
         await db.commit()
-    async with factory() as db:
-        ids = {row[0] for row in await db.execute(select(TaskRow.id))}
-    assert ids == {kept.id}
+    assert await _stored_task_ids(factory) == {kept.id}
 
 
 async def test_prepared_statement_errors_are_sqlalchemy_errors(
@@ -586,6 +579,12 @@ async def test_embedded_wal_restart_waits_for_an_open_transaction(
     finally:
         maker.dispose()
         await engine.dispose()
+
+
+async def _stored_task_ids(factory: async_sessionmaker[AsyncSession]) -> set[uuid.UUID]:
+    """The ids of every task row the database holds, read in a session of its own."""
+    async with factory() as db:
+        return {row[0] for row in await db.execute(select(TaskRow.id))}
 
 
 def _log_pages(path: str) -> int:
