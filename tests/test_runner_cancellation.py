@@ -45,11 +45,13 @@ class FakeLedger:
         self.renewals = 0
         self.announce_seconds = announce_seconds
         self.announce_fails = announce_fails
+        #: what the claim hook hands back (see TaskLedger.claim_then)
+        self.follow_up: Any = None
 
     async def claim_then(
         self, tenant_id: str, task_id: uuid.UUID, worker_id: str, then: Any = None
-    ) -> tuple[TaskRow, None]:
-        return self.task, None
+    ) -> tuple[TaskRow, Any]:
+        return self.task, self.follow_up
 
     def announcement(self, task: TaskRow) -> RunningEvent:
         return RunningEvent(self.announce_seconds, self.announce_fails)
@@ -65,6 +67,7 @@ class FakeLedger:
 class FakeBus:
     def __init__(self) -> None:
         self.control: list[Any] = []
+        self.published: list[list[Any]] = []  # what each publish carried
 
     def on_control(self, handler: Any) -> None:
         self.control.append(handler)
@@ -82,6 +85,7 @@ class FakeBus:
             await asyncio.sleep(running.seconds)  # the `running` event on its way
             if running.fails:
                 raise ConnectionError("Redis went away")
+        self.published.append(list(events))
         return events
 
 
@@ -208,3 +212,27 @@ async def test_an_attempt_is_recorded_when_its_running_event_could_not_be_publis
     ledger.announce_fails = True
     await asyncio.wait_for(runner.run(Received(task)), timeout=3)
     assert ledger.finished == [TaskStatus.SUCCEEDED]
+
+
+async def test_the_claim_follow_up_is_published_with_running_and_cannot_stop_it() -> None:
+    """The claim hook's events go out in the `running` event's publish; a follow-up that
+    fails (the session's hot copy unreachable, say) leaves `running` to go out alone."""
+
+    async def handler(ctx: TaskContext) -> dict[str, Any]:
+        return {"ok": True}
+
+    async def session_processing() -> list[str]:
+        return ["session processing"]
+
+    async def unreachable() -> list[str]:
+        raise ConnectionError("hot copy unavailable")
+
+    for follow_up, expected in [(session_processing, 2), (unreachable, 1)]:
+        runner, ledger, bus, task = make_runner(handler)
+        ledger.follow_up = follow_up
+        await asyncio.wait_for(runner.run(Received(task)), timeout=3)
+        first = bus.published[0]
+        assert isinstance(first[0], RunningEvent)
+        assert len(first) == expected
+        assert first[1:] == ["session processing"][: expected - 1]
+        assert ledger.finished == [TaskStatus.SUCCEEDED]
