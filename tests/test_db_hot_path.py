@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
@@ -35,7 +35,7 @@ from agent_orchestrator.db.repositories.tasks import _GET as TASKS_GET
 from agent_orchestrator.db.repositories.tasks import _SERVICE_CALLS as SERVICE_CALLS
 from agent_orchestrator.db.repositories.tasks import Add, Guard, TaskRepository
 from agent_orchestrator.db.tables import ServiceCallRow, SessionRow, TaskRow
-from agent_orchestrator.db.types import utcnow
+from agent_orchestrator.db.types import UtcDateTime, utcnow
 from agent_orchestrator.ids import new_id
 
 
@@ -367,11 +367,41 @@ def test_row_codec_new_matches_the_constructor_and_refuses_unknown_names() -> No
     }
     made, constructed = SESSIONS.new(**values), SessionRow(**values)
     assert SESSIONS.values(made) == SESSIONS.values(constructed)
+    assert SESSIONS.values(constructed)["agent_id"] is None  # never set: None
+    constructed.agent_id = "helper"
+    assert SESSIONS.values(constructed)["agent_id"] == "helper"  # set later: seen
+    assert SESSIONS.values(made)["metadata"] == {"topic": "billing"}  # by column name
     assert made.agent_id is None  # not given: None
     assert made.closed_at is None
     assert inspect(made).transient
     with pytest.raises(TypeError, match="'metadata'"):
         SESSIONS.new(metadata={"topic": "billing"})  # the column's name, not the attribute's
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 26, 8, 1, 2, 345678, tzinfo=UTC),
+        datetime(2026, 1, 1, tzinfo=UTC),  # no microseconds: still six digits
+        datetime(999, 3, 4, 5, 6, 7, 8, tzinfo=UTC),  # a year of three digits
+        datetime(2026, 11, 26, 1, 2, 3, 999999, tzinfo=timezone(timedelta(hours=-5))),
+    ],
+)
+def test_sqlite_stores_datetimes_as_sqlalchemys_datetime_does(moment: datetime) -> None:
+    """UtcDateTime formats SQLite's text itself (db/types.py): it must be the text that
+    SQLAlchemy's DATETIME stored before, or rows written before and after would compare
+    and sort differently; and it must read back as the same instant."""
+    dialect = sqlite.dialect()
+    column = UtcDateTime().dialect_impl(dialect)
+    bind, result = column.bind_processor(dialect), column.result_processor(dialect, None)
+    assert bind is not None
+    assert result is not None
+    naive_utc = moment.astimezone(UTC).replace(tzinfo=None)
+    assert bind(moment) == sqlite.DATETIME().bind_processor(dialect)(naive_utc)
+    assert result(bind(moment)) == moment
+    assert bind(None) is None
+    with pytest.raises(ValueError, match="naive"):
+        bind(naive_utc)
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])

@@ -36,8 +36,13 @@ class RowCodec(Generic[RowT]):
         self.insert: Insert = hot(insert(self.table))
 
     def values(self, row: RowT) -> dict[str, Any]:
-        """Column name -> value, as an INSERT takes them."""
-        return {column: getattr(row, attr) for attr, column in self._pairs}
+        """Column name -> value, as an INSERT takes them. Read from the instance's
+        `__dict__`, where a row that is plain values (made by `new`, `build` or the
+        constructor, never loaded by a session) holds them: the ORM's descriptor on each
+        attribute read cost ~2% of an embedded turn. An attribute never set is None, as
+        the descriptor gives it on such a row."""
+        held = row.__dict__
+        return {column: held.get(attr) for attr, column in self._pairs}
 
     def column_values(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Attribute names (as callers know them) -> column names (as UPDATE takes them)."""
