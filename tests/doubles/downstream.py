@@ -1195,11 +1195,11 @@ def main(argv: list[str] | None = None) -> None:
         lifespan="off",
         timeout_graceful_shutdown=1,
     )
-    keep_full_collections_short()
+    turn_off_full_collections()
     uvicorn.Server(config).run()
 
 
-def keep_full_collections_short() -> None:
+def turn_off_full_collections() -> None:
     """The double stands in for downstream services that answer at once, so its own
     pauses must not show up in what the benchmarks measure. What it keeps (the request
     log, conversations, stream records) grows during a run, and a full collection walked
