@@ -3,8 +3,9 @@ configured: local conversation and agent providers on our database and the echo 
 
 Modes (wait, stream, async), history across turns, messages, sessions and tenancy,
 Idempotency-Key, the busy-session policies (reject, enqueue, interrupt), cancel
-mid-stream, validation, scopes, and agents from AGENTS_FILE (a required service that is
-missing fails the turn; a missing optional one degrades it).
+mid-stream, validation, scopes, agents from AGENTS_FILE (a required service that is
+missing fails the turn; a missing optional one degrades it), and the statements a turn
+costs.
 """
 
 from __future__ import annotations
@@ -102,6 +103,61 @@ async def test_wait_answer_is_what_the_ledger_holds_and_needs_no_read_back(
         "knowledge",
         "generate",
     ]
+
+
+def _statement_kind(text: str) -> tuple[str, str]:
+    """('insert', 'tasks'), ('select', 'messages'), ('begin', '') ... of a traced
+    statement."""
+    words = text.replace("(", " ").split()
+    verb = words[0]
+    if verb == "insert":
+        return verb, words[2]
+    if verb == "update":
+        return verb, words[1]
+    return verb, words[words.index("from") + 1] if "from" in words else ""
+
+
+async def test_a_wait_turn_costs_these_statements(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    """The database work of one turn in a new session, the hot path's budget: the API's
+    transaction (task, session, user message, audit entries in one INSERT), the claim
+    (task, then session), the plan's reads (history, agent), the final transaction
+    (service calls in one statement, reply, task, session) and the look for a turn queued
+    next in the session. On PostgreSQL each is a round trip: a statement more per turn
+    must be a decision, made here and in docs/architecture.md."""
+    settings = make_backend_settings(reconcile_interval=300)  # no sweep in the window
+    async with running_app(settings) as client:
+        headers = auth(make_token())
+        state = client.app.state.core  # type: ignore[attr-defined]
+        await chat(client, headers, expect=200, message="warm up", mode="wait")
+        await asyncio.sleep(0.2)  # the warm-up turn's last lookup
+        with statements_sent(state) as sent:
+            await chat(client, headers, expect=200, message="count me", mode="wait")
+            deadline = time.monotonic() + 5
+            while ("select", "tasks") not in map(_statement_kind, sent):
+                assert time.monotonic() < deadline, sent
+                await asyncio.sleep(0.01)
+    kinds = [kind for kind in map(_statement_kind, sent) if kind[0] not in ("begin", "commit")]
+    # SQLite's trace shows an executemany once per row: one statement per run.
+    statements = [kind for i, kind in enumerate(kinds) if i == 0 or kind != kinds[i - 1]]
+    assert sorted(statements) == sorted(
+        [
+            ("insert", "tasks"),
+            ("insert", "sessions"),
+            ("insert", "messages"),
+            ("insert", "audit_entries"),
+            ("update", "tasks"),
+            ("update", "sessions"),
+            ("select", "messages"),
+            ("select", "agents"),
+            ("insert", "service_calls"),
+            ("insert", "messages"),
+            ("update", "tasks"),
+            ("update", "sessions"),
+            ("select", "tasks"),
+        ]
+    ), statements
 
 
 async def test_stream_yields_chunks_then_completed_then_status(
