@@ -200,12 +200,11 @@ class ChatTurn:
             },
         )
         # One publish for the turn's last events (a round trip each on Redis otherwise);
-        # the hot copy first, so a client that sees the session free reads it free.
+        # the session's announcement writes its hot copy first.
         events = [completed, self.ledger.announcement(row)]
         if session is not None:
             self._freed.add(task.id)
-            await self.sessions.refresh_hot_copy(session)
-            events.append(_session_event(task, session))
+            events.append(await self._session_announcement(task, session))
         await ctx.publish(events, handover)
 
     async def claimed(self, db: AsyncSession, task: TaskRow) -> ClaimFollowUp | None:
@@ -220,8 +219,7 @@ class ChatTurn:
             return None
 
         async def announce() -> list[Event]:
-            await self.sessions.refresh_hot_copy(session)
-            return [_session_event(task, session)]
+            return [await self._session_announcement(task, session)]
 
         return announce
 
@@ -244,8 +242,18 @@ class ChatTurn:
             await self._announce_session(task, session)
 
     async def _announce_session(self, task: TaskRow, session: Session) -> None:
+        await self.bus.publish(await self._session_announcement(task, session))
+
+    async def _session_announcement(self, task: TaskRow, session: Session) -> Event:
+        """The session's new state as an event to publish, its hot copy written first: a
+        client that sees the event reads the same state."""
         await self.sessions.refresh_hot_copy(session)
-        await self.bus.publish(_session_event(task, session))
+        return Event(
+            type=EventType.SESSION_STATE,
+            tenant_id=task.tenant_id,
+            session_id=str(task.session_id),
+            data={"state": session.state.value, "task_id": str(task.id)},
+        )
 
     def _check_requirements(self, outcome: StepOutcome) -> None:
         agent = outcome.output
@@ -285,12 +293,3 @@ def _finished(task: TaskRow, steps: list[ServiceCallRow], reply: MessageRow) -> 
     shape of `TaskLedger.view` and the reply lookup."""
     calls = sorted(steps, key=lambda call: (call.started_at, call.step))
     return ChatResponse(task=to_view(task, calls), message=to_message(reply))
-
-
-def _session_event(task: TaskRow, session: Session) -> Event:
-    return Event(
-        type=EventType.SESSION_STATE,
-        tenant_id=task.tenant_id,
-        session_id=str(task.session_id),
-        data={"state": session.state.value, "task_id": str(task.id)},
-    )
