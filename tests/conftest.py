@@ -19,10 +19,11 @@ import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.app import create_app
 from agent_orchestrator.config import Settings
-from agent_orchestrator.db.engine import create_engine
+from agent_orchestrator.db.engine import create_engine, dispose_sessions, session_factory
 from agent_orchestrator.db.migrate import upgrade
 from agent_orchestrator.middleware.auth import TokenVerifier
 from agent_orchestrator.models.principal import USER_SCOPES
@@ -188,6 +189,19 @@ def make_backend_settings(
 def settings(make_backend_settings: Callable[..., Settings]) -> Settings:
     """Embedded (SQLite, in-process) or production-like (PostgreSQL + Redis) settings."""
     return make_backend_settings()
+
+
+@pytest.fixture
+async def factory(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """The service's sessions on a migrated database of the test's backend."""
+    engine = create_engine(settings.resolved_database_url())
+    await upgrade(engine)
+    made = session_factory(engine)
+    try:
+        yield made
+    finally:
+        dispose_sessions(made)
+        await engine.dispose()
 
 
 @asynccontextmanager

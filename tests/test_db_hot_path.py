@@ -7,7 +7,6 @@ import asyncio
 import sqlite3
 import threading
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -23,7 +22,6 @@ from agent_orchestrator.db import wal_checkpoints
 from agent_orchestrator.db.engine import (
     _sqlite_pragmas,
     create_engine,
-    dispose_sessions,
     session_factory,
     single_statement_factory,
 )
@@ -37,18 +35,7 @@ from agent_orchestrator.db.repositories.tasks import Add, Guard, TaskRepository
 from agent_orchestrator.db.tables import ServiceCallRow, SessionRow, TaskRow
 from agent_orchestrator.db.types import UtcDateTime, utcnow
 from agent_orchestrator.ids import new_id
-
-
-@pytest.fixture
-async def factory(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(settings.resolved_database_url())
-    await upgrade(engine)
-    made = session_factory(engine)
-    try:
-        yield made
-    finally:
-        dispose_sessions(made)
-        await engine.dispose()
+from tests.rows import task_row
 
 
 def unmarked(statement: Executable) -> Executable:
@@ -56,35 +43,7 @@ def unmarked(statement: Executable) -> Executable:
 
 
 def _task(**overrides: Any) -> TaskRow:
-    now = utcnow()
-    values: dict[str, Any] = {
-        "id": new_id(),
-        "tenant_id": "tenant-a",
-        "user_id": "user-1",
-        "session_id": None,
-        "batch_id": None,
-        "kind": "chat",
-        "queue": "interactive",
-        "status": "queued",
-        "attempt": 0,
-        "max_attempts": 3,
-        "delivery": 1,
-        "progress": {},
-        "input": {"message": "hi"},
-        "result": None,
-        "error": None,
-        "idempotency_key": None,
-        "cancel_requested": False,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "not_before": None,
-        "created_at": now,
-        "updated_at": now,
-        "started_at": None,
-        "finished_at": None,
-    }
-    values.update(overrides)
-    return TaskRow(**values)
+    return task_row("tenant-a", **{"input": {"message": "hi"}, **overrides})
 
 
 def _call(task: TaskRow, step: str, status: str, attempts: int) -> ServiceCallRow:

@@ -41,15 +41,26 @@ class DriverSession(AsyncSession):
             return cast(Result[Any], await self._run_hot(statement, params))
         return cast(Result[Any], await super().execute(statement, params, **kwargs))
 
+    async def execute_last(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> PreparedResult:
+        """A hot statement that is the last before `commit`. When it is also the first of
+        the transaction it runs without BEGIN, on its own (one statement is atomic), and
+        the commit then has nothing to send: one round trip instead of three. Nothing may
+        run on the session between this and the commit."""
+        return await self._run_hot(statement, params, begin=False)
+
     async def _run_hot(
         self,
         statement: Executable,
         params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+        *,
+        begin: bool = True,
     ) -> PreparedResult:
         connection, adapted = await self._hot_connection()
         compiled = prepared(statement, connection.dialect)
         try:
-            if adapted._transaction is None:
+            if begin and adapted._transaction is None:
                 # As the adapter does before its first statement (a no-op in autocommit).
                 await adapted._start_transaction()
             return await compiled.fetch(adapted.driver_connection, params)

@@ -18,9 +18,11 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from agent_orchestrator.db.driver_session import DriverSession
+from agent_orchestrator.db.held_inserts import Group, hold, insert_held
 from agent_orchestrator.db.inline_session import InlineSessionMaker
-from agent_orchestrator.db.repositories.audit import AuditRepository
-from agent_orchestrator.db.tables import AuditEntryRow
+from agent_orchestrator.db.repositories.audit import ENTRIES
+from agent_orchestrator.db.repositories.rows import RowCodec
+from agent_orchestrator.db.tables import AuditEntryRow, Base
 from agent_orchestrator.observability.logging import get_logger
 
 log = get_logger(__name__)
@@ -96,16 +98,24 @@ class UnitOfWork:
     def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
         self.factory = factory
         self._after_commit: list[AfterCommit] = []
+        self._held: list[Group] = []
         self._audit_entries: list[AuditEntryRow] = []
         self.session: AsyncSession
 
     def after_commit(self, hook: AfterCommit) -> None:
         self._after_commit.append(hook)
 
+    def insert_at_commit(self, codec: RowCodec[Any], *rows: Base) -> None:
+        """New rows written with the commit, together with the transaction's other held
+        rows (db/held_inserts.py: one statement on PostgreSQL). Reads of this unit of work
+        do not see them before it commits, and an error they cause (a duplicate key)
+        comes from the commit."""
+        hold(self._held, codec, rows)
+
     def audit(self, entry: AuditEntryRow) -> None:
         """An audit entry, written with the commit (so never without the change it
-        records) in one INSERT with the transaction's others: a turn that creates its
-        session audits both in one statement (a round trip less on PostgreSQL)."""
+        records), after the held rows and in one INSERT with the transaction's other
+        entries: a turn that creates its session audits both at once."""
         self._audit_entries.append(entry)
 
     async def commit(self) -> None:
@@ -115,13 +125,16 @@ class UnitOfWork:
         await self._run_hooks()
 
     async def rollback(self) -> None:
-        """Undo the transaction so far, the audit entries it held included."""
+        """Undo the transaction so far, the rows and audit entries it held included."""
+        self._held.clear()
         self._audit_entries.clear()
         await self.session.rollback()
 
     async def _commit(self) -> None:
-        entries, self._audit_entries = self._audit_entries, []
-        await AuditRepository(self.session).add(*entries)
+        held, self._held = self._held, []
+        hold(held, ENTRIES, self._audit_entries)
+        self._audit_entries = []
+        await insert_held(self.session, held)
         await self.session.commit()
 
     async def __aenter__(self) -> UnitOfWork:

@@ -32,6 +32,8 @@ _MISSING = object()
 
 StatementT = TypeVar("StatementT", bound=Executable)
 Processor = Callable[[Any], Any] | None
+#: A hot statement with the parameters of one execution.
+Bound = tuple[Executable, dict[str, Any]]
 
 
 def hot(statement: StatementT) -> StatementT:

@@ -15,9 +15,10 @@ import structlog
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import UnitOfWork
-from agent_orchestrator.db.repositories.messages import MessageRepository
+from agent_orchestrator.db.repositories.messages import MESSAGES
 from agent_orchestrator.db.repositories.tasks import TaskRepository
 from agent_orchestrator.db.tables import TaskRow
+from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import Conflict
 from agent_orchestrator.ids import new_id
 from agent_orchestrator.models.chat import BusyPolicy, ChatRequest
@@ -205,15 +206,18 @@ class ChatOrchestrator:
             await self.sessions.create(
                 uow, principal, SessionCreate(agent_id=agent_id), session_id=session_id
             )
-        await MessageRepository(uow.session).add_once(
-            tenant_id=principal.tenant_id,
+        # Its id is the new task's: no earlier attempt can have stored it.
+        message = MESSAGES.new(
+            id=user_message_id(task.id),
             session_id=session_id,
-            message_id=user_message_id(task.id),
+            tenant_id=principal.tenant_id,
             role="user",
             content=request.message,
             task_id=task.id,
-            metadata=request.metadata,
+            metadata_=request.metadata,
+            created_at=utcnow(),
         )
+        uow.insert_at_commit(MESSAGES, message)
         CHAT_TURNS.labels(request.mode.value).inc()
         return Submitted(task, created=True)
 

@@ -14,8 +14,13 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.db.engine import UnitOfWork
+from agent_orchestrator.db.prepared import Bound
 from agent_orchestrator.db.repositories.messages import MessageRepository
-from agent_orchestrator.db.repositories.sessions import SESSIONS, SessionRepository
+from agent_orchestrator.db.repositories.sessions import (
+    SESSIONS,
+    SessionRepository,
+    transition_call,
+)
 from agent_orchestrator.db.tables import MessageRow, SessionRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import NotFound, ServiceError
@@ -159,7 +164,7 @@ class SessionManager:
             closed_at=None,
         )
         async with self._audited(uow, principal, "session.create", None):
-            await SessionRepository(uow.session).add(row)
+            uow.insert_at_commit(SESSIONS, row)  # nothing reads it back before the commit
             audit.record(uow, principal, "session.create", "session", str(row.id))
         SESSIONS_CREATED.inc()
         return self._after_write(uow, row, now)
@@ -206,15 +211,17 @@ class SessionManager:
         """A worker moves its session between active and processing. A session that was
         closed or expired meanwhile stays as it is (the turn still finishes)."""
         now = utcnow()
-        sources = [state.value for state in EDITABLE if target in TRANSITIONS[state]]
-        row = await SessionRepository(db).transition(
-            tenant_id,
-            session_id,
-            sources=sources,
-            live_at=now,
-            values={"state": target.value, "last_activity_at": now, "expires_at": now + self.ttl},
-        )
+        row = await SESSIONS.one(db, *self.turn_mark(tenant_id, session_id, target, now))
         return None if row is None else to_session(row, now)
+
+    def turn_mark(
+        self, tenant_id: str, session_id: uuid.UUID, target: SessionState, now: datetime
+    ) -> Bound:
+        """`mark_turn`'s statement, for a caller that sends it with others; `to_session`
+        (with the same `now`) makes its row a Session."""
+        sources = [state.value for state in EDITABLE if target in TRANSITIONS[state]]
+        values = {"state": target.value, "last_activity_at": now, "expires_at": now + self.ttl}
+        return transition_call(tenant_id, session_id, sources, now, values)
 
     async def refresh_hot_copy(self, session: Session) -> None:
         await self._cache(session, utcnow())

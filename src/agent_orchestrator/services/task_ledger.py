@@ -18,7 +18,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.db.engine import UnitOfWork
-from agent_orchestrator.db.repositories.tasks import TASKS, Add, Guard, TaskRepository
+from agent_orchestrator.db.prepared import Bound
+from agent_orchestrator.db.repositories.tasks import (
+    TASKS,
+    Add,
+    Guard,
+    TaskRepository,
+    transition_call,
+)
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import Conflict, NotFound
@@ -179,20 +186,18 @@ class TaskLedger:
             started_at=None,
             finished_at=None,
         )
-        try:
-            if key is None:
-                await repo.add(row)
-            else:
+        if key is None:
+            uow.insert_at_commit(TASKS, row)  # nothing reads it back before the commit
+        else:
+            try:
                 async with uow.session.begin_nested():  # a racing twin must not poison us
                     await repo.add(row)
-        except IntegrityError:
-            # Another request with the same key won the race: answer with its task.
-            if key is None:
-                raise
-            existing = await repo.by_idempotency_key(principal.tenant_id, key)
-            if existing is None:
-                raise
-            return existing, False
+            except IntegrityError:
+                # Another request with the same key won the race: answer with its task.
+                existing = await repo.by_idempotency_key(principal.tenant_id, key)
+                if existing is None:
+                    raise
+                return existing, False
         audit.record(uow, principal, "task.submit", "task", str(row.id), {"kind": row.kind})
 
         async def announce_and_enqueue() -> None:
@@ -352,19 +357,27 @@ class TaskLedger:
         *,
         result: dict[str, Any] | None = None,
         error: TaskErrorInfo | None = None,
-        db: AsyncSession | None = None,
     ) -> TaskRow | None:
-        """A terminal state, written only by the lease holder. Pass `db` to write it in
-        the handler's own final transaction (with the assistant message): the caller then
-        commits and calls `announce` itself."""
-        values = _terminal_values(status, utcnow())
-        values.update(
-            result=result, error=error.model_dump() if error else None, progress=task.progress
-        )
-        row = await self._write_owned(task, worker_id, status, values, db=db)
-        if row is not None and db is None:
+        """A terminal state, written only by the lease holder."""
+        row = await self._run(self.finishing(task, worker_id, status, result=result, error=error))
+        if row is not None:
             await self.announce(row)
         return row
+
+    def finishing(
+        self,
+        task: TaskRow,
+        worker_id: str,
+        status: TaskStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: TaskErrorInfo | None = None,
+    ) -> Bound:
+        """`finish`'s statement, for a handler that writes it with its own final writes
+        (db/repositories/turn_end.py); it then calls `announce` itself."""
+        values = {"status": status.value, **_finished_values(task, status, result, error)}
+        owned = Guard(lease_owner=worker_id)
+        return transition_call(task.tenant_id, task.id, sources_of(status), values, owned)
 
     async def announce(self, row: TaskRow) -> None:
         """Publish a committed state change (and count a finished task)."""
@@ -421,13 +434,8 @@ class TaskLedger:
             await self.producer.deliver(row)
         return row
 
-    async def save_service_calls(
-        self, task: TaskRow, calls: list[ServiceCallRow], db: AsyncSession | None = None
-    ) -> None:
-        """Record a task's steps; with `db`, inside the caller's transaction."""
-        if db is not None:
-            await TaskRepository(db).replace_service_calls(task.tenant_id, task.id, calls)
-            return
+    async def save_service_calls(self, task: TaskRow, calls: list[ServiceCallRow]) -> None:
+        """Record a task's steps (a turn that ends well writes them with its end)."""
         async with self.factory() as session:
             await TaskRepository(session).replace_service_calls(task.tenant_id, task.id, calls)
             await session.commit()
@@ -526,27 +534,22 @@ class TaskLedger:
     ) -> TaskRow | None:
         values = {"status": target.value, **values}
         sources = same_state or sources_of(target)
+        return await self._run(transition_call(tenant_id, task_id, sources, values, guard), db)
+
+    async def _run(self, transition: Bound, db: AsyncSession | None = None) -> TaskRow | None:
+        """A task's transition, on `db` or in a session of its own."""
         if db is not None:
-            return await TaskRepository(db).transition(
-                tenant_id, task_id, sources=sources, values=values, guard=guard
-            )
+            return await TASKS.one(db, *transition)
         async with self.factory() as session:
-            row = await TaskRepository(session).transition(
-                tenant_id, task_id, sources=sources, values=values, guard=guard
-            )
+            row = await TASKS.one(session, *transition)
             await session.commit()
         return row
 
     async def _write_owned(
-        self,
-        task: TaskRow,
-        worker_id: str,
-        target: TaskStatus,
-        values: dict[str, Any],
-        db: AsyncSession | None = None,
+        self, task: TaskRow, worker_id: str, target: TaskStatus, values: dict[str, Any]
     ) -> TaskRow | None:
         owned = Guard(lease_owner=worker_id)
-        return await self._write(task.tenant_id, task.id, target, values, owned, db)
+        return await self._write(task.tenant_id, task.id, target, values, owned)
 
 
 def _terminal_values(status: TaskStatus, now: datetime) -> dict[str, Any]:
@@ -557,6 +560,19 @@ def _terminal_values(status: TaskStatus, now: datetime) -> dict[str, Any]:
         "lease_owner": None,
         "lease_expires_at": None,
     }
+
+
+def _finished_values(
+    task: TaskRow,
+    status: TaskStatus,
+    result: dict[str, Any] | None,
+    error: TaskErrorInfo | None,
+) -> dict[str, Any]:
+    values = _terminal_values(status, utcnow())
+    values.update(
+        result=result, error=error.model_dump() if error else None, progress=task.progress
+    )
+    return values
 
 
 def _unleased(now: datetime) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Update, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from agent_orchestrator.db.prepared import fixed_in, hot
+from agent_orchestrator.db.prepared import Bound, fixed_in, hot
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.repositories.rows import RowCodec
 from agent_orchestrator.db.tables import SessionRow
@@ -102,7 +102,8 @@ class SessionRepository:
         values: dict[str, Any],
     ) -> SessionRow | None:
         """Move a session that is in one of `sources` and not expired at `live_at`."""
-        return await self._write(tenant_id, session_id, tuple(sources), values, live_at)
+        bound = transition_call(tenant_id, session_id, sources, live_at, values)
+        return await SESSIONS.one(self.db, *bound)
 
     async def update(self, row: SessionRow, **values: Any) -> SessionRow:
         """Write `values` (attribute names) to a session the caller loaded, and to `row`."""
@@ -119,10 +120,33 @@ class SessionRepository:
         values: dict[str, Any],
         live_at: datetime | None,
     ) -> SessionRow | None:
-        changes = SESSIONS.column_values(values)
-        statement = _update_statement(sources, tuple(sorted(changes)))
-        params = {f"v_{name}": value for name, value in changes.items()}
-        params.update(w_tenant_id=tenant_id, w_id=session_id)
-        if sources:
-            params["w_live_at"] = live_at
-        return await SESSIONS.one(self.db, statement, params)
+        bound = _update_call(tenant_id, session_id, sources, values, live_at)
+        return await SESSIONS.one(self.db, *bound)
+
+
+def transition_call(
+    tenant_id: str,
+    session_id: uuid.UUID,
+    sources: list[str],
+    live_at: datetime,
+    values: dict[str, Any],
+) -> Bound:
+    """`SessionRepository.transition`'s UPDATE ... RETURNING and its parameters, for a
+    caller that sends it with other statements (turn_end.py)."""
+    return _update_call(tenant_id, session_id, tuple(sources), values, live_at)
+
+
+def _update_call(
+    tenant_id: str,
+    session_id: uuid.UUID,
+    sources: tuple[str, ...],
+    values: dict[str, Any],
+    live_at: datetime | None,
+) -> Bound:
+    changes = SESSIONS.column_values(values)
+    statement = _update_statement(sources, tuple(sorted(changes)))
+    params = {f"v_{name}": value for name, value in changes.items()}
+    params.update(w_tenant_id=tenant_id, w_id=session_id)
+    if sources:
+        params["w_live_at"] = live_at
+    return statement, params

@@ -31,7 +31,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from agent_orchestrator.db.prepared import fixed_in, hot
+from agent_orchestrator.db.prepared import Bound, fixed_in, hot
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.repositories.rows import RowCodec
 from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
@@ -186,14 +186,19 @@ _SERVICE_CALLS = hot(
 )
 
 
+def upsert_set(statement: Any) -> dict[str, Any]:
+    """What a service call's upsert overwrites: all but its identity (the row's id, its
+    task, tenant and step)."""
+    kept = {"id", "task_id", "tenant_id", "step"}
+    return {c.name: statement.excluded[c.name] for c in _C if c.name not in kept}
+
+
 def _upsert_calls(insert: Any) -> Any:
     """INSERT ... ON CONFLICT (task_id, step) DO UPDATE: one row per step of a task, the
     latest attempt's, written in one statement however many attempts ran."""
     statement = insert(CALLS.table)
-    kept = {"id", "task_id", "tenant_id", "step"}
     return statement.on_conflict_do_update(
-        index_elements=[_C.task_id, _C.step],
-        set_={c.name: statement.excluded[c.name] for c in _C if c.name not in kept},
+        index_elements=[_C.task_id, _C.step], set_=upsert_set(statement)
     )
 
 
@@ -201,6 +206,25 @@ _UPSERT_CALLS: dict[str, Insert] = {
     "postgresql": hot(_upsert_calls(pg_insert)),
     "sqlite": hot(_upsert_calls(sqlite_insert)),
 }
+
+
+def transition_call(
+    tenant_id: str,
+    task_id: uuid.UUID,
+    sources: list[str],
+    values: dict[str, Any],
+    guard: Guard = Guard(),
+) -> Bound:
+    """`TaskRepository.transition`'s UPDATE ... RETURNING and its parameters, for a
+    caller that sends it with other statements (turn_end.py)."""
+    columns = tuple(
+        (name, value.amount if isinstance(value, Add) else None)
+        for name, value in sorted(values.items())
+    )
+    statement = _transition_statement((tuple(sources), columns, guard.shape()))
+    params = {f"v_{name}": value for name, value in values.items() if not isinstance(value, Add)}
+    params.update(guard.params(), w_tenant_id=tenant_id, w_id=task_id)
+    return statement, params
 
 
 class TaskRepository:
@@ -251,16 +275,9 @@ class TaskRepository:
         concurrent caller can win. Returns the updated row (detached), or None when it
         lost. `values` maps columns to values, or to `Add` for a column's own value plus
         an amount."""
-        columns = tuple(
-            (name, value.amount if isinstance(value, Add) else None)
-            for name, value in sorted(values.items())
+        return await TASKS.one(
+            self.db, *transition_call(tenant_id, task_id, sources, values, guard)
         )
-        statement = _transition_statement((tuple(sources), columns, guard.shape()))
-        params = {
-            f"v_{name}": value for name, value in values.items() if not isinstance(value, Add)
-        }
-        params.update(guard.params(), w_tenant_id=tenant_id, w_id=task_id)
-        return await TASKS.one(self.db, statement, params)
 
     async def unfinished_in_session(self, tenant_id: str, session_id: uuid.UUID) -> list[TaskRow]:
         params = {"tenant_id": tenant_id, "session_id": session_id}

@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.config import Settings
-from agent_orchestrator.db.repositories.messages import MessageRepository
+from agent_orchestrator.db.repositories.messages import MESSAGES
 from agent_orchestrator.db.repositories.tasks import CALLS
+from agent_orchestrator.db.repositories.turn_end import end_turn
 from agent_orchestrator.db.tables import MessageRow, ServiceCallRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.events.bus import EventBus
@@ -43,7 +44,7 @@ from agent_orchestrator.services.service_coordinator import (
     ServiceCoordinator,
     StreamedReply,
 )
-from agent_orchestrator.services.session_manager import SessionManager, to_message
+from agent_orchestrator.services.session_manager import SessionManager, to_message, to_session
 from agent_orchestrator.services.task_ledger import TaskLedger, to_view
 
 
@@ -155,33 +156,38 @@ class ChatTurn:
             "degraded": degraded,
             "latency_ms": round(elapsed * 1000, 2),
         }
+        result = {
+            "message_id": str(message_id),
+            "content": reply.content,
+            "usage": metadata["usage"],
+            "degraded": degraded,
+        }
+        now = utcnow()
         async with ctx.db_factory() as db:
-            await self.ledger.save_service_calls(task, steps, db)
-            stored = await MessageRepository(db).add_once(
-                tenant_id=task.tenant_id,
-                session_id=session_id,
-                message_id=message_id,
-                role="assistant",
-                content=reply.content,
-                task_id=task.id,
-                metadata=metadata,
+            ended = await end_turn(
+                db,
+                task=self.ledger.finishing(
+                    task, ctx.worker_id, TaskStatus.SUCCEEDED, result=result
+                ),
+                calls=steps,
+                reply=MESSAGES.new(
+                    id=message_id,
+                    session_id=session_id,
+                    tenant_id=task.tenant_id,
+                    role="assistant",
+                    content=reply.content,
+                    task_id=task.id,
+                    metadata_=metadata,
+                    created_at=now,
+                ),
+                session=self.sessions.turn_mark(
+                    task.tenant_id, session_id, SessionState.ACTIVE, now
+                ),
             )
-            result = {
-                "message_id": str(message_id),
-                "content": reply.content,
-                "usage": metadata["usage"],
-                "degraded": degraded,
-            }
-            row = await self.ledger.finish(
-                task, ctx.worker_id, TaskStatus.SUCCEEDED, result=result, db=db
-            )
-            if row is None:  # the lease moved on: another worker owns this task now
-                await db.rollback()
-                return
-            session = await self.sessions.mark_turn(
-                db, task.tenant_id, session_id, SessionState.ACTIVE
-            )
-            await db.commit()
+        if ended is None:  # the lease moved on: another worker owns this task now
+            return
+        row, stored = ended.task, ended.reply
+        session = None if ended.session is None else to_session(ended.session, now)
         handover = None
         if stored is not None and task.attempt == 1 and task.input.get("mode") == "wait":
             # Exactly what a read-back would find: this attempt wrote every row of it
