@@ -17,7 +17,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from agent_orchestrator.events.bus import EventBus, LocalFanout, SubscriberOverflow, subscription
+from agent_orchestrator.events.bus import (
+    EventBus,
+    KeyWrite,
+    LocalFanout,
+    SubscriberOverflow,
+    subscription,
+)
 from agent_orchestrator.events.memory import MemoryEventBus
 from agent_orchestrator.events.models import Event, StreamKey
 from agent_orchestrator.events.redis import RedisEventBus
@@ -233,6 +239,40 @@ async def test_a_hand_over_reaches_a_listening_process_before_the_events(
     assert order == [f'{task_id} {{"answer": "a|b"}}', "event 1", "event 2"]
     # Never stored: a replay holds only the events.
     assert [e.data["n"] for e in await listener.replay(task_stream(task_id), None, 10)] == [1, 2]
+
+
+async def test_keys_written_with_a_publish_are_there_when_its_events_arrive(
+    make_bus: BusFactory, bus_kind: str, request: pytest.FixtureRequest
+) -> None:
+    """A session's hot copy travels with its state event: a subscriber that sees the
+    event finds the key set, with its TTL. The in-process bus keeps no keys: it refuses
+    them rather than lose them."""
+    bus = await make_bus()
+    task_id = new_id()
+    if bus_kind == "memory":
+        with pytest.raises(ValueError, match="keeps no keys"):
+            await bus.publish_many([task_event(task_id, 1)], writes=[KeyWrite("k", "v", 60)])
+        return
+    key = f"{request.getfixturevalue('redis_namespace')}:test:{task_id}"
+    seen: list[tuple[int, bytes | None, int]] = []
+    async with Redis.from_url(REDIS_URL) as reader:
+
+        async def consume(live: AsyncIterator[Event]) -> None:
+            async for event in live:
+                seen.append((event.data["n"], await reader.get(key), await reader.ttl(key)))
+                return
+
+        async with bus.subscribe(task_stream(task_id), replay=False) as live:
+            consumer = asyncio.create_task(consume(live))
+            await asyncio.sleep(0)
+            write = KeyWrite(key, '{"state": "active"}', 120)
+            published = await bus.publish_many([task_event(task_id, 1)], writes=[write])
+            await asyncio.wait_for(consumer, 5)
+    assert [event.data["n"] for event in published] == [1]
+    assert len(seen) == 1
+    n, text, ttl = seen[0]
+    assert (n, text) == (1, b'{"state": "active"}')
+    assert 100 < ttl <= 120
 
 
 async def test_tenants_have_separate_streams(bus: EventBus) -> None:

@@ -68,6 +68,7 @@ class FakeBus:
     def __init__(self) -> None:
         self.control: list[Any] = []
         self.published: list[list[Any]] = []  # what each publish carried
+        self.written: list[list[Any]] = []  # the keys each publish set
 
     def on_control(self, handler: Any) -> None:
         self.control.append(handler)
@@ -79,13 +80,16 @@ class FakeBus:
     async def publish(self, event: Any) -> Any:
         return event
 
-    async def publish_many(self, events: list[Any], handover: Any = None) -> list[Any]:
+    async def publish_many(
+        self, events: list[Any], handover: Any = None, writes: Any = ()
+    ) -> list[Any]:
         running = next((e for e in events if isinstance(e, RunningEvent)), None)
         if running is not None:
             await asyncio.sleep(running.seconds)  # the `running` event on its way
             if running.fails:
                 raise ConnectionError("Redis went away")
         self.published.append(list(events))
+        self.written.append(list(writes))
         return events
 
 
@@ -215,17 +219,17 @@ async def test_an_attempt_is_recorded_when_its_running_event_could_not_be_publis
 
 
 async def test_the_claim_follow_up_is_published_with_running_and_cannot_stop_it() -> None:
-    """The claim hook's events go out in the `running` event's publish; a follow-up that
-    fails (the session's hot copy unreachable, say) leaves `running` to go out alone."""
+    """The claim hook's events and key writes go out in the `running` event's publish; a
+    follow-up that fails (the session unreadable, say) leaves `running` to go out alone."""
 
     async def handler(ctx: TaskContext) -> dict[str, Any]:
         return {"ok": True}
 
-    async def session_processing() -> list[str]:
-        return ["session processing"]
+    async def session_processing() -> tuple[list[str], list[str]]:
+        return ["session processing"], ["hot copy"]
 
-    async def unreachable() -> list[str]:
-        raise ConnectionError("hot copy unavailable")
+    async def unreachable() -> tuple[list[str], list[str]]:
+        raise ConnectionError("session unreadable")
 
     for follow_up, expected in [(session_processing, 2), (unreachable, 1)]:
         runner, ledger, bus, task = make_runner(handler)
@@ -235,4 +239,5 @@ async def test_the_claim_follow_up_is_published_with_running_and_cannot_stop_it(
         assert isinstance(first[0], RunningEvent)
         assert len(first) == expected
         assert first[1:] == ["session processing"][: expected - 1]
+        assert bus.written[0] == ["hot copy"][: expected - 1]
         assert ledger.finished == [TaskStatus.SUCCEEDED]

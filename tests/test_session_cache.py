@@ -3,8 +3,9 @@ embedded mode; the database stays the truth, so losing the copy loses nothing.""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -13,6 +14,8 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from agent_orchestrator.config import Settings
+from agent_orchestrator.events.models import Event, EventType, StreamKey
+from tests.chat_helpers import chat
 from tests.conftest import REDIS_URL, TcpProxy, TokenFactory, auth, redis_url, running_app
 
 SESSIONS = "/api/v1/sessions"
@@ -107,3 +110,55 @@ async def test_sessions_keep_working_while_redis_is_down(
             assert other["state"] == "active"
             await redis_proxy.start()
     assert any(str(entry["event"]).startswith("session hot copy") for entry in logs)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_turns_session_events_find_the_hot_copy_already_in_their_state(
+    client: httpx.AsyncClient, make_token: TokenFactory, settings: Settings
+) -> None:
+    """The worker sets the hot copy in the publish of the session's state event (one
+    Redis round trip for both): whoever sees `processing` or `active` reads it too."""
+    headers = auth(make_token(tenant="tenant-a"))
+    session = await _create(client, headers)
+    key = f"{settings.redis_namespace}:session:tenant-a:{session['id']}"
+    bus = client.app.state.core.bus  # type: ignore[attr-defined]
+    seen: list[tuple[str, str, int]] = []
+    async with Redis.from_url(REDIS_URL) as redis:
+
+        async def follow(live: AsyncIterator[Event]) -> None:
+            async for event in live:
+                if event.type == EventType.SESSION_STATE:
+                    copy = json.loads(await redis.get(key) or b"null")
+                    seen.append((event.data["state"], copy["state"], await redis.ttl(key)))
+                    if event.data["state"] == "active":
+                        return
+
+        stream = StreamKey("session", "tenant-a", session["id"])
+        async with bus.subscribe(stream, replay=False) as live:
+            follower = asyncio.create_task(follow(live))
+            await asyncio.sleep(0)
+            body = {"message": "hi", "session_id": session["id"], "mode": "wait"}
+            await chat(client, headers, expect=200, **body)
+            await asyncio.wait_for(follower, 5)
+    assert [(event, copy) for event, copy, _ in seen] == [
+        ("processing", "processing"),
+        ("active", "active"),
+    ]
+    assert all(settings.session_ttl - 5 <= ttl <= settings.session_ttl for *_, ttl in seen)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_session_made_by_a_chat_turn_gets_its_hot_copy_from_the_worker(
+    client: httpx.AsyncClient, make_token: TokenFactory, settings: Settings
+) -> None:
+    """The API writes none for it (it could land after the worker's `processing`); the
+    worker's claim and the turn's end do, so the copy is there and says `active`."""
+    headers = auth(make_token(tenant="tenant-a"))
+    body = await chat(client, headers, expect=200, message="hi", mode="wait")
+    key = f"{settings.redis_namespace}:session:tenant-a:{body['task']['session_id']}"
+    async with Redis.from_url(REDIS_URL) as redis:
+        copy = json.loads(await redis.get(key) or b"null")
+        ttl = await redis.ttl(key)
+    assert copy["state"] == "active"
+    assert copy["id"] == body["task"]["session_id"]
+    assert settings.session_ttl - 5 <= ttl <= settings.session_ttl

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent_orchestrator.db.tables import TaskRow
-from agent_orchestrator.events.bus import Handover
+from agent_orchestrator.events.bus import Handover, KeyWrite
 from agent_orchestrator.events.memory import MemoryEventBus
 from agent_orchestrator.events.models import Event, StreamKey
 from agent_orchestrator.queue.consumer import PROGRESS_DELAY, TaskContext
@@ -23,10 +23,13 @@ class CountingBus(MemoryEventBus):
         self.publishes: list[list[str]] = []
 
     async def publish_many(
-        self, events: Sequence[Event], handover: Handover | None = None
+        self,
+        events: Sequence[Event],
+        handover: Handover | None = None,
+        writes: Sequence[KeyWrite] = (),
     ) -> list[Event]:
         self.publishes.append([_label(event) for event in events])
-        return await super().publish_many(events, handover)
+        return await super().publish_many(events, handover, writes)
 
 
 def _label(event: Event) -> str:

@@ -11,6 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent_orchestrator.events.models import Event, StreamKey
@@ -20,6 +21,18 @@ ControlHandler = Callable[[dict[str, Any]], Awaitable[None]]
 HandoverHandler = Callable[[str, str], None]
 #: A text for whichever process awaits its key: (key, text).
 Handover = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class KeyWrite:
+    """A Redis key that a publish sets before its events go out, in the same round trip:
+    what a client reads once it has seen them (a session's hot copy) is there by then,
+    and costs no round trip of its own. Only the Redis bus takes them; in-process stores
+    write their own at once."""
+
+    key: str
+    text: str
+    ttl_seconds: int
 
 
 class SubscriberOverflow(Exception):
@@ -106,13 +119,17 @@ class EventBus(Protocol):
     async def close(self) -> None: ...
     async def publish(self, event: Event) -> Event: ...
     async def publish_many(
-        self, events: Sequence[Event], handover: Handover | None = None
+        self,
+        events: Sequence[Event],
+        handover: Handover | None = None,
+        writes: Sequence[KeyWrite] = (),
     ) -> list[Event]:
         """Several events, in order, with rising ids; on Redis in one round trip.
 
         `handover` goes to the `on_handover` handler of every process listening, before
         the events: never stored, so a process that was not listening (or one that
-        replays) does not get it, and whoever awaits it must have a way without it."""
+        replays) does not get it, and whoever awaits it must have a way without it.
+        `writes` are set before the events go out (Redis only, see `KeyWrite`)."""
         ...
 
     async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]: ...
@@ -254,8 +271,13 @@ class LocalFanoutBus:
         raise NotImplementedError
 
     async def publish_many(
-        self, events: Sequence[Event], handover: Handover | None = None
+        self,
+        events: Sequence[Event],
+        handover: Handover | None = None,
+        writes: Sequence[KeyWrite] = (),
     ) -> list[Event]:
+        if writes:
+            raise ValueError("this bus keeps no keys: in-process stores write their own")
         if handover is not None:
             self._fanout.hand_over(*handover)
         return [await self.publish(event) for event in events]

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agent_orchestrator.aio import cancel_and_wait
-from agent_orchestrator.events.bus import Handover, LocalFanoutBus
+from agent_orchestrator.events.bus import Handover, KeyWrite, LocalFanoutBus
 from agent_orchestrator.events.models import Event, StreamKey
 from agent_orchestrator.events.script_batch import ScriptBatcher
 from agent_orchestrator.observability.logging import get_logger
@@ -33,9 +33,10 @@ LIVE_WAIT_SECONDS = 5.0
 #: Marks a hand-over (EventBus.publish_many) on the events channel.
 HANDOVER_PREFIX = "h|"
 
-# KEYS[1] id counter, KEYS[2] channel, KEYS[3..] the streams of every event in turn;
-# ARGV[1] cap, ARGV[2] ttl, ARGV[3] a hand-over message for the channel or '', then per
-# event: how many of KEYS are its streams, its JSON.
+# KEYS[1] id counter, KEYS[2] channel, KEYS[3..] the keys to set (ARGV[4] of them), then
+# the streams of every event in turn; ARGV[1] cap, ARGV[2] ttl, ARGV[3] a hand-over
+# message for the channel or '', ARGV[4] how many keys to set, then per key its text and
+# its ttl, then per event: how many of KEYS are its streams, its JSON.
 # Each id is max(previous + 1, server clock in microseconds): ids rise monotonically and
 # keep rising even if Redis lost its data, so an old client cursor never hides new events.
 _PUBLISH = """
@@ -43,11 +44,15 @@ local clock = redis.call('TIME')
 local id = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'),
                     tonumber(clock[1]) * 1000000 + tonumber(clock[2]) - 1)
 local ids = {}
-local key = 3
+local writes = tonumber(ARGV[4])
+for i = 1, writes do
+  redis.call('SET', KEYS[2 + i], ARGV[3 + 2 * i], 'EX', ARGV[4 + 2 * i])
+end
+local key = 3 + writes
 if ARGV[3] ~= '' then
   redis.call('PUBLISH', KEYS[2], ARGV[3])
 end
-for arg = 4, #ARGV, 2 do
+for arg = 5 + 2 * writes, #ARGV, 2 do
   id = id + 1
   local sid = string.format('%d', id)
   for i = key, key + tonumber(ARGV[arg]) - 1 do
@@ -96,15 +101,21 @@ class RedisEventBus(LocalFanoutBus):
         return (await self.publish_many([event]))[0]
 
     async def publish_many(
-        self, events: Sequence[Event], handover: Handover | None = None
+        self,
+        events: Sequence[Event],
+        handover: Handover | None = None,
+        writes: Sequence[KeyWrite] = (),
     ) -> list[Event]:
-        if not events and handover is None:
+        if not events and handover is None and not writes:
             return []
         keys = [self._counter, self._events_channel]
         # On the events channel, marked by its prefix (an event's message starts with
         # its id's digits): only processes that listen for events take hand-overs.
         note = f"{HANDOVER_PREFIX}{handover[0]}|{handover[1]}" if handover else ""
-        args: list[Any] = [self._cap, self._ttl, note]
+        args: list[Any] = [self._cap, self._ttl, note, len(writes)]
+        for write in writes:
+            keys.append(write.key)
+            args += [write.text, write.ttl_seconds]
         for event in events:
             streams = [s.name(self._ns) for s in event.streams()]
             keys += streams

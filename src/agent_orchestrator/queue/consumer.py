@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.aio import cancel_and_wait
 from agent_orchestrator.db.tables import TaskRow
-from agent_orchestrator.events.bus import EventBus, Handover
+from agent_orchestrator.events.bus import EventBus, Handover, KeyWrite
 from agent_orchestrator.events.models import Event
 from agent_orchestrator.models.task import TaskErrorInfo, TaskStatus
 from agent_orchestrator.observability.logging import get_logger
@@ -114,18 +115,23 @@ class TaskContext:
             data=data,
         )
 
-    async def publish(self, events: list[Event], handover: Handover | None = None) -> list[Event]:
+    async def publish(
+        self,
+        events: list[Event],
+        handover: Handover | None = None,
+        writes: Sequence[KeyWrite] = (),
+    ) -> list[Event]:
         """Events published together (one round trip on Redis), in order, after `running`
-        and after the progress change waiting, if any."""
+        and after the progress change waiting, if any; `writes` are set before them."""
         await self._after_announced()
         pending = []
         if self._progress_due is not None:
             self._progress_due.cancel()
             self._progress_due = None
             pending.append(status_event(self.task))
-        if not pending and not events:
+        if not pending and not events and not writes:
             return []
-        published = await self.bus.publish_many(pending + events, handover)
+        published = await self.bus.publish_many(pending + events, handover, writes)
         return published[len(pending) :]
 
     async def _after_announced(self) -> None:
@@ -257,13 +263,15 @@ class TaskRunner:
         # future, and a lost `running` or session event (Redis away) must not keep the
         # attempt from being recorded; the ledger holds the state either way.
         events = [self.ledger.announcement(task)]
+        writes: list[KeyWrite] = []
         if after is not None:
             try:
-                events += await after()
+                more, writes = await after()
+                events += more
             except Exception as error:  # the task's own `running` goes out all the same
                 log.warning("claim follow-up failed", error=str(error))
         try:
-            await self.bus.publish_many(events)
+            await self.bus.publish_many(events, writes=writes)
         except Exception as error:
             log.warning("could not announce the claimed task", error=str(error))
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.db.tables import TaskRow
+from agent_orchestrator.events.bus import KeyWrite
 from agent_orchestrator.events.models import Event
 
 if TYPE_CHECKING:
@@ -20,8 +21,9 @@ Handler = Callable[["TaskContext"], Coroutine[Any, Any, dict[str, Any] | None]]
 #: cancelled or timed out), once its state is committed: e.g. to wake the session's next turn.
 SettledHook = Callable[[TaskRow], Coroutine[Any, Any, None]]
 #: Awaited after the claim's commit; returns events to publish right after `running`, in
-#: the same publish (one round trip on Redis), before the handler's first event.
-ClaimFollowUp = Callable[[], Coroutine[Any, Any, list[Event]]]
+#: the same publish (one round trip on Redis), before the handler's first event, and the
+#: keys that publish sets first (a session's hot copy).
+ClaimFollowUp = Callable[[], Coroutine[Any, Any, tuple[list[Event], list[KeyWrite]]]]
 #: Runs on the claim's database session once the task is `running` (see
 #: `TaskLedger.claim_then`): writes that begin with the attempt (chat marks its session
 #: `processing`) cost no session of their own.

@@ -204,7 +204,11 @@ class ChatOrchestrator:
             return Submitted(self._same_request(principal, task, request), created=False)
         if request.session_id is None:
             await self.sessions.create(
-                uow, principal, SessionCreate(agent_id=agent_id), session_id=session_id
+                uow,
+                principal,
+                SessionCreate(agent_id=agent_id),
+                session_id=session_id,
+                hot_copy=False,  # the worker writes it as it claims the turn
             )
         # Its id is the new task's: no earlier attempt can have stored it.
         message = MESSAGES.new(

@@ -10,6 +10,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from agent_orchestrator.events.bus import KeyWrite
 from agent_orchestrator.models.session import Session
 from agent_orchestrator.observability.logging import get_logger
 
@@ -26,6 +27,11 @@ def _key(tenant_id: str, session_id: str, namespace: str = "orchestrator") -> st
 class SessionCache(Protocol):
     async def get(self, tenant_id: str, session_id: str) -> Session | None: ...
     async def put(self, session: Session, ttl_seconds: int) -> None: ...
+    async def put_later(self, session: Session, ttl_seconds: int) -> KeyWrite | None:
+        """`put` for a caller that publishes events next: the write for it to hand to
+        the event bus (one round trip for both on Redis), or None when it is done."""
+        ...
+
     async def drop(self, tenant_id: str, session_id: str) -> None: ...
 
 
@@ -56,6 +62,10 @@ class MemorySessionCache:
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
+    async def put_later(self, session: Session, ttl_seconds: int) -> KeyWrite | None:
+        await self.put(session, ttl_seconds)  # in-process: nothing to save by waiting
+        return None
+
     async def drop(self, tenant_id: str, session_id: str) -> None:
         self._entries.pop(_key(tenant_id, session_id), None)
 
@@ -72,6 +82,10 @@ class RedisSessionCache:
             log.warning("session hot copy unavailable; reading the database", error=str(error))
             return None
         return Session.model_validate_json(raw) if raw else None
+
+    async def put_later(self, session: Session, ttl_seconds: int) -> KeyWrite:
+        key = _key(session.tenant_id, str(session.id), self._namespace)
+        return KeyWrite(key, session.model_dump_json(), ttl_seconds)
 
     async def put(self, session: Session, ttl_seconds: int) -> None:
         key = _key(session.tenant_id, str(session.id), self._namespace)

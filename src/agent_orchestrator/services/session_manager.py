@@ -24,6 +24,7 @@ from agent_orchestrator.db.repositories.sessions import (
 from agent_orchestrator.db.tables import MessageRow, SessionRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import NotFound, ServiceError
+from agent_orchestrator.events.bus import KeyWrite
 from agent_orchestrator.ids import new_id
 from agent_orchestrator.models.pagination import Page
 from agent_orchestrator.models.principal import Principal, PrincipalKind, Scope
@@ -149,7 +150,11 @@ class SessionManager:
         body: SessionCreate,
         *,
         session_id: uuid.UUID | None = None,
+        hot_copy: bool = True,
     ) -> Session:
+        """A new session. `hot_copy=False` writes no hot copy: for the session of a chat
+        turn, whose worker writes one as it claims the turn (`processing`); one written
+        here, after the turn's enqueue, could land after that and say `active`."""
         now = utcnow()
         row = SESSIONS.new(
             id=session_id or new_id(),
@@ -167,6 +172,8 @@ class SessionManager:
             uow.insert_at_commit(SESSIONS, row)  # nothing reads it back before the commit
             audit.record(uow, principal, "session.create", "session", str(row.id))
         SESSIONS_CREATED.inc()
+        if not hot_copy:
+            return to_session(row, now)
         return self._after_write(uow, row, now)
 
     async def update(
@@ -223,8 +230,15 @@ class SessionManager:
         values = {"state": target.value, "last_activity_at": now, "expires_at": now + self.ttl}
         return transition_call(tenant_id, session_id, sources, now, values)
 
-    async def refresh_hot_copy(self, session: Session) -> None:
-        await self._cache(session, utcnow())
+    async def hot_copy_write(self, session: Session) -> KeyWrite | None:
+        """The session's hot copy, for a caller that publishes events next and hands them
+        this write (None: written already, or nothing to write)."""
+        now = utcnow()
+        remaining = int((session.expires_at - now).total_seconds())
+        if session.state is SessionState.CLOSED or remaining <= 0:
+            await self._cache(session, now)
+            return None
+        return await self.cache.put_later(session, remaining)
 
     # --- helpers ----------------------------------------------------------------------
     async def _load(

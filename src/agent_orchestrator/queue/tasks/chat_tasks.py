@@ -23,7 +23,7 @@ from agent_orchestrator.db.repositories.tasks import CALLS
 from agent_orchestrator.db.repositories.turn_end import end_turn
 from agent_orchestrator.db.tables import MessageRow, ServiceCallRow, TaskRow
 from agent_orchestrator.db.types import utcnow
-from agent_orchestrator.events.bus import EventBus
+from agent_orchestrator.events.bus import EventBus, KeyWrite
 from agent_orchestrator.events.models import Event, EventType
 from agent_orchestrator.ids import new_id
 from agent_orchestrator.models.agent import AgentConfig, ReplyChunk, Source
@@ -205,13 +205,15 @@ class ChatTurn:
                 "degraded": degraded,
             },
         )
-        # One publish for the turn's last events (a round trip each on Redis otherwise);
-        # the session's announcement writes its hot copy first.
+        # One publish for the turn's last events (a round trip each on Redis otherwise),
+        # which sets the session's hot copy first.
         events = [completed, self.ledger.announcement(row)]
+        writes: list[KeyWrite] = []
         if session is not None:
             self._freed.add(task.id)
-            events.append(await self._session_announcement(task, session))
-        await ctx.publish(events, handover)
+            event, writes = await self._session_announcement(task, session)
+            events.append(event)
+        await ctx.publish(events, handover, writes)
 
     async def claimed(self, db: AsyncSession, task: TaskRow) -> ClaimFollowUp | None:
         """In the claim's transaction: the session is `processing` from the moment the
@@ -224,8 +226,9 @@ class ChatTurn:
         if session is None:
             return None
 
-        async def announce() -> list[Event]:
-            return [await self._session_announcement(task, session)]
+        async def announce() -> tuple[list[Event], list[KeyWrite]]:
+            event, writes = await self._session_announcement(task, session)
+            return [event], writes
 
         return announce
 
@@ -248,18 +251,23 @@ class ChatTurn:
             await self._announce_session(task, session)
 
     async def _announce_session(self, task: TaskRow, session: Session) -> None:
-        await self.bus.publish(await self._session_announcement(task, session))
+        event, writes = await self._session_announcement(task, session)
+        await self.bus.publish_many([event], writes=writes)
 
-    async def _session_announcement(self, task: TaskRow, session: Session) -> Event:
-        """The session's new state as an event to publish, its hot copy written first: a
-        client that sees the event reads the same state."""
-        await self.sessions.refresh_hot_copy(session)
-        return Event(
+    async def _session_announcement(
+        self, task: TaskRow, session: Session
+    ) -> tuple[Event, list[KeyWrite]]:
+        """The session's new state as an event to publish, and its hot copy for the same
+        publish to write first (or written already): a client that sees the event reads
+        the same state."""
+        write = await self.sessions.hot_copy_write(session)
+        event = Event(
             type=EventType.SESSION_STATE,
             tenant_id=task.tenant_id,
             session_id=str(task.session_id),
             data={"state": session.state.value, "task_id": str(task.id)},
         )
+        return event, [] if write is None else [write]
 
     def _check_requirements(self, outcome: StepOutcome) -> None:
         agent = outcome.output
