@@ -395,8 +395,8 @@ class TaskRunner:
                 return
 
 
-#: A handler that wrote its terminal state itself (in its own final transaction, via
-#: `ledger.finish(..., db=...)`) returns this so the runner does not write it again.
+#: A handler that wrote its terminal state itself (with its own final writes, via
+#: `ledger.finishing`) returns this so the runner does not write it again.
 _ALREADY_FINISHED: Any = object()
 ALREADY_FINISHED = _ALREADY_FINISHED
 

@@ -1,9 +1,9 @@
 """The chat task: run the chat plan, stream the reply, write it once, free the session.
 
-The reply, the task's terminal status and the session's return to `active` commit in one
-transaction; the reply's id is derived from the task, and messages allow one assistant
-reply per task, so however often the task runs (retries, a worker killed mid-turn) the
-conversation holds one answer.
+The reply, the task's terminal status and the session's return to `active` are written
+all or nothing (db/repositories/turn_end.py); the reply's id is derived from the task,
+and messages allow one assistant reply per task, so however often the task runs
+(retries, a worker killed mid-turn) the conversation holds one answer.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class ChatTurn:
     ledger: TaskLedger
     bus: EventBus
     remote_conversation: bool
-    #: turns whose session went back to `active` in their final transaction: `settled`
+    #: turns whose session went back to `active` with their end (turn_end.py): `settled`
     #: need not write it again. An id outlives its turn only when the worker stops
     #: between that commit and the hook (shutdown), which leaves a few bytes behind.
     _freed: set[uuid.UUID] = field(default_factory=set)
@@ -303,7 +303,7 @@ def _service_call(task: TaskRow, outcome: StepOutcome) -> ServiceCallRow:
 
 
 def _finished(task: TaskRow, steps: list[ServiceCallRow], reply: MessageRow) -> ChatResponse:
-    """The `mode=wait` answer from the rows the final transaction wrote, in the order and
+    """The `mode=wait` answer from the rows the turn's end wrote, in the order and
     shape of `TaskLedger.view` and the reply lookup."""
     calls = sorted(steps, key=lambda call: (call.started_at, call.step))
     return ChatResponse(task=to_view(task, calls), message=to_message(reply))
