@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 
 from agent_orchestrator.config import Settings
@@ -104,6 +105,32 @@ async def test_wait_answer_is_what_the_ledger_holds_and_needs_no_read_back(
         "knowledge",
         "generate",
     ]
+
+
+async def test_a_new_wait_turn_is_followed_live_and_a_repeat_from_its_log(
+    client: httpx.AsyncClient, make_token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new turn's events are followed from before the commit that publishes its first
+    one, so nothing is read back from the log (an XRANGE on Redis); the repeat of a key,
+    whose task may have finished long ago, reads the log and gets the same answer."""
+    bus = client.app.state.core.bus  # type: ignore[attr-defined]
+    replays: list[str] = []
+    original = bus.replay
+
+    async def counted(stream: StreamKey, after: int | None, limit: int) -> Any:
+        replays.append(stream.resource_id)
+        return await original(stream, after, limit)
+
+    monkeypatch.setattr(bus, "replay", counted)
+    headers = {**auth(make_token()), "Idempotency-Key": "wait-once"}
+    first = await chat(client, headers, expect=200, message="follow me", mode="wait")
+    assert first["task"]["status"] == "succeeded"
+    assert replays == []
+
+    again = await chat(client, headers, expect=200, message="follow me", mode="wait")
+    assert again["task"]["id"] == first["task"]["id"]
+    assert again["message"] == first["message"]
+    assert replays == [first["task"]["id"]]
 
 
 def _statement_kinds(text: str) -> list[tuple[str, str]]:

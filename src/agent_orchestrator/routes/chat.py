@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Response
@@ -12,7 +13,8 @@ from pydantic import BaseModel
 
 from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.repositories.messages import MessageRepository
-from agent_orchestrator.events.models import StreamKey, ends_task_stream
+from agent_orchestrator.db.tables import TaskRow
+from agent_orchestrator.events.models import Event, StreamKey, ends_task_stream
 from agent_orchestrator.middleware.auth import require_scope
 from agent_orchestrator.models.chat import ChatAccepted, ChatMode, ChatRequest, ChatResponse
 from agent_orchestrator.models.principal import Principal, Scope
@@ -51,43 +53,53 @@ async def chat(
     # the rest of the route's dependencies together, on the path every turn takes.
     # Leaving the block commits, before the task is followed or the answer is sent.
     expected: uuid.UUID | None = None
-    try:
-        async with UnitOfWork(state.db_factory) as uow:
-            submitted = await state.orchestrator.submit(uow, principal, body, idempotency_key)
-            task = submitted.task
-            if body.mode is ChatMode.WAIT:
-                # Before the commit, whose hook enqueues the turn: a worker of this
-                # process may finish it before the commit returns.
-                expected = task.id
-                state.turn_results.expect(expected)
-        assert task.session_id is not None
-        if body.mode is ChatMode.ASYNC:
-            accepted = ChatAccepted(
-                task_id=task.id,
-                session_id=task.session_id,
-                status=task.status,
-                events_url=f"/api/v1/tasks/{task.id}/events",
-            )
-            return _json(accepted, 202)
-        stream = StreamKey("task", task.tenant_id, str(task.id))
-        if body.mode is ChatMode.STREAM:
-            return sse_response(
-                event_frames(
-                    state.bus,
-                    stream,
-                    None,
-                    is_last=ends_task_stream,
-                    keepalive_seconds=state.settings.sse_keepalive_seconds,
+    async with contextlib.AsyncExitStack() as following:
+        followed: AsyncIterator[Event] | None = None
+        try:
+            async with UnitOfWork(state.db_factory) as uow:
+                submitted = await state.orchestrator.submit(uow, principal, body, idempotency_key)
+                task = submitted.task
+                if body.mode is ChatMode.WAIT:
+                    # Before the commit, whose hook enqueues the turn: a worker of this
+                    # process may finish it before the commit returns.
+                    expected = task.id
+                    state.turn_results.expect(expected)
+                    if submitted.created:
+                        # Followed from before its first event, which the commit's hook
+                        # publishes: nothing to replay (a round trip to Redis saved).
+                        live = state.bus.subscribe(_task_stream(task), replay=False)
+                        followed = await following.enter_async_context(live)
+            assert task.session_id is not None
+            if body.mode is ChatMode.ASYNC:
+                accepted = ChatAccepted(
+                    task_id=task.id,
+                    session_id=task.session_id,
+                    status=task.status,
+                    events_url=f"/api/v1/tasks/{task.id}/events",
                 )
-            )
-        await _wait_until_settled(state, stream)
-    finally:
-        handed_over = state.turn_results.take(expected) if expected is not None else None
+                return _json(accepted, 202)
+            if body.mode is ChatMode.STREAM:
+                return sse_response(
+                    event_frames(
+                        state.bus,
+                        _task_stream(task),
+                        None,
+                        is_last=ends_task_stream,
+                        keepalive_seconds=state.settings.sse_keepalive_seconds,
+                    )
+                )
+            await _wait_until_settled(state, _task_stream(task), followed)
+        finally:
+            handed_over = state.turn_results.take(expected) if expected is not None else None
     if handed_over is not None:
         CHAT_WAIT_ANSWERS.labels("handed_over").inc()
         return Response(handed_over, status_code=200, media_type="application/json")
     CHAT_WAIT_ANSWERS.labels("read_back").inc()
     return _json(await _finished_turn(state, principal, task.id), 200)
+
+
+def _task_stream(task: TaskRow) -> StreamKey:
+    return StreamKey("task", task.tenant_id, str(task.id))
 
 
 @router.post("/{task_id}/cancel", status_code=202)
@@ -103,15 +115,26 @@ def _json(body: BaseModel, status: int) -> Response:
     return Response(body.model_dump_json(), status_code=status, media_type="application/json")
 
 
-async def _wait_until_settled(state: AppState, stream: StreamKey) -> None:
-    """Follow the task's events until a terminal status, for at most TASK_TIMEOUT plus
-    the time a lost worker takes to be noticed."""
+async def _wait_until_settled(
+    state: AppState, stream: StreamKey, followed: AsyncIterator[Event] | None
+) -> None:
+    """Follow the task's events (`followed`, or the stream from its start) until a
+    terminal status, for at most TASK_TIMEOUT plus the time a lost worker takes to be
+    noticed."""
     bound = state.settings.task_timeout + state.settings.lease_ttl + 5
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(bound), state.bus.subscribe(stream) as events:
-            async for event in events:
-                if ends_task_stream(event):
-                    return
+        async with asyncio.timeout(bound):
+            if followed is not None:
+                await _until_terminal(followed)
+                return
+            async with state.bus.subscribe(stream) as events:
+                await _until_terminal(events)
+
+
+async def _until_terminal(events: AsyncIterator[Event]) -> None:
+    async for event in events:
+        if ends_task_stream(event):
+            return
 
 
 async def _finished_turn(state: AppState, principal: Principal, task_id: uuid.UUID) -> ChatResponse:
