@@ -92,19 +92,6 @@ class SessionRepository:
         rows = list((await self.db.execute(query)).scalars())
         return split_page(rows, limit, lambda row: (row.created_at, row.id))
 
-    async def transition(
-        self,
-        tenant_id: str,
-        session_id: uuid.UUID,
-        *,
-        sources: list[str],
-        live_at: datetime,
-        values: dict[str, Any],
-    ) -> SessionRow | None:
-        """Move a session that is in one of `sources` and not expired at `live_at`."""
-        bound = transition_call(tenant_id, session_id, sources, live_at, values)
-        return await SESSIONS.one(self.db, *bound)
-
     async def update(self, row: SessionRow, **values: Any) -> SessionRow:
         """Write `values` (attribute names) to a session the caller loaded, and to `row`."""
         await self._write(row.tenant_id, row.id, (), values, None)
@@ -131,8 +118,9 @@ def transition_call(
     live_at: datetime,
     values: dict[str, Any],
 ) -> Bound:
-    """`SessionRepository.transition`'s UPDATE ... RETURNING and its parameters, for a
-    caller that sends it with other statements (turn_end.py)."""
+    """UPDATE ... RETURNING of a session that is in one of `sources` and not expired at
+    `live_at`, with its parameters: run it with `SESSIONS.one`, or send it with other
+    statements (turn_end.py)."""
     return _update_call(tenant_id, session_id, tuple(sources), values, live_at)
 
 
