@@ -375,9 +375,11 @@ class TaskLedger:
     ) -> Bound:
         """`finish`'s statement, for a handler that writes it with its own final writes
         (db/repositories/turn_end.py); it then calls `announce` itself."""
-        values = {"status": status.value, **_finished_values(task, status, result, error)}
-        owned = Guard(lease_owner=worker_id)
-        return transition_call(task.tenant_id, task.id, sources_of(status), values, owned)
+        values = _terminal_values(status, utcnow())
+        values.update(
+            result=result, error=error.model_dump() if error else None, progress=task.progress
+        )
+        return _owned(task, worker_id, status, values)
 
     async def announce(self, row: TaskRow) -> None:
         """Publish a committed state change (and count a finished task)."""
@@ -532,9 +534,8 @@ class TaskLedger:
         db: AsyncSession | None = None,
         same_state: list[str] | None = None,
     ) -> TaskRow | None:
-        values = {"status": target.value, **values}
-        sources = same_state or sources_of(target)
-        return await self._run(transition_call(tenant_id, task_id, sources, values, guard), db)
+        transition = _transition(tenant_id, task_id, target, values, guard, same_state)
+        return await self._run(transition, db)
 
     async def _run(self, transition: Bound, db: AsyncSession | None = None) -> TaskRow | None:
         """A task's transition, on `db` or in a session of its own."""
@@ -548,8 +549,26 @@ class TaskLedger:
     async def _write_owned(
         self, task: TaskRow, worker_id: str, target: TaskStatus, values: dict[str, Any]
     ) -> TaskRow | None:
-        owned = Guard(lease_owner=worker_id)
-        return await self._write(task.tenant_id, task.id, target, values, owned)
+        return await self._run(_owned(task, worker_id, target, values))
+
+
+def _transition(
+    tenant_id: str,
+    task_id: uuid.UUID,
+    target: TaskStatus,
+    values: dict[str, Any],
+    guard: Guard = Guard(),
+    same_state: list[str] | None = None,
+) -> Bound:
+    """A move to `target` from its allowed source states (or, with `same_state`, a write
+    that keeps the state), as a statement."""
+    values = {"status": target.value, **values}
+    return transition_call(tenant_id, task_id, same_state or sources_of(target), values, guard)
+
+
+def _owned(task: TaskRow, worker_id: str, target: TaskStatus, values: dict[str, Any]) -> Bound:
+    """A transition only the lease holder may make, as a statement."""
+    return _transition(task.tenant_id, task.id, target, values, Guard(lease_owner=worker_id))
 
 
 def _terminal_values(status: TaskStatus, now: datetime) -> dict[str, Any]:
@@ -560,19 +579,6 @@ def _terminal_values(status: TaskStatus, now: datetime) -> dict[str, Any]:
         "lease_owner": None,
         "lease_expires_at": None,
     }
-
-
-def _finished_values(
-    task: TaskRow,
-    status: TaskStatus,
-    result: dict[str, Any] | None,
-    error: TaskErrorInfo | None,
-) -> dict[str, Any]:
-    values = _terminal_values(status, utcnow())
-    values.update(
-        result=result, error=error.model_dump() if error else None, progress=task.progress
-    )
-    return values
 
 
 def _unleased(now: datetime) -> dict[str, Any]:
