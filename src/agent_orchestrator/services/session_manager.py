@@ -233,12 +233,7 @@ class SessionManager:
     async def hot_copy_write(self, session: Session) -> KeyWrite | None:
         """The session's hot copy, for a caller that publishes events next and hands them
         this write (None: written already, or nothing to write)."""
-        now = utcnow()
-        remaining = int((session.expires_at - now).total_seconds())
-        if session.state is SessionState.CLOSED or remaining <= 0:
-            await self._cache(session, now)
-            return None
-        return await self.cache.put_later(session, remaining)
+        return await self._cache(session, utcnow(), later=True)
 
     # --- helpers ----------------------------------------------------------------------
     async def _load(
@@ -270,13 +265,21 @@ class SessionManager:
         uow.after_commit(refresh_hot_copy)
         return session
 
-    async def _cache(self, session: Session, now: datetime) -> None:
+    async def _cache(
+        self, session: Session, now: datetime, *, later: bool = False
+    ) -> KeyWrite | None:
+        """Refresh the hot copy: none for a closed session, the remaining lifetime as its
+        TTL. `later`: the write is handed back when the cache can wait for a publish."""
         if session.state is SessionState.CLOSED:
             await self.cache.drop(session.tenant_id, str(session.id))
-            return
+            return None
         remaining = int((session.expires_at - now).total_seconds())
-        if remaining > 0:
-            await self.cache.put(session, remaining)
+        if remaining <= 0:
+            return None
+        if later:
+            return await self.cache.put_later(session, remaining)
+        await self.cache.put(session, remaining)
+        return None
 
     @asynccontextmanager
     async def _audited(
