@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Insert, Table, bindparam, insert
+from sqlalchemy import Insert, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.db.driver_session import DriverSession
@@ -28,7 +28,7 @@ from agent_orchestrator.db.tables import Base
 
 #: Rows of one table, in the order they were held.
 Group = tuple[RowCodec[Any], list[Base]]
-_Shape = tuple[tuple[Table, int], ...]
+_Shape = tuple[tuple[RowCodec[Any], int], ...]
 
 #: Statements kept per shape (tables and row counts): a request writes one of a few.
 MAX_SHAPES = 64
@@ -53,40 +53,33 @@ async def insert_held(db: AsyncSession, groups: list[Group]) -> None:
     groups = [(codec, rows) for codec, rows in groups if rows]
     if not groups:
         return
-    statement = _statement(groups) if isinstance(db, DriverSession) else None
-    if statement is None:
-        for codec, rows in groups:
-            await codec.add(db, *rows)
+    if isinstance(db, DriverSession) and (statement := _statement(groups)) is not None:
+        params: dict[str, Any] = {}
+        for k, (codec, rows) in enumerate(groups):
+            for i, row in enumerate(rows):
+                params.update(codec.prefixed(row, _prefix(k, i)))
+        await db.execute_last(statement, params)
         return
-    assert isinstance(db, DriverSession)
-    params: dict[str, Any] = {}
-    for k, (codec, rows) in enumerate(groups):
-        for i, row in enumerate(rows):
-            for column, value in codec.values(row).items():
-                params[f"w{k}_{i}_{column}"] = value
-    await db.execute_last(statement, params)
+    for codec, rows in groups:
+        await codec.add(db, *rows)
+
+
+def _prefix(group: int, row: int) -> str:
+    return f"w{group}_{row}_"
 
 
 def _statement(groups: list[Group]) -> Insert | None:
-    shape = tuple((codec.table, len(rows)) for codec, rows in groups)
+    shape = tuple((codec, len(rows)) for codec, rows in groups)
     found = _statements.get(shape)
     if found is not None:
         return found
     if len(_statements) >= MAX_SHAPES:
         return None
-    if sum(len(table.c) * count for table, count in shape) > MAX_PARAMETERS:
+    if sum(len(codec.columns) * count for codec, count in shape) > MAX_PARAMETERS:
         return None
     parts = [
-        insert(table).values(
-            [
-                {
-                    column.name: bindparam(f"w{k}_{i}_{column.name}", type_=column.type)
-                    for column in table.c
-                }
-                for i in range(count)
-            ]
-        )
-        for k, (table, count) in enumerate(shape)
+        insert(codec.table).values([codec.bound_row(_prefix(k, i)) for i in range(count)])
+        for k, (codec, count) in enumerate(shape)
     ]
     statement = parts[-1]
     for k, part in enumerate(parts[:-1]):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import Executable, Insert, Table, insert, inspect
+from sqlalchemy import BindParameter, Executable, Insert, Table, bindparam, insert, inspect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.db.prepared import hot
@@ -43,6 +43,18 @@ class RowCodec(Generic[RowT]):
         the descriptor gives it on such a row."""
         held = row.__dict__
         return {column: held.get(attr) for attr, column in self._pairs}
+
+    def bound_row(self, prefix: str) -> dict[str, BindParameter[Any]]:
+        """Column -> a bind parameter named `prefix + column`, in the table's order: one
+        row of a statement that writes several rows, or several tables' rows, at once
+        (held_inserts.py, turn_end.py). `prefixed` gives a row's values for it."""
+        return {
+            column.key: bindparam(prefix + column.key, type_=column.type) for column in self.columns
+        }
+
+    def prefixed(self, row: RowT, prefix: str) -> dict[str, Any]:
+        """`values`, each named as `bound_row(prefix)` names its parameter."""
+        return {prefix + column: value for column, value in self.values(row).items()}
 
     def column_values(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Attribute names (as callers know them) -> column names (as UPDATE takes them)."""

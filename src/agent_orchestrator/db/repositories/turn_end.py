@@ -45,6 +45,7 @@ from sqlalchemy.sql import visitors
 from agent_orchestrator.db.driver_session import DriverSession
 from agent_orchestrator.db.prepared import Bound, hot
 from agent_orchestrator.db.repositories.messages import MESSAGES, MessageRepository
+from agent_orchestrator.db.repositories.rows import RowCodec
 from agent_orchestrator.db.repositories.sessions import SESSIONS
 from agent_orchestrator.db.repositories.tasks import CALLS, TASKS, TaskRepository, upsert_set
 from agent_orchestrator.db.tables import MessageRow, ServiceCallRow, SessionRow, TaskRow
@@ -112,8 +113,8 @@ async def _in_one_statement(
     params = dict(task_params)
     params.update({_SESSION_PREFIX + name: value for name, value in session_params.items()})
     for i, call in enumerate(calls):
-        params.update({f"c{i}_{name}": value for name, value in CALLS.values(call).items()})
-    params.update({f"m_{name}": value for name, value in MESSAGES.values(reply).items()})
+        params.update(CALLS.prefixed(call, f"c{i}_"))
+    params.update(MESSAGES.prefixed(reply, "m_"))
     result = await db.execute_last(statement, params)
     await db.commit()
     found = result.one_or_none()
@@ -141,7 +142,7 @@ def _statement(task: Update, session: Update, calls: int) -> Select[Any]:
 def _build(task: Update, session: Update, calls: int) -> Select[Any]:
     t = task.cte("t")
     task_applied = exists(select(literal(1)).select_from(t))
-    m = _guarded_insert(MESSAGES.table, ["m_"], task_applied)
+    m = _guarded_insert(MESSAGES, ["m_"], task_applied)
     m = m.on_conflict_do_nothing().returning(MESSAGES.columns.id).cte("m")
     s = _renamed(session, _SESSION_PREFIX).where(task_applied).cte("s")
     stored = select(func.count()).select_from(m).scalar_subquery().label("reply_stored")
@@ -149,7 +150,7 @@ def _build(task: Update, session: Update, calls: int) -> Select[Any]:
     columns += [column.label(_SESSION_COLUMN + column.key) for column in s.c]
     statement = select(*columns).select_from(t.outerjoin(s, true())).add_cte(m)
     if calls:
-        c = _guarded_insert(CALLS.table, [f"c{i}_" for i in range(calls)], task_applied)
+        c = _guarded_insert(CALLS, [f"c{i}_" for i in range(calls)], task_applied)
         index = [CALLS.columns.task_id, CALLS.columns.step]
         statement = statement.add_cte(
             c.on_conflict_do_update(index_elements=index, set_=upsert_set(c)).cte("c")
@@ -157,16 +158,11 @@ def _build(task: Update, session: Update, calls: int) -> Select[Any]:
     return statement
 
 
-def _guarded_insert(table: Any, prefixes: list[str], guard: ColumnElement[bool]) -> Any:
+def _guarded_insert(codec: RowCodec[Any], prefixes: list[str], guard: ColumnElement[bool]) -> Any:
     """INSERT INTO table SELECT <one row of parameters per prefix> WHERE guard."""
-    rows = [
-        select(*[bindparam(prefix + column.name, type_=column.type) for column in table.c]).where(
-            guard
-        )
-        for prefix in prefixes
-    ]
+    rows = [select(*codec.bound_row(prefix).values()).where(guard) for prefix in prefixes]
     source = rows[0] if len(rows) == 1 else union_all(*rows)
-    return pg_insert(table).from_select([column.name for column in table.c], source)
+    return pg_insert(codec.table).from_select([column.key for column in codec.columns], source)
 
 
 def _renamed(statement: Update, prefix: str) -> Update:
