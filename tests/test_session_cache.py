@@ -149,12 +149,26 @@ async def test_a_turns_session_events_find_the_hot_copy_already_in_their_state(
 
 @pytest.mark.parametrize("backend", ["postgresql"])
 async def test_a_session_made_by_a_chat_turn_gets_its_hot_copy_from_the_worker(
-    client: httpx.AsyncClient, make_token: TokenFactory, settings: Settings
+    client: httpx.AsyncClient,
+    make_token: TokenFactory,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The API writes none for it (it could land after the worker's `processing`); the
-    worker's claim and the turn's end do, so the copy is there and says `active`."""
+    worker's claim and the turn's end do, with their events' publishes, so the copy is
+    there and says `active`."""
+    cache = client.app.state.core.sessions.cache  # type: ignore[attr-defined]
+    written_alone: list[str] = []
+    put = cache.put
+
+    async def noted_put(session: Any, ttl_seconds: int) -> None:
+        written_alone.append(str(session.id))
+        await put(session, ttl_seconds)
+
+    monkeypatch.setattr(cache, "put", noted_put)
     headers = auth(make_token(tenant="tenant-a"))
     body = await chat(client, headers, expect=200, message="hi", mode="wait")
+    assert written_alone == []  # no SET of its own, from the API or the worker
     key = f"{settings.redis_namespace}:session:tenant-a:{body['task']['session_id']}"
     async with Redis.from_url(REDIS_URL) as redis:
         copy = json.loads(await redis.get(key) or b"null")
