@@ -22,6 +22,10 @@ _SCHEMA = (
 
 async def _record_run(ctx: TaskContext) -> None:
     async with ctx.db_factory() as db:
+        if db.get_bind().dialect.name == "postgresql":
+            # Two CREATE TABLE IF NOT EXISTS at once can both try to create the table's
+            # type, and one fails (pg_type's unique index): one creator at a time.
+            await db.execute(text("SELECT pg_advisory_xact_lock(4242)"))
         for statement in _SCHEMA:
             await db.execute(text(statement))
         await db.execute(
