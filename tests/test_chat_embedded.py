@@ -28,6 +28,8 @@ from agent_orchestrator.config import Settings
 from agent_orchestrator.db.repositories.audit import AuditRepository
 from agent_orchestrator.db.tables import MessageRow, SessionRow, TaskRow
 from agent_orchestrator.events.models import EventType, StreamKey
+from agent_orchestrator.queue import producer
+from agent_orchestrator.queue.base import Delivery
 from tests.chat_helpers import (
     CHAT,
     SESSIONS,
@@ -163,9 +165,8 @@ WAIT_TURN_WORK = [
         ("insert", "messages"),
         ("insert", "audit_entries"),
     ],
-    # the claim: the task, then its session
-    [("update", "tasks")],
-    [("update", "sessions")],
+    # the claim: the task and its session (db/repositories/task_session.py)
+    [("update", "tasks"), ("update", "sessions")],
     # the plan's reads: history and agent, concurrently
     [("select", "messages")],
     [("select", "agents")],
@@ -567,6 +568,27 @@ async def test_agent_with_knowledge_and_no_query_service_degrades(
         assert warnings[0].data["error"]["code"] == "service_unavailable"
         kinds = [event.type for event in events]
         assert kinds.index(EventType.SYSTEM_WARNING) < kinds.index(EventType.CHAT_COMPLETED)
+
+
+async def test_a_turn_queued_by_an_earlier_version_still_marks_its_session(
+    client: httpx.AsyncClient, make_token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery from before deliveries named their task's kind and session (queued
+    across an upgrade): the claim cannot carry the session's change, which follows it."""
+
+    def earlier_delivery(row: TaskRow) -> Delivery:
+        return Delivery(str(row.id), row.tenant_id, row.queue, row.delivery)
+
+    monkeypatch.setattr(producer, "delivery_of", earlier_delivery)
+    headers = auth(make_token(tenant="tenant-a"))
+    turn = await chat(client, headers, expect=200, message="from before", mode="wait")
+    assert turn["task"]["status"] == "succeeded"
+    session_id = turn["task"]["session_id"]
+    deadline = time.monotonic() + 5
+    while len(states := await _session_states(client, "tenant-a", session_id)) < 2:
+        assert time.monotonic() < deadline, states
+        await asyncio.sleep(0.02)
+    assert states == ["processing", "active"]
 
 
 async def _session_states(client: httpx.AsyncClient, tenant: str, session_id: str) -> list[str]:

@@ -20,12 +20,13 @@ from typing import Any
 
 import pytest
 
-from agent_orchestrator.db.tables import TaskRow
+from agent_orchestrator.db.tables import SessionRow, TaskRow
+from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.models.task import TaskStatus
 from agent_orchestrator.queue.base import Delivery
 from agent_orchestrator.queue.consumer import TaskContext, TaskRunner
-from agent_orchestrator.queue.registry import HandlerRegistry, TaskFailure
-from agent_orchestrator.services.task_ledger import Renewal
+from agent_orchestrator.queue.registry import HandlerRegistry, SessionOnClaim, TaskFailure
+from agent_orchestrator.services.task_ledger import Claim, Renewal
 
 
 @dataclass
@@ -45,13 +46,11 @@ class FakeLedger:
         self.renewals = 0
         self.announce_seconds = announce_seconds
         self.announce_fails = announce_fails
-        #: what the claim hook hands back (see TaskLedger.claim_then)
-        self.follow_up: Any = None
+        #: the session row the claim moved, if any (see TaskLedger.claim)
+        self.session: SessionRow | None = None
 
-    async def claim_then(
-        self, tenant_id: str, task_id: uuid.UUID, worker_id: str, then: Any = None
-    ) -> tuple[TaskRow, Any]:
-        return self.task, self.follow_up
+    async def claim(self, tenant_id: str, task_id: uuid.UUID, worker_id: str, *_: Any) -> Claim:
+        return Claim(self.task, self.session, utcnow())
 
     def announcement(self, task: TaskRow) -> RunningEvent:
         return RunningEvent(self.announce_seconds, self.announce_fails)
@@ -95,7 +94,7 @@ class FakeBus:
 
 class Received:
     def __init__(self, task: TaskRow, *, swallow_in_heartbeat: bool = False) -> None:
-        self.delivery = Delivery(str(task.id), task.tenant_id, "interactive", 1)
+        self.delivery = Delivery(str(task.id), task.tenant_id, "interactive", 1, task.kind)
         self.swallow = swallow_in_heartbeat
         self.in_heartbeat = asyncio.Event()
 
@@ -111,7 +110,11 @@ class Received:
 
 
 def make_runner(
-    handler: Any, *, task_timeout: float = 30.0, announce_seconds: float = 0.0
+    handler: Any,
+    *,
+    task_timeout: float = 30.0,
+    announce_seconds: float = 0.0,
+    on_claimed: SessionOnClaim | None = None,
 ) -> tuple[TaskRunner, FakeLedger, FakeBus, TaskRow]:
     task = TaskRow(
         id=uuid.uuid4(),
@@ -125,7 +128,7 @@ def make_runner(
     )
     ledger, bus = FakeLedger(task, announce_seconds=announce_seconds), FakeBus()
     registry = HandlerRegistry()
-    registry.register("test.kind", handler)
+    registry.register("test.kind", handler, on_claimed=on_claimed)
     runner = TaskRunner(
         ledger=ledger,  # type: ignore[arg-type]
         registry=registry,
@@ -219,8 +222,9 @@ async def test_an_attempt_is_recorded_when_its_running_event_could_not_be_publis
 
 
 async def test_the_claim_follow_up_is_published_with_running_and_cannot_stop_it() -> None:
-    """The claim hook's events and key writes go out in the `running` event's publish; a
-    follow-up that fails (the session unreadable, say) leaves `running` to go out alone."""
+    """The events and key writes that follow a claim which moved the session go out in the
+    `running` event's publish; a follow-up that fails (the session unreadable, say)
+    leaves `running` to go out alone."""
 
     async def handler(ctx: TaskContext) -> dict[str, Any]:
         return {"ok": True}
@@ -232,8 +236,12 @@ async def test_the_claim_follow_up_is_published_with_running_and_cannot_stop_it(
         raise ConnectionError("session unreadable")
 
     for follow_up, expected in [(session_processing, 2), (unreachable, 1)]:
-        runner, ledger, bus, task = make_runner(handler)
-        ledger.follow_up = follow_up
+        on_claimed = SessionOnClaim(
+            move=lambda *_: pytest.fail("the fake ledger makes no statement"),
+            moved=lambda task, row, at, follow_up=follow_up: follow_up,
+        )
+        runner, ledger, bus, task = make_runner(handler, on_claimed=on_claimed)
+        ledger.session = SessionRow(id=uuid.uuid4(), tenant_id=task.tenant_id)
         await asyncio.wait_for(runner.run(Received(task)), timeout=3)
         first = bus.published[0]
         assert isinstance(first[0], RunningEvent)

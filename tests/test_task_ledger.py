@@ -6,9 +6,10 @@ and the reconciler's repairs (safe to run concurrently)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ from sqlalchemy import update
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import UnitOfWork
+from agent_orchestrator.db.prepared import Bound
+from agent_orchestrator.db.repositories.sessions import SessionMove, SessionRepository
 from agent_orchestrator.db.repositories.tasks import TaskRepository
 from agent_orchestrator.db.tables import TaskRow
 from agent_orchestrator.db.types import utcnow
@@ -24,6 +27,7 @@ from agent_orchestrator.events.models import StreamKey
 from agent_orchestrator.ids import new_id
 from agent_orchestrator.lifecycle import build_state, close_state
 from agent_orchestrator.models.principal import USER_SCOPES, Principal
+from agent_orchestrator.models.session import SessionCreate, SessionState
 from agent_orchestrator.models.task import TERMINAL, TRANSITIONS, TaskErrorInfo, TaskStatus
 from agent_orchestrator.queue.base import Delivery
 from agent_orchestrator.queue.producer import delivery_of
@@ -49,10 +53,11 @@ async def core(make_backend_settings: Callable[..., Settings]) -> AsyncIterator[
 
 async def claim(core: AppState, task: TaskRow, worker: str) -> TaskRow | None:
     """Take the lease as the runner does, and announce it."""
-    row, _ = await core.ledger.claim_then(task.tenant_id, task.id, worker)
-    if row is not None:
-        await core.ledger.announce(row)
-    return row
+    claimed = await core.ledger.claim(task.tenant_id, task.id, worker)
+    if claimed is None:
+        return None
+    await core.ledger.announce(claimed.task)
+    return claimed.task
 
 
 async def submit(
@@ -477,19 +482,55 @@ async def test_cancelling_a_queued_turn_wakes_the_turn_after_it(core: AppState) 
     assert await claim(core, second, "worker") is not None
 
 
-async def test_a_failing_claim_hook_leaves_the_claim_standing(core: AppState) -> None:
-    """The hook's writes are informative (a session's state); a claim undone or left
-    half-done for them would strand the task, whose delivery is already acknowledged."""
-    task, _ = await submit(core)
-    seen: list[TaskRow] = []
+async def new_session(core: AppState) -> uuid.UUID:
+    async with UnitOfWork(core.db_factory) as uow:
+        session = await core.sessions.create(uow, ALICE, SessionCreate(agent_id="default"))
+    return session.id
 
-    async def failing_hook(db: Any, row: TaskRow) -> None:
-        seen.append(row)
-        raise RuntimeError("the session's row could not be written")
 
-    claimed, after = await core.ledger.claim_then(task.tenant_id, task.id, "w1", failing_hook)
+async def session_state(core: AppState, session_id: uuid.UUID) -> str:
+    async with core.db_factory() as db:
+        row = await SessionRepository(db).get(ALICE.tenant_id, session_id)
+    assert row is not None
+    return row.state
+
+
+def to_state(core: AppState, target: SessionState) -> SessionMove:
+    def move(tenant_id: str, session_id: uuid.UUID, now: datetime) -> Bound:
+        return core.sessions.turn_mark(tenant_id, session_id, target, now)
+
+    return move
+
+
+async def test_a_claim_moves_its_session_with_it_and_only_when_it_wins(core: AppState) -> None:
+    """The session's change travels with the claim (one statement on PostgreSQL, see the
+    chat turn's statement budget) at the claim's own `now`; a claim that loses changes
+    nothing, and a session the task is not in is never touched, whatever a delivery says."""
+    processing = to_state(core, SessionState.PROCESSING)
+    session_id, elsewhere = await new_session(core), await new_session(core)
+    task = await submit_in_session(core, session_id, max_attempts=1)
+
+    won = await core.ledger.claim(task.tenant_id, task.id, "w1", processing, session_id)
+    assert won is not None
+    assert won.session is not None
+    assert (won.task.status, won.task.lease_owner) == (TaskStatus.RUNNING, "w1")
+    assert (won.session.id, won.session.state) == (session_id, "processing")
+    assert won.session.last_activity_at == won.task.started_at == won.at
+    assert await session_state(core, session_id) == "processing"
+
+    await core.ledger.move_session(won, to_state(core, SessionState.ACTIVE))
+    assert await core.ledger.claim(task.tenant_id, task.id, "w2", processing, session_id) is None
+    assert await session_state(core, session_id) == "active"
+
+    own = await new_session(core)
+    other = await submit_in_session(core, own, max_attempts=1)
+    claimed = await core.ledger.claim(other.tenant_id, other.id, "w1", processing, elsewhere)
     assert claimed is not None
-    assert after is None
-    assert [row.id for row in seen] == [task.id]
-    stored = await load(core, task)
-    assert (stored.status, stored.lease_owner, stored.attempt) == (TaskStatus.RUNNING, "w1", 1)
+    assert claimed.task.status == TaskStatus.RUNNING
+    assert await session_state(core, elsewhere) == "active"
+    if core.settings.database_url is None:  # SQLite: the second statement takes the row's
+        assert claimed.session is not None
+        assert claimed.session.id == own
+    else:  # PostgreSQL: the joint statement moves the named session only if it is the task's
+        assert claimed.session is None
+        assert await session_state(core, own) == "active"

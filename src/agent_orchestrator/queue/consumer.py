@@ -27,14 +27,15 @@ from agent_orchestrator.events.models import Event
 from agent_orchestrator.models.task import TaskErrorInfo, TaskStatus
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import TASK_DURATION
-from agent_orchestrator.queue.base import Received, TaskQueue
+from agent_orchestrator.queue.base import Delivery, Received, TaskQueue
 from agent_orchestrator.queue.registry import (
     ClaimFollowUp,
     HandlerRegistry,
+    SessionOnClaim,
     TaskFailure,
     TaskKind,
 )
-from agent_orchestrator.services.task_ledger import Renewal, TaskLedger, status_event
+from agent_orchestrator.services.task_ledger import Claim, Renewal, TaskLedger, status_event
 
 log = get_logger(__name__)
 
@@ -226,12 +227,11 @@ class TaskRunner:
 
     async def run(self, received: Received) -> None:
         delivery = received.delivery
-        task, after = await self.ledger.claim_then(
-            delivery.tenant_id, uuid.UUID(delivery.task_id), self.worker_id, self._on_claimed
-        )
-        if task is None:
+        claim = await self._claim(delivery)
+        if claim is None:
             log.debug("delivery dropped: task not claimable", task_id=delivery.task_id)
             return
+        task = claim.task
         with structlog.contextvars.bound_contextvars(
             task_id=str(task.id),
             tenant_id=task.tenant_id,
@@ -239,13 +239,37 @@ class TaskRunner:
             attempt=task.attempt,
             correlation_id=task.input.get("correlation_id"),
         ):
-            await self._run_claimed(task, received, after)
+            await self._run_claimed(task, received, self._follow_up(claim))
 
-    async def _on_claimed(self, db: AsyncSession, task: TaskRow) -> ClaimFollowUp | None:
-        kind = self.registry.get(task.kind)
-        if kind is None or kind.on_claimed is None:
+    async def _claim(self, delivery: Delivery) -> Claim | None:
+        """The claim, with the session's change of the task's kind in the same statement
+        when the delivery names kind and session; one queued by an earlier version
+        names neither, so its kind's change follows once the row is known."""
+        task_id = uuid.UUID(delivery.task_id)
+        if delivery.kind is None:
+            claim = await self.ledger.claim(delivery.tenant_id, task_id, self.worker_id)
+            on_claimed = None if claim is None else self._on_claimed(claim.task.kind)
+            if claim is None or on_claimed is None:
+                return claim
+            return await self.ledger.move_session(claim, on_claimed.move)
+        on_claimed = self._on_claimed(delivery.kind)
+        return await self.ledger.claim(
+            delivery.tenant_id,
+            task_id,
+            self.worker_id,
+            None if on_claimed is None else on_claimed.move,
+            None if delivery.session_id is None else uuid.UUID(delivery.session_id),
+        )
+
+    def _on_claimed(self, kind_name: str) -> SessionOnClaim | None:
+        kind = self.registry.get(kind_name)
+        return None if kind is None else kind.on_claimed
+
+    def _follow_up(self, claim: Claim) -> ClaimFollowUp | None:
+        on_claimed = self._on_claimed(claim.task.kind)
+        if on_claimed is None or claim.session is None:
             return None
-        return await kind.on_claimed(db, task)
+        return on_claimed.moved(claim.task, claim.session, claim.at)
 
     async def _run_claimed(
         self, task: TaskRow, received: Received, after: ClaimFollowUp | None

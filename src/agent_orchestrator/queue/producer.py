@@ -8,7 +8,12 @@ from agent_orchestrator.queue.base import Delivery, TaskQueue
 
 def delivery_of(row: TaskRow) -> Delivery:
     return Delivery(
-        task_id=str(row.id), tenant_id=row.tenant_id, queue=row.queue, number=row.delivery
+        task_id=str(row.id),
+        tenant_id=row.tenant_id,
+        queue=row.queue,
+        number=row.delivery,
+        kind=row.kind,
+        session_id=None if row.session_id is None else str(row.session_id),
     )
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from agent_orchestrator.db.tables import TaskRow
+from agent_orchestrator.db.repositories.sessions import SessionMove
+from agent_orchestrator.db.tables import SessionRow, TaskRow
 from agent_orchestrator.events.bus import KeyWrite
 from agent_orchestrator.events.models import Event
 
@@ -24,10 +24,17 @@ SettledHook = Callable[[TaskRow], Coroutine[Any, Any, None]]
 #: the same publish (one round trip on Redis), before the handler's first event, and the
 #: keys that publish sets first (a session's hot copy).
 ClaimFollowUp = Callable[[], Coroutine[Any, Any, tuple[list[Event], list[KeyWrite]]]]
-#: Runs on the claim's database session once the task is `running` (see
-#: `TaskLedger.claim_then`): writes that begin with the attempt (chat marks its session
-#: `processing`) cost no session of their own.
-ClaimHook = Callable[[AsyncSession, TaskRow], Coroutine[Any, Any, ClaimFollowUp | None]]
+
+
+@dataclass(frozen=True)
+class SessionOnClaim:
+    """A kind whose task's session changes as an attempt starts (chat: `processing`)."""
+
+    #: The session's transition: sent with the claim, in its statement on PostgreSQL.
+    move: SessionMove
+    #: Once the claim is committed, with the session's row as the claim moved it and that
+    #: `now`: what to publish right after `running`.
+    moved: Callable[[TaskRow, SessionRow, datetime], ClaimFollowUp]
 
 
 class TaskFailure(Exception):
@@ -46,7 +53,7 @@ class TaskKind:
     handler: Handler
     bulk: bool = False
     on_settled: SettledHook | None = None
-    on_claimed: ClaimHook | None = None
+    on_claimed: SessionOnClaim | None = None
 
 
 class HandlerRegistry:
@@ -60,7 +67,7 @@ class HandlerRegistry:
         *,
         bulk: bool = False,
         on_settled: SettledHook | None = None,
-        on_claimed: ClaimHook | None = None,
+        on_claimed: SessionOnClaim | None = None,
     ) -> None:
         self._kinds[name] = TaskKind(name, handler, bulk, on_settled, on_claimed)
 

@@ -17,8 +17,11 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from agent_orchestrator.db.driver_session import DriverSession
 from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.prepared import Bound
+from agent_orchestrator.db.repositories.sessions import SESSIONS, SessionMove
+from agent_orchestrator.db.repositories.task_session import move_together
 from agent_orchestrator.db.repositories.tasks import (
     TASKS,
     Add,
@@ -26,7 +29,7 @@ from agent_orchestrator.db.repositories.tasks import (
     TaskRepository,
     transition_call,
 )
-from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
+from agent_orchestrator.db.tables import ServiceCallRow, SessionRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import Conflict, NotFound
 from agent_orchestrator.events.bus import EventBus
@@ -46,7 +49,6 @@ from agent_orchestrator.observability import audit
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import TASKS_FINISHED
 from agent_orchestrator.queue.producer import TaskProducer
-from agent_orchestrator.queue.registry import ClaimFollowUp, ClaimHook
 from agent_orchestrator.services.session_manager import sees_whole_tenant
 
 log = get_logger(__name__)
@@ -56,6 +58,15 @@ class Renewal(StrEnum):
     ALIVE = "alive"
     CANCEL = "cancel"
     LOST = "lost"
+
+
+@dataclass(frozen=True)
+class Claim:
+    task: TaskRow
+    #: the task's session as the claim moved it (None: not asked, or it did not move)
+    session: SessionRow | None
+    #: the claim's `now`
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -292,47 +303,71 @@ class TaskLedger:
         return cancelled
 
     # --- worker side: each call is its own transaction ------------------------------------
-    async def claim_then(
-        self, tenant_id: str, task_id: uuid.UUID, worker_id: str, then: ClaimHook | None = None
-    ) -> tuple[TaskRow | None, ClaimFollowUp | None]:
+    async def claim(
+        self,
+        tenant_id: str,
+        task_id: uuid.UUID,
+        worker_id: str,
+        session_move: SessionMove | None = None,
+        session_id: uuid.UUID | None = None,
+    ) -> Claim | None:
         """Take the lease: exactly one claimant wins; a duplicate delivery loses and is
-        dropped (the task is running elsewhere, finished, cancelled, or not yet due).
-        The caller announces the claimed row (the runner does so while its handler
-        starts). `then(db, row)` runs on the claim's session when the claim wins: one
-        transaction on SQLite; on PostgreSQL the ledger's sessions are autocommit, so one
-        round trip per statement and no BEGIN/COMMIT (the hook's writes must not need to
-        commit with the claim)."""
+        dropped (None: the task is running elsewhere, finished, cancelled, or not yet
+        due). The caller announces the claimed row (the runner does so while its handler
+        starts).
+
+        `session_move(tenant_id, session_id, now)` is the task's session's transition,
+        made only when the claim wins. With the session's id known beforehand (the
+        delivery carries it) it travels in the claim's statement on PostgreSQL
+        (task_session.py); otherwise, and on SQLite, it is a second statement (in the
+        claim's transaction on SQLite; on PostgreSQL the ledger's sessions are
+        autocommit, so the claim stands whatever happens to it)."""
         now = utcnow()
+        claim = _transition(
+            tenant_id,
+            task_id,
+            TaskStatus.RUNNING,
+            {
+                "lease_owner": worker_id,
+                "lease_expires_at": now + self.lease,
+                "attempt": Add(1),
+                "started_at": now,
+                "updated_at": now,
+                "not_before": None,
+            },
+            Guard(not_cancelled=True, due_at=now, turn_free=True),
+        )
         async with self.factory() as db:
-            row = await self._write(
-                tenant_id,
-                task_id,
-                TaskStatus.RUNNING,
-                {
-                    "lease_owner": worker_id,
-                    "lease_expires_at": now + self.lease,
-                    "attempt": Add(1),
-                    "started_at": now,
-                    "updated_at": now,
-                    "not_before": None,
-                },
-                Guard(not_cancelled=True, due_at=now, turn_free=True),
-                db=db,
-            )
-            after = await self._then(then, db, row) if row is not None and then else None
+            if (
+                session_move is not None
+                and session_id is not None
+                and isinstance(db, DriverSession)
+            ):
+                row, moved = await move_together(
+                    db, claim, session_move(tenant_id, session_id, now)
+                )
+                return None if row is None else Claim(row, moved, now)
+            row = await TASKS.one(db, *claim)
+            won = None if row is None else Claim(row, None, now)
+            if won is not None and session_move is not None:
+                won = await self._move_session(db, won, session_move)
             await db.commit()
-        return row, after
+        return won
+
+    async def move_session(self, claim: Claim, session_move: SessionMove) -> Claim:
+        """The claimed task's session's transition after the claim, on its own."""
+        async with self.factory() as db:
+            claim = await self._move_session(db, claim, session_move)
+            await db.commit()
+        return claim
 
     @staticmethod
-    async def _then(then: ClaimHook, db: AsyncSession, row: TaskRow) -> ClaimFollowUp | None:
-        # The claim stands whatever the hook does: a claim that failed for its hook would
-        # strand the task (its delivery is acknowledged, and on PostgreSQL the claim is
-        # already written), while the hook's writes (a session's state) are informative.
-        try:
-            return await then(db, row)
-        except Exception:
-            log.warning("claim hook failed; the task runs without it", exc_info=True)
-            return None
+    async def _move_session(db: AsyncSession, claim: Claim, session_move: SessionMove) -> Claim:
+        task = claim.task
+        if task.session_id is None:
+            return claim
+        moved = await SESSIONS.one(db, *session_move(task.tenant_id, task.session_id, claim.at))
+        return Claim(task, moved, claim.at)
 
     async def renew(self, task: TaskRow, worker_id: str) -> Renewal:
         now = utcnow()

@@ -4,6 +4,7 @@ each chat turn runs are built once (see `rows.py`)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +18,10 @@ from agent_orchestrator.db.tables import SessionRow
 
 SESSIONS = RowCodec(SessionRow)
 _S = SESSIONS.columns
+
+#: A session's transition to make at some moment: (tenant_id, session_id, now) -> its
+#: statement (a `transition_call`), for a caller that decides when and with what it runs.
+SessionMove = Callable[[str, uuid.UUID, datetime], Bound]
 
 _GET = hot(
     select(SESSIONS.table).where(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from agent_orchestrator.queue.registry import HandlerRegistry
+from agent_orchestrator.queue.registry import HandlerRegistry, SessionOnClaim
 
 if TYPE_CHECKING:
     from agent_orchestrator.state import AppState
@@ -22,4 +22,9 @@ def register_builtin_kinds(registry: HandlerRegistry, state: AppState) -> None:
         bus=state.bus,
         remote_conversation=bool(state.settings.conversation_service_url),
     )
-    registry.register(CHAT_KIND, turn.run, on_settled=turn.settled, on_claimed=turn.claimed)
+    registry.register(
+        CHAT_KIND,
+        turn.run,
+        on_settled=turn.settled,
+        on_claimed=SessionOnClaim(move=turn.processing, moved=turn.claimed),
+    )

@@ -11,17 +11,16 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
-
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.config import Settings
+from agent_orchestrator.db.prepared import Bound
 from agent_orchestrator.db.repositories.messages import MESSAGES
 from agent_orchestrator.db.repositories.tasks import CALLS
 from agent_orchestrator.db.repositories.turn_end import end_turn
-from agent_orchestrator.db.tables import MessageRow, ServiceCallRow, TaskRow
+from agent_orchestrator.db.tables import MessageRow, ServiceCallRow, SessionRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.events.bus import EventBus, KeyWrite
 from agent_orchestrator.events.models import Event, EventType
@@ -215,16 +214,14 @@ class ChatTurn:
             events.append(event)
         await ctx.publish(events, handover, writes)
 
-    async def claimed(self, db: AsyncSession, task: TaskRow) -> ClaimFollowUp | None:
-        """In the claim's transaction: the session is `processing` from the moment the
-        turn holds it."""
-        if task.session_id is None:
-            return None  # `run` fails such a task
-        session = await self.sessions.mark_turn(
-            db, task.tenant_id, task.session_id, SessionState.PROCESSING
-        )
-        if session is None:
-            return None
+    def processing(self, tenant_id: str, session_id: uuid.UUID, now: datetime) -> Bound:
+        """The session is `processing` from the moment the turn holds it: sent with the
+        claim (SessionOnClaim)."""
+        return self.sessions.turn_mark(tenant_id, session_id, SessionState.PROCESSING, now)
+
+    def claimed(self, task: TaskRow, row: SessionRow, now: datetime) -> ClaimFollowUp:
+        """What follows `running` once the claim moved the session."""
+        session = to_session(row, now)
 
         async def announce() -> tuple[list[Event], list[KeyWrite]]:
             event, writes = await self._session_announcement(task, session)
