@@ -5,6 +5,7 @@ interactive work never waits behind bulk work."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -88,7 +89,14 @@ async def subject(queue_kind: str, namespace: str) -> AsyncIterator[QueueUnderTe
 
 
 def delivery(queue: str = INTERACTIVE, number: int = 1) -> Delivery:
-    return Delivery(task_id=str(uuid.uuid4()), tenant_id="tenant-a", queue=queue, number=number)
+    return Delivery(
+        task_id=str(uuid.uuid4()),
+        tenant_id="tenant-a",
+        queue=queue,
+        number=number,
+        kind="chat",
+        session_id=str(uuid.uuid4()),
+    )
 
 
 async def test_enqueue_then_receive_gives_the_same_delivery(subject: QueueUnderTest) -> None:
@@ -103,6 +111,59 @@ async def test_enqueue_then_receive_gives_the_same_delivery(subject: QueueUnderT
     await received.heartbeat()  # a live delivery can be touched while it runs
     await received.done()
     assert await queue.receive(INTERACTIVE, wait_seconds=0.1) is None
+
+
+def test_a_delivery_reads_back_from_older_and_newer_payloads() -> None:
+    """What a queue carries is `as_kwargs`: one queued by an earlier version lacks kind and
+    session; one from a later version may name more, which is ignored."""
+    sent = delivery()
+    older = {k: v for k, v in sent.as_kwargs().items() if k not in ("kind", "session_id")}
+    assert Delivery.from_kwargs(sent.as_kwargs()) == sent
+    assert Delivery.from_kwargs({**sent.as_kwargs(), "priority": 3}) == sent
+    assert Delivery.from_kwargs(older) == Delivery(**older)
+    assert (Delivery(**older).kind, Delivery(**older).session_id) == (None, None)
+
+
+async def test_saq_marks_a_received_job_active_and_finishes_it_without_notifications(
+    redis_namespace: str,
+) -> None:
+    """SAQ's bookkeeping of a job as its sweeper reads it: `active` while it runs (the mark
+    is written while the task is claimed, and always before the job's end), `complete`
+    with an expiry after `done`, and out of the active list; nothing is published on the
+    job's own channel, which nobody here listens to."""
+    redis = Redis.from_url(REDIS_URL)
+    queue = SaqTaskQueue(
+        redis, namespace=redis_namespace, queue_names=NAMES, job_timeout=30, heartbeat=5
+    )
+    await queue.start()
+    pubsub = redis.pubsub()
+    try:
+        sent = delivery()
+        await queue.enqueue(sent)
+        job_id = f"saq:job:{redis_namespace}:{INTERACTIVE}:{sent.key}"
+        await pubsub.psubscribe(f"saq:job:{redis_namespace}:*")
+        received = await queue.receive(INTERACTIVE, wait_seconds=1.0)
+        assert received is not None
+        await received.heartbeat()
+        stored = json.loads(await redis.get(job_id))
+        assert (stored["status"], stored["attempts"]) == ("active", 1)
+        active = f"saq:{redis_namespace}:{INTERACTIVE}:active"
+        assert await redis.lrange(active, 0, -1) == [job_id.encode()]
+
+        await received.done()
+        stored = json.loads(await redis.get(job_id))
+        assert stored["status"] == "complete"
+        assert 0 < await redis.ttl(job_id) <= 600
+        assert await redis.lrange(active, 0, -1) == []
+        assert await queue.is_pending(sent) is False
+        messages = []
+        while (message := await pubsub.get_message(timeout=0.2)) is not None:
+            messages.append(message)
+        assert [m["type"] for m in messages] == ["psubscribe"]
+    finally:
+        await pubsub.aclose()
+        await queue.close()
+        await redis.aclose()
 
 
 async def test_a_key_still_held_is_refused_and_received_once(subject: QueueUnderTest) -> None:

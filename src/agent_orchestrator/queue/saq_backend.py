@@ -10,18 +10,26 @@ Every job here sets them explicitly:
 - `heartbeat`: the lease TTL; the runner touches the job each time it renews its lease.
 The worker loop is ours (dequeue with a short timeout, bounded concurrency, graceful
 drain); SAQ supplies the Redis data structures, dedupe by key, delayed jobs and sweeping.
+SAQ's notifications on a job's own channel are not sent: nothing here listens to them
+(the ledger and the event bus say what a task does), and each was a round trip of the
+worker's per turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from saq.job import Job, Status
 from saq.queue.redis import RedisQueue
 
+from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.queue.base import Delivery
+
+log = get_logger(__name__)
 
 FUNCTION = "run_task"
 _PENDING = {Status.NEW, Status.QUEUED, Status.ACTIVE, Status.ABORTING}
@@ -41,16 +49,33 @@ return #jobs
 """
 
 
+class _QuietQueue(RedisQueue):
+    async def notify(self, job: Job) -> None:
+        """No PUBLISH on the job's channel (see the module's docstring). SAQ's sweep waits
+        `abort` seconds for a swept job's worker to answer on it; it then goes on."""
+
+
 @dataclass
 class _SaqReceived:
     delivery: Delivery
     job: Job
+    #: the job's `active` mark, written while the runner claims the task
+    marking: asyncio.Future[Any]
 
     async def heartbeat(self) -> None:
+        await self._marked()
         await self.job.update()
 
     async def done(self) -> None:
+        # After the mark: a late mark would bring back a finished job, with no expiry.
+        await self._marked()
         await self.job.finish(Status.COMPLETE)
+
+    async def _marked(self) -> None:
+        try:
+            await self.marking
+        except Exception as error:  # bookkeeping for SAQ's sweep: the ledger decides
+            log.warning("could not mark the job active", error=str(error))
 
 
 class SaqTaskQueue:
@@ -65,7 +90,9 @@ class SaqTaskQueue:
         result_ttl: int = 600,
     ) -> None:
         self._redis = redis
-        self._queues = {name: RedisQueue(redis, name=f"{namespace}:{name}") for name in queue_names}
+        self._queues = {
+            name: _QuietQueue(redis, name=f"{namespace}:{name}") for name in queue_names
+        }
         self._job_timeout = job_timeout
         self._heartbeat = heartbeat
         self._ttl = result_ttl
@@ -101,14 +128,14 @@ class SaqTaskQueue:
         job = await self._queues[queue].dequeue(timeout=wait_seconds)
         if job is None:
             return None
-        # Mark it active as SAQ's worker would (its sweeper reads the status), but with
-        # one SET and no Pub/Sub notification: nothing here listens to SAQ's job channel,
-        # and this sits between the enqueue and the task's start.
+        # Mark it active as SAQ's worker would (its sweeper reads the status), with one
+        # SET, sent while the task is claimed rather than before: it sat between the
+        # enqueue and the task's start. `done` and `heartbeat` wait for it.
         job.started = job.touched = int(time.time() * 1000)
         job.attempts += 1
         job.status = Status.ACTIVE
-        await self._redis.set(job.id, self._queues[queue].serialize(job))
-        return _SaqReceived(Delivery(**(job.kwargs or {})), job)
+        marking = asyncio.ensure_future(self._redis.set(job.id, self._queues[queue].serialize(job)))
+        return _SaqReceived(Delivery.from_kwargs(job.kwargs or {}), job, marking)
 
     async def promote_due(self) -> None:
         for queue in self._queues.values():
