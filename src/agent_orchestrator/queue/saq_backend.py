@@ -11,8 +11,8 @@ Every job here sets them explicitly:
 The worker loop is ours (dequeue with a short timeout, bounded concurrency, graceful
 drain); SAQ supplies the Redis data structures, dedupe by key, delayed jobs and sweeping.
 SAQ's notifications on a job's own channel are not sent: nothing here listens to them
-(the ledger and the event bus say what a task does), and each was a round trip of the
-worker's per turn.
+(the ledger and the event bus say what a task does), and each cost the worker a round
+trip per turn.
 """
 
 from __future__ import annotations

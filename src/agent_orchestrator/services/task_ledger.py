@@ -566,16 +566,13 @@ class TaskLedger:
         target: TaskStatus,
         values: dict[str, Any],
         guard: Guard = Guard(),
-        db: AsyncSession | None = None,
         same_state: list[str] | None = None,
     ) -> TaskRow | None:
         transition = _transition(tenant_id, task_id, target, values, guard, same_state)
-        return await self._run(transition, db)
+        return await self._run(transition)
 
-    async def _run(self, transition: Bound, db: AsyncSession | None = None) -> TaskRow | None:
-        """A task's transition, on `db` or in a session of its own."""
-        if db is not None:
-            return await TASKS.one(db, *transition)
+    async def _run(self, transition: Bound) -> TaskRow | None:
+        """A task's transition, in a session of its own."""
         async with self.factory() as session:
             row = await TASKS.one(session, *transition)
             await session.commit()
