@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -162,6 +163,32 @@ async def test_saq_marks_a_received_job_active_and_finishes_it_without_notificat
         assert [m["type"] for m in messages] == ["psubscribe"]
     finally:
         await pubsub.aclose()
+        await queue.close()
+        await redis.aclose()
+
+
+async def test_saq_a_late_active_mark_does_not_bring_back_a_forgotten_job(
+    redis_namespace: str,
+) -> None:
+    """The mark is written while the runner claims (not awaited by `receive`), so it may
+    land after Redis forgot the job (a flush): the job must stay gone, or the reconciler
+    would see it pending forever. Raced twenty times: without the guard most rounds leave
+    the job behind."""
+    redis = Redis.from_url(REDIS_URL)
+    queue = SaqTaskQueue(
+        redis, namespace=redis_namespace, queue_names=NAMES, job_timeout=30, heartbeat=5
+    )
+    await queue.start()
+    try:
+        for _ in range(20):
+            sent = delivery()
+            await queue.enqueue(sent)
+            received = await queue.receive(INTERACTIVE, wait_seconds=1.0)
+            assert received is not None
+            await redis.delete(f"saq:job:{redis_namespace}:{INTERACTIVE}:{sent.key}")
+            await cast(Any, received).marking  # the mark's round trip, done
+            assert await queue.is_pending(sent) is False
+    finally:
         await queue.close()
         await redis.aclose()
 

@@ -130,11 +130,14 @@ class SaqTaskQueue:
             return None
         # Mark it active as SAQ's worker would (its sweeper reads the status), with one
         # SET, sent while the task is claimed rather than before: it sat between the
-        # enqueue and the task's start. `done` and `heartbeat` wait for it.
+        # enqueue and the task's start. `done` and `heartbeat` wait for it. XX: a mark
+        # that lands after the job was gone (Redis flushed meanwhile) must not bring it
+        # back; KEEPTTL: nor take the expiry off one SAQ finished meanwhile (swept).
         job.started = job.touched = int(time.time() * 1000)
         job.attempts += 1
         job.status = Status.ACTIVE
-        marking = asyncio.ensure_future(self._redis.set(job.id, self._queues[queue].serialize(job)))
+        payload = self._queues[queue].serialize(job)
+        marking = asyncio.ensure_future(self._redis.set(job.id, payload, xx=True, keepttl=True))
         return _SaqReceived(Delivery.from_kwargs(job.kwargs or {}), job, marking)
 
     async def promote_due(self) -> None:
