@@ -99,21 +99,10 @@ class SessionRepository:
 
     async def update(self, row: SessionRow, **values: Any) -> SessionRow:
         """Write `values` (attribute names) to a session the caller loaded, and to `row`."""
-        await self._write(row.tenant_id, row.id, (), values, None)
+        await SESSIONS.one(self.db, *_update_call(row.tenant_id, row.id, (), values, None))
         for name, value in values.items():
             setattr(row, name, value)
         return row
-
-    async def _write(
-        self,
-        tenant_id: str,
-        session_id: uuid.UUID,
-        sources: tuple[str, ...],
-        values: dict[str, Any],
-        live_at: datetime | None,
-    ) -> SessionRow | None:
-        bound = _update_call(tenant_id, session_id, sources, values, live_at)
-        return await SESSIONS.one(self.db, *bound)
 
 
 def transition_call(
