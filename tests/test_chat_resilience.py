@@ -5,7 +5,8 @@ what reached a downstream service is counted from the double's own records.
 
 - transient failures are retried and the turn succeeds (attempts visible per step);
   attempts stop at STEP_RETRY_ATTEMPTS (no task-level retry on top), 4xx are not
-  retried, a 429's Retry-After is honoured;
+  retried, a 429's Retry-After is honoured; at most SERVICE_RETRY_CONCURRENCY steps of
+  one service retry at once (the others keep their first failure);
 - a service that keeps failing opens its breaker: turns then fail fast with
   `circuit_open` and nothing reaches it; after the faults clear and CIRCUIT_OPEN_SECONDS
   pass, a half-open probe closes it again (one probe at a time; a failed probe reopens
@@ -194,6 +195,37 @@ async def test_client_errors_are_not_retried(
         assert calls_of(await settled(client, headers, task["id"]))["agent"]["attempts"] == 1
     assert await double.requests("agent_management") == 1
     assert await double.requests("agent_execution") == 0
+
+
+async def test_retries_of_one_service_are_capped_while_it_fails(
+    app_with: Callable[..., Any], double: Double, make_token: TokenFactory
+) -> None:
+    """Four turns fail on the same service at once; with a retry budget of one, one step
+    retries (to its STEP_RETRY_ATTEMPTS) and three keep their first failure. The budget is
+    given back: a later transient failure is retried again."""
+    headers = auth(make_token())
+    await double.fault("agent_management", status=503, latency_ms=300)
+    settings = {
+        "service_retry_concurrency": 1,
+        "step_retry_attempts": 3,
+        "circuit_failure_threshold": 100,  # the breaker stays out of this drill
+    }
+    async with app_with(**settings) as client:
+        tasks = await asyncio.gather(*(turn(client, headers, f"storm {i}") for i in range(4)))
+        assert [task["status"] for task in tasks] == ["failed"] * 4
+        views = [await settled(client, headers, task["id"]) for task in tasks]
+        attempts = sorted(calls_of(view)["agent"]["attempts"] for view in views)
+        assert attempts == [1, 1, 1, 3]
+        shed = [task for task in tasks if "not retried" in task["error"]["message"]]
+        assert len(shed) == 3
+        assert {task["error"]["code"] for task in tasks} == {"service_unavailable"}
+        assert await double.requests("agent_management") == 4 + 2
+
+        await double.clear()
+        await double.fault("agent_management", status=503, fail_times=1)
+        task = await turn(client, headers, "after the storm")
+        assert task["status"] == "succeeded", task
+        assert calls_of(await settled(client, headers, task["id"]))["agent"]["attempts"] == 2
 
 
 # --- the circuit breaker -------------------------------------------------------------------

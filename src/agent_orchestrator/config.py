@@ -146,6 +146,7 @@ class Settings(BaseSettings):
     circuit_open_seconds: PositiveFloat = 10.0
     circuit_half_open_probes: PositiveInt = 1
     service_concurrency: PositiveInt = 50
+    service_retry_concurrency: Annotated[int, Field(ge=0, le=10_000)] = 3
 
     # --- events ------------------------------------------------------------------------
     events_ttl: PositiveInt = 86_400

@@ -137,6 +137,7 @@ def resilience_of(settings: Settings) -> ResilienceSettings:
         open_seconds=settings.circuit_open_seconds,
         half_open_probes=settings.circuit_half_open_probes,
         service_concurrency=settings.service_concurrency,
+        retry_concurrency=settings.service_retry_concurrency,
     )
 
 

@@ -70,6 +70,11 @@ SERVICE_CALL_SECONDS = Histogram(
 SERVICE_CALL_FAILURES = Counter(
     f"{PREFIX}_service_call_failures_total", "Downstream steps that failed", ["service", "code"]
 )
+SERVICE_RETRIES_SHED = Counter(
+    f"{PREFIX}_service_retries_shed_total",
+    "Retries not made because the service's retry budget was in use",
+    ["service"],
+)
 CHAT_TURNS = Counter(f"{PREFIX}_messages_processed_total", "Chat turns accepted", ["mode"])
 CHAT_WAIT_ANSWERS = Counter(
     f"{PREFIX}_chat_wait_answers_total",

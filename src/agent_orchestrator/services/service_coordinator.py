@@ -2,8 +2,10 @@
 
 Independent steps run concurrently; each waits only for the steps it depends on. Every
 attempt passes the service's circuit breaker and concurrency cap, runs under the step's
-timeout, and is retried with backoff and jitter (tenacity) when the failure is retryable
-and the policy allows. An optional step that fails is skipped with a warning; a required
+timeout, and is retried with backoff and jitter (tenacity) when the failure is retryable,
+the policy allows and the service's retry budget has room (at most
+`retry_concurrency` steps of one service retrying at once, so a failing service is not
+sent a storm of retries). An optional step that fails is skipped with a warning; a required
 step that fails fails the plan with the downstream error code. A streaming step forwards
 its chunks as they arrive (coalescing those that arrive while one is being published:
 reply_chunks.py) and is retried only before its first chunk arrived.
@@ -31,7 +33,11 @@ from agent_orchestrator.models.orchestration import (
     StepOutcome,
 )
 from agent_orchestrator.observability.logging import get_logger
-from agent_orchestrator.observability.metrics import SERVICE_CALL_FAILURES, SERVICE_CALL_SECONDS
+from agent_orchestrator.observability.metrics import (
+    SERVICE_CALL_FAILURES,
+    SERVICE_CALL_SECONDS,
+    SERVICE_RETRIES_SHED,
+)
 from agent_orchestrator.resilience.circuit_breaker import CircuitBreaker
 from agent_orchestrator.services.reply_chunks import ChunkForwarder
 
@@ -80,6 +86,7 @@ class ResilienceSettings:
     open_seconds: float = 10.0
     half_open_probes: int = 1
     service_concurrency: int = 50
+    retry_concurrency: int = 3
 
 
 class ServiceCoordinator:
@@ -88,6 +95,8 @@ class ServiceCoordinator:
         self.resilience = resilience
         self.breakers: dict[str, CircuitBreaker] = {}
         self.bulkheads: dict[str, asyncio.Semaphore] = {}
+        #: Steps per service between their first failed attempt and their last retry.
+        self.retrying: dict[str, int] = {}
 
     def available(self, service: str) -> bool:
         return self.services.get(service) is not None
@@ -202,28 +211,48 @@ class ServiceCoordinator:
     async def _with_retries(self, call: ServiceCall, attempt: Callable[[], Awaitable[Any]]) -> Any:
         """The first attempt runs bare (the common case: it works); retries of retryable
         failures run in a tenacity loop, waiting Retry-After when the service said so,
-        else exponential backoff with jitter."""
+        else exponential backoff with jitter. A step retries only while fewer than
+        `retry_concurrency` steps of its service are retrying; otherwise its first failure
+        stands (Envoy's `max_retries` works the same way: a shed retry is not queued)."""
         policy = call.retry
         try:
             return await attempt()
         except DownstreamError as error:
             if policy.attempts <= 1 or not error.retryable:
                 raise
-            await asyncio.sleep(_delay(policy, error, 1))
+            first_failure = error
+        service = call.service
+        retrying = self.retrying.get(service, 0)
+        if retrying >= self.resilience.retry_concurrency:
+            SERVICE_RETRIES_SHED.labels(service).inc()
+            raise DownstreamError(
+                service,
+                first_failure.code,
+                f"{first_failure.message} (not retried: {retrying} steps of {service} "
+                "are retrying already)",
+                retryable=first_failure.retryable,
+                status=first_failure.status,
+                retry_after=first_failure.retry_after,
+            ) from first_failure
+        self.retrying[service] = retrying + 1
+        try:
+            await asyncio.sleep(_delay(policy, first_failure, 1))
 
-        def wait(state: tenacity.RetryCallState) -> float:
-            error = state.outcome.exception() if state.outcome else None
-            return _delay(policy, error, state.attempt_number + 1)
+            def wait(state: tenacity.RetryCallState) -> float:
+                error = state.outcome.exception() if state.outcome else None
+                return _delay(policy, error, state.attempt_number + 1)
 
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(policy.attempts - 1),
-            wait=wait,
-            retry=tenacity.retry_if_exception(
-                lambda error: isinstance(error, DownstreamError) and error.retryable
-            ),
-            reraise=True,
-        )
-        return await retrying(attempt)
+            retry_loop = tenacity.AsyncRetrying(
+                stop=tenacity.stop_after_attempt(policy.attempts - 1),
+                wait=wait,
+                retry=tenacity.retry_if_exception(
+                    lambda error: isinstance(error, DownstreamError) and error.retryable
+                ),
+                reraise=True,
+            )
+            return await retry_loop(attempt)
+        finally:
+            self.retrying[service] -= 1
 
     def _admitted(self, service: str) -> CircuitBreaker:
         breaker = self.breaker(service)
