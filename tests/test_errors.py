@@ -4,6 +4,7 @@ otherwise, echoed on every response (errors included) and bound to the log lines
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
@@ -86,7 +87,11 @@ async def test_every_error_has_the_one_shape(
 
     wrong_method = await client.put(SESSIONS, json={}, headers=user)
     assert_error_shape(wrong_method, 405, "method_not_allowed")
-    assert "allow" in wrong_method.headers
+    assert wrong_method.headers["allow"] == "GET, POST"
+    # One route per method at this path: every one of them is named, not the first.
+    one_session = await client.put(f"{SESSIONS}/{uuid.uuid4()}", json={}, headers=user)
+    assert_error_shape(one_session, 405, "method_not_allowed")
+    assert one_session.headers["allow"] == "GET, PATCH, DELETE"
 
     invalid = await client.post(SESSIONS, json={"metadata": 3}, headers=user)
     error = assert_error_shape(invalid, 422, "validation_error")
@@ -166,3 +171,31 @@ async def test_an_insane_correlation_id_is_replaced(
     assert echoed != sent
     assert SANE.match(echoed)
     assert response.json()["error"]["correlation_id"] == echoed
+
+
+async def test_the_openapi_document_states_the_error_shape_and_the_bounds(
+    client: httpx.AsyncClient,
+) -> None:
+    document = (await client.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas  # FastAPI's 422 shape, never sent here
+    session = document["paths"][f"{SESSIONS}/{{session_id}}"]
+    for status in ("401", "403", "404", "409", "422"):
+        body = session["patch"]["responses"][status]["content"]["application/json"]
+        assert body["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}, status
+    assert set(schemas["ErrorInfo"]["properties"]) == {
+        "code",
+        "message",
+        "details",
+        "correlation_id",
+    }
+    listing = {p["name"]: p for p in document["paths"][SESSIONS]["get"]["parameters"]}
+    assert listing["limit"]["schema"]["maximum"] == 100  # MAX_PAGE_SIZE's default
+    # A query string cannot carry a null: optional parameters are plain strings.
+    assert listing["cursor"]["schema"]["type"] == "string"
+    events = document["paths"]["/api/v1/tasks/{task_id}/events"]["get"]
+    assert events["responses"]["200"]["content"]["text/event-stream"]["schema"]["required"] == [
+        "id",
+        "event",
+        "data",
+    ]

@@ -13,6 +13,7 @@ from agent_orchestrator.middleware.errors import install_error_handlers
 from agent_orchestrator.middleware.request import RequestMiddleware
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.routes import chat, health, internal, sessions, tasks, ws
+from agent_orchestrator.routes.openapi import refine_openapi
 from agent_orchestrator.state import build_verifier
 from agent_orchestrator.websocket.gateway import WebSocketGateway
 
@@ -62,6 +63,7 @@ def create_app(
     app.include_router(tasks.router)
     app.include_router(internal.router)
     app.include_router(ws.router)
+    refine_openapi(app, settings.max_page_size)
     # Correlation id -> metrics -> body-size limit -> auth, in one layer (request.py says why).
     app.add_middleware(
         RequestMiddleware, verifier=verifier, max_body_bytes=settings.max_request_bytes

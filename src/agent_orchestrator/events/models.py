@@ -67,11 +67,16 @@ def ends_task_stream(event: Event) -> bool:
     return event.type == EventType.TASK_STATUS and event.data.get("status") in _TERMINAL_VALUES
 
 
+#: What a client's cursor may be, as the OpenAPI document states it: empty (none), or the
+#: decimal id of an event it received.
+CURSOR_PATTERN = r"^[0-9]{0,20}$"
+
+
 def parse_cursor(value: str | None) -> int | None:
-    """A client's cursor (Last-Event-ID, `after`): a non-negative integer, else None."""
+    """A client's cursor (Last-Event-ID, `after`): ASCII digits, else None when empty.
+    (`str.isdigit` alone would take other scripts' digits and superscripts.)"""
     if value is None or value == "":
         return None
-    text = value.strip()
-    if not text.isdigit() or len(text) > 20:
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
         raise ValueError("cursor must be a non-negative integer event id")
-    return int(text)
+    return int(value)

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from agent_orchestrator.errors import STATUS_CODES, ServiceError, error_body
 from agent_orchestrator.middleware.context import HEADER, correlation_id_of
@@ -66,9 +67,30 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route for {request.url.path}"
+    headers = exc.headers
     if exc.status_code == 405:
         message = f"method {request.method} is not allowed here"
-    return _response(request, exc.status_code, code, message, None, exc.headers)
+        headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+    return _response(request, exc.status_code, code, message, None, headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's 405 names only the first
+    route that matched the path, and FastAPI makes one route per method: the Allow header
+    of `OPTIONS /api/v1/sessions/{id}` said GET, leaving out PATCH and DELETE. Each method
+    is tried against the router's own matching, which also walks included routers."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+    return ", ".join(allowed)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -21,13 +21,14 @@ from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.models.task import TERMINAL, TaskView
 from agent_orchestrator.observability.metrics import CHAT_WAIT_ANSWERS
 from agent_orchestrator.routes.deps import State, UoW
+from agent_orchestrator.routes.openapi import API_ERRORS, SSE_CONTENT, errors
 from agent_orchestrator.routes.sse import event_frames, sse_response
 from agent_orchestrator.services.orchestrator import CHAT_KIND, reply_message_id
 from agent_orchestrator.services.session_manager import to_message
 from agent_orchestrator.services.task_ledger import to_view
 from agent_orchestrator.state import AppState
 
-router = APIRouter(prefix="/api/v1/chat", tags=["chat"])
+router = APIRouter(prefix="/api/v1/chat", tags=["chat"], responses=API_ERRORS)
 
 ChatWriter = Annotated[Principal, Depends(require_scope(Scope.CHAT_WRITE))]
 
@@ -37,9 +38,13 @@ ChatWriter = Annotated[Principal, Depends(require_scope(Scope.CHAT_WRITE))]
     status_code=202,
     response_model=ChatAccepted,
     responses={
-        200: {"model": ChatResponse, "description": "mode=wait: the finished turn"},
+        200: {
+            "model": ChatResponse,
+            "description": "mode=wait: the finished turn (JSON); mode=stream: its events (SSE)",
+            "content": SSE_CONTENT,
+        },
         202: {"model": ChatAccepted, "description": "mode=async: the turn is queued"},
-        409: {"description": "the session is closed, expired, or busy (on_busy=reject)"},
+        **errors(400, 404, 409, 413),
     },
 )
 async def chat(
@@ -102,7 +107,7 @@ def _task_stream(task: TaskRow) -> StreamKey:
     return StreamKey("task", task.tenant_id, str(task.id))
 
 
-@router.post("/{task_id}/cancel", status_code=202)
+@router.post("/{task_id}/cancel", status_code=202, responses=errors(404, 409))
 async def cancel_chat(
     task_id: uuid.UUID, principal: ChatWriter, state: State, uow: UoW
 ) -> TaskView:

@@ -6,8 +6,9 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from agent_orchestrator.routes.deps import State
@@ -30,7 +31,19 @@ async def _check(probe: Any) -> dict[str, Any]:
     return {"status": "ok"}
 
 
-@router.get("/health/ready")
+class Readiness(BaseModel):
+    status: str
+    dependencies: dict[str, dict[str, str]]
+
+
+@router.get(
+    "/health/ready",
+    response_model=None,
+    responses={
+        200: {"model": Readiness, "description": "every dependency answers"},
+        503: {"model": Readiness, "description": "a dependency is down; `dependencies` says which"},
+    },
+)
 async def ready(state: State) -> JSONResponse:
     async def database() -> None:
         async with state.engine.connect() as connection:
@@ -46,6 +59,6 @@ async def ready(state: State) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

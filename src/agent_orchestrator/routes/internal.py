@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends
 
 from agent_orchestrator.middleware.auth import require_service
 from agent_orchestrator.models.principal import Principal
+from agent_orchestrator.routes.openapi import errors
 
-router = APIRouter(prefix="/internal/v1", tags=["internal"])
+router = APIRouter(prefix="/internal/v1", tags=["internal"], responses=errors(401))
 
 ServicePrincipal = Annotated[Principal, Depends(require_service)]
 

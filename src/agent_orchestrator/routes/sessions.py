@@ -16,11 +16,12 @@ from agent_orchestrator.models.session import (
     SessionUpdate,
 )
 from agent_orchestrator.routes.deps import Paging, SessionsReader, SessionsWriter, State, UoW
+from agent_orchestrator.routes.openapi import API_ERRORS, errors
 
-router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"])
+router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"], responses=API_ERRORS)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=errors(400, 413))
 async def create_session(
     body: SessionCreate, principal: SessionsWriter, state: State, uow: UoW
 ) -> Session:
@@ -40,14 +41,14 @@ async def list_sessions(
     )
 
 
-@router.get("/{session_id}")
+@router.get("/{session_id}", responses=errors(404))
 async def get_session(
     session_id: uuid.UUID, principal: SessionsReader, state: State, uow: UoW
 ) -> Session:
     return await state.sessions.get(uow, principal, session_id)
 
 
-@router.patch("/{session_id}")
+@router.patch("/{session_id}", responses=errors(400, 404, 409, 413))
 async def update_session(
     session_id: uuid.UUID,
     body: SessionUpdate,
@@ -58,14 +59,14 @@ async def update_session(
     return await state.sessions.update(uow, principal, session_id, body)
 
 
-@router.delete("/{session_id}")
+@router.delete("/{session_id}", responses=errors(404, 409))
 async def close_session(
     session_id: uuid.UUID, principal: SessionsWriter, state: State, uow: UoW
 ) -> Session:
     return await state.sessions.close(uow, principal, session_id)
 
 
-@router.get("/{session_id}/messages")
+@router.get("/{session_id}/messages", responses=errors(404))
 async def list_messages(
     session_id: uuid.UUID, principal: SessionsReader, state: State, uow: UoW, paging: Paging
 ) -> Page[Message]:

@@ -13,16 +13,22 @@ from agent_orchestrator.db.tables import TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import ValidationFailed
 from agent_orchestrator.events.bus import REPLAY_PAGE, EventBus
-from agent_orchestrator.events.models import StreamKey, ends_task_stream, parse_cursor
+from agent_orchestrator.events.models import (
+    CURSOR_PATTERN,
+    StreamKey,
+    ends_task_stream,
+    parse_cursor,
+)
 from agent_orchestrator.middleware.auth import require_scope
 from agent_orchestrator.models.pagination import Page
 from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.models.task import TERMINAL, TaskStatus, TaskView
 from agent_orchestrator.routes.deps import Paging, State, UoW
+from agent_orchestrator.routes.openapi import API_ERRORS, SSE_CONTENT, errors
 from agent_orchestrator.routes.sse import event_frames, sse_response
 from agent_orchestrator.services.task_ledger import to_view
 
-router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
+router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"], responses=API_ERRORS)
 
 TasksReader = Annotated[Principal, Depends(require_scope(Scope.TASKS_READ))]
 TasksWriter = Annotated[Principal, Depends(require_scope(Scope.TASKS_WRITE))]
@@ -85,7 +91,7 @@ async def list_tasks(
     )
 
 
-@router.get("/{task_id}")
+@router.get("/{task_id}", responses=errors(404))
 async def get_task(task_id: uuid.UUID, principal: TasksReader, state: State, uow: UoW) -> TaskView:
     return await state.ledger.view(uow, principal, task_id)
 
@@ -94,8 +100,9 @@ async def get_task(task_id: uuid.UUID, principal: TasksReader, state: State, uow
     "/{task_id}/events",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}},
+        200: {"content": SSE_CONTENT},
         204: {"description": "the task is finished and the client has its last event"},
+        **errors(404),
     },
 )
 async def task_events(
@@ -103,8 +110,14 @@ async def task_events(
     principal: TasksReader,
     state: State,
     uow: UoW,
-    last_event_id: Annotated[str | None, Header()] = None,
-    after: Annotated[str | None, Query(max_length=32)] = None,
+    # The pattern is documented, not enforced by FastAPI: cursor_from's 422 names the
+    # header as clients send it ("Last-Event-ID"), not as FastAPI spells its alias.
+    last_event_id: Annotated[
+        str | None, Header(json_schema_extra={"pattern": CURSOR_PATTERN})
+    ] = None,
+    after: Annotated[
+        str | None, Query(max_length=32, json_schema_extra={"pattern": CURSOR_PATTERN})
+    ] = None,
 ) -> Response:
     cursor = cursor_from(last_event_id, after)
     row = await state.ledger.load_visible(uow.session, principal, task_id)
@@ -123,7 +136,7 @@ async def task_events(
     )
 
 
-@router.post("/{task_id}/cancel", status_code=202)
+@router.post("/{task_id}/cancel", status_code=202, responses=errors(404, 409))
 async def cancel_task(
     task_id: uuid.UUID, principal: TasksWriter, state: State, uow: UoW
 ) -> TaskView:

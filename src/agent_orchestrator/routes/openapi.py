@@ -1,0 +1,102 @@
+"""The OpenAPI document beyond what FastAPI derives from the routes.
+
+- What a route can answer besides its success. Every error leaves in the one shape
+  (errors.py), so each documented error status points at `ErrorResponse`; FastAPI would
+  otherwise describe 422 with its own `{"detail": [...]}` shape, which this service never
+  sends.
+- Parameters as they travel (no null in a query string or a header), and bounds that
+  are settings, such as the page size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+    correlation_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+_MEANING = {
+    401: "no credentials, or credentials that are not valid (`unauthorized`)",
+    403: "the token lacks the operation's scope (`forbidden`)",
+    404: "no such resource for the caller's tenant (`not_found`)",
+    409: "the resource's state does not allow it (`conflict`)",
+    400: "the request body is not JSON that can be read (`bad_request`)",
+    413: "the request body is over MAX_REQUEST_BYTES (`payload_too_large`)",
+    422: "a field is missing or not valid; `details` names it (`validation_error`)",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for these error statuses, in the one error shape."""
+    return {
+        status: {"model": ErrorResponse, "description": _MEANING[status]} for status in statuses
+    }
+
+
+#: The content of a Server-Sent Events answer, one event described (as schemathesis and
+#: OpenAPI 3.2's `itemSchema` read it): `id` is the cursor to resume from, `event` the
+#: type, `data` the event's JSON envelope (docs/api.md, "Server-Sent Events").
+SSE_CONTENT: dict[str, Any] = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "required": ["id", "event", "data"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "event": {"type": "string"},
+                "data": {"type": "string", "contentMediaType": "application/json"},
+            },
+        }
+    }
+}
+
+#: Every route of the public API authenticates, checks a scope and validates its input.
+API_ERRORS = errors(401, 403, 422)
+
+
+def refine_openapi(app: FastAPI, max_page_size: int) -> None:
+    """Two edits to the document FastAPI derives, made once when it is first built:
+
+    - An optional query or header parameter is declared `str | None` in Python, which
+      FastAPI renders as "a string or null". A query string or a header cannot carry a
+      null: the parameter is either sent or not. Left in, the null reads as the literal
+      text "null" to a client generator (schemathesis sent `Last-Event-ID: null`).
+    - MAX_PAGE_SIZE becomes the `maximum` of every list's `limit`. The bound is a
+      setting, read per request (routes/deps.py), so the declaration cannot carry it.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()  # built once and kept by FastAPI, so these edits run once
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                for parameter in operation.get("parameters", []):
+                    parameter["schema"] = _without_null(parameter["schema"])
+                    if parameter["name"] == "limit" and parameter["in"] == "query":
+                        parameter["schema"]["maximum"] = max_page_size
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    options = schema.get("anyOf")
+    if not options:
+        return schema
+    kept = [option for option in options if option.get("type") != "null"]
+    if len(kept) != 1:
+        return schema
+    rest = {key: value for key, value in schema.items() if key != "anyOf"}
+    return {**kept[0], **rest}
