@@ -10,7 +10,8 @@ what reached a downstream service is counted from the double's own records.
 - a service that keeps failing opens its breaker: turns then fail fast with
   `circuit_open` and nothing reaches it; after the faults clear and CIRCUIT_OPEN_SECONDS
   pass, a half-open probe closes it again (one probe at a time; a failed probe reopens
-  it); SERVICE_CONCURRENCY caps the calls in flight to one service;
+  it); occasional failures open it only once they are CIRCUIT_FAILURE_RATE of the
+  calls; SERVICE_CONCURRENCY caps the calls in flight to one service;
 - an optional step (history, knowledge) that fails degrades the turn and says so;
 - a hanging service hits DOWNSTREAM_TIMEOUT, far before TASK_TIMEOUT;
 - cancelling mid-stream closes the downstream stream within ~1 s;
@@ -268,6 +269,34 @@ async def test_a_failing_service_opens_its_breaker_then_recovers(
         assert await double.requests("agent_management") == 5
         # Other services were never affected by this breaker.
         assert await assistant_messages(client) == 2
+
+
+@pytest.mark.parametrize(("rate", "opens"), [(0.5, False), (0.0, True)])
+async def test_occasional_failures_open_the_breaker_only_as_a_share_of_calls(
+    app_with: Callable[..., Any],
+    double: Double,
+    make_token: TokenFactory,
+    rate: float,
+    opens: bool,
+) -> None:
+    """A quarter of the agent service's answers fail. At CIRCUIT_FAILURE_RATE 0.5 the
+    breaker stays closed: every turn reaches the service and a quarter fail with its own
+    code. Counting failures alone (rate 0) it opens after five."""
+    headers = auth(make_token())
+    await double.fault("agent_management", status=503, error_rate=0.25)
+    settings = {
+        "step_retry_attempts": 1,
+        "circuit_failure_threshold": 5,
+        "circuit_failure_rate": rate,
+    }
+    async with app_with(**settings) as client:
+        tasks = [await turn(client, headers, f"turn {i}") for i in range(40)]
+    codes = [task["error"]["code"] for task in tasks if task["status"] == "failed"]
+    assert set(codes) <= {"service_unavailable", "circuit_open"}
+    assert codes.count("service_unavailable") >= 5
+    assert ("circuit_open" in codes) is opens, codes
+    if not opens:
+        assert await double.requests("agent_management") == 40
 
 
 async def test_a_failed_half_open_probe_opens_the_breaker_again(

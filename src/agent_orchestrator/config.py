@@ -142,6 +142,7 @@ class Settings(BaseSettings):
     step_retry_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     step_retry_initial: PositiveFloat = 0.2
     circuit_failure_threshold: PositiveInt = 5
+    circuit_failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.5
     circuit_window_seconds: PositiveFloat = 30.0
     circuit_open_seconds: PositiveFloat = 10.0
     circuit_half_open_probes: PositiveInt = 1

@@ -133,6 +133,7 @@ async def build_state(
 def resilience_of(settings: Settings) -> ResilienceSettings:
     return ResilienceSettings(
         failure_threshold=settings.circuit_failure_threshold,
+        failure_rate=settings.circuit_failure_rate,
         window_seconds=settings.circuit_window_seconds,
         open_seconds=settings.circuit_open_seconds,
         half_open_probes=settings.circuit_half_open_probes,

@@ -38,7 +38,7 @@ from agent_orchestrator.observability.metrics import (
     SERVICE_CALL_SECONDS,
     SERVICE_RETRIES_SHED,
 )
-from agent_orchestrator.resilience.circuit_breaker import CircuitBreaker
+from agent_orchestrator.resilience.circuit_breaker import CircuitBreaker, Permit
 from agent_orchestrator.services.reply_chunks import ChunkForwarder
 
 log = get_logger(__name__)
@@ -82,6 +82,7 @@ class PlanRun:
 @dataclass
 class ResilienceSettings:
     failure_threshold: int = 5
+    failure_rate: float = 0.5
     window_seconds: float = 30.0
     open_seconds: float = 10.0
     half_open_probes: int = 1
@@ -107,6 +108,7 @@ class ServiceCoordinator:
             self.breakers[service] = CircuitBreaker(
                 service,
                 failure_threshold=r.failure_threshold,
+                failure_rate=r.failure_rate,
                 window_seconds=r.window_seconds,
                 open_seconds=r.open_seconds,
                 half_open_probes=r.half_open_probes,
@@ -254,13 +256,13 @@ class ServiceCoordinator:
         finally:
             self.retrying[service] -= 1
 
-    def _admitted(self, service: str) -> CircuitBreaker:
-        breaker = self.breaker(service)
-        if not breaker.try_acquire():
+    def _admitted(self, service: str) -> Permit:
+        permit = self.breaker(service).admit()
+        if permit is None:
             raise DownstreamError(
                 service, "circuit_open", f"{service} is failing; calls are paused", retryable=False
             )
-        return breaker
+        return permit
 
     async def _call_once(
         self,
@@ -269,13 +271,13 @@ class ServiceCoordinator:
         inputs: dict[str, Any],
         ctx: CallContext,
     ) -> Any:
-        breaker = self._admitted(call.service)
+        permit = self._admitted(call.service)
         async with self.bulkhead(call.service):
             try:
                 async with asyncio.timeout(call.timeout):
                     result = await operation(ctx, **inputs)
             except TimeoutError as error:
-                breaker.record_failure()
+                permit.failed()
                 raise DownstreamError(
                     call.service,
                     "timeout",
@@ -283,12 +285,12 @@ class ServiceCoordinator:
                     retryable=True,
                 ) from error
             except DownstreamError as error:
-                _judge(breaker, error)
+                _judge(permit, error)
                 raise
             except asyncio.CancelledError:
-                breaker.release_probe()
+                permit.released()
                 raise
-        breaker.record_success()
+        permit.succeeded()
         return result
 
     async def _stream_once(
@@ -298,7 +300,7 @@ class ServiceCoordinator:
         inputs: dict[str, Any],
         run: PlanRun,
     ) -> StreamedReply:
-        breaker = self._admitted(call.service)
+        permit = self._admitted(call.service)
         pieces: list[str] = []
         done: ReplyDone | None = None
         forward = ChunkForwarder(run.on_chunk)
@@ -327,19 +329,19 @@ class ServiceCoordinator:
                             done = event
                             break
             except TimeoutError as error:
-                breaker.record_failure()
+                permit.failed()
                 await forward.flush()  # what arrived before the failure still goes out
                 raise _stream_error(
                     call, "timeout", f"no event for {call.timeout:g} s", True, pieces
                 ) from error
             except DownstreamError as error:
-                _judge(breaker, error)
+                _judge(permit, error)
                 await forward.flush()
                 raise _stream_error(
                     call, error.code, error.message, error.retryable, pieces
                 ) from error
             except asyncio.CancelledError:
-                breaker.release_probe()
+                permit.released()
                 forward.cancel()
                 raise
             except BaseException:
@@ -347,11 +349,11 @@ class ServiceCoordinator:
                 raise
         await forward.flush()
         if done is None:
-            breaker.record_failure()
+            permit.failed()
             raise _stream_error(
                 call, "stream_cut", "the stream ended without its end event", True, pieces
             )
-        breaker.record_success()
+        permit.succeeded()
         return StreamedReply(
             content="".join(pieces),
             usage=done.usage,
@@ -384,11 +386,11 @@ def _delay(policy: RetryPolicy, error: BaseException | None, failures: int) -> f
     return base + random.uniform(0, policy.initial)
 
 
-def _judge(breaker: CircuitBreaker, error: DownstreamError) -> None:
+def _judge(permit: Permit, error: DownstreamError) -> None:
     if error.retryable:
-        breaker.record_failure()
+        permit.failed()
     else:
-        breaker.release_probe()
+        permit.released()
 
 
 def resolve(value: Any, run: PlanRun) -> Any:
