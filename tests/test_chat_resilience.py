@@ -6,7 +6,8 @@ what reached a downstream service is counted from the double's own records.
 - transient failures are retried and the turn succeeds (attempts visible per step);
   attempts stop at STEP_RETRY_ATTEMPTS (no task-level retry on top), 4xx are not
   retried, a 429's Retry-After is honoured; at most SERVICE_RETRY_CONCURRENCY steps of
-  one service retry at once (the others keep their first failure);
+  one service retry at once (the others keep their first failure); the delays between
+  attempts follow the exponential envelope with bounded jitter;
 - a service that keeps failing opens its breaker: turns then fail fast with
   `circuit_open` and nothing reaches it; after the faults clear and CIRCUIT_OPEN_SECONDS
   pass, a half-open probe closes it again (one probe at a time; a failed probe reopens
@@ -167,6 +168,26 @@ async def test_retries_stop_at_the_configured_count(
         assert calls_of(await settled(client, headers, task["id"]))["agent"]["attempts"] == 3
     assert await double.requests("agent_management") == 3
     assert await double.requests("agent_execution") == 0
+
+
+async def test_retry_delays_grow_exponentially_with_bounded_jitter(
+    app_with: Callable[..., Any], double: Double, make_token: TokenFactory
+) -> None:
+    """Between the n-th failure and the next attempt: STEP_RETRY_INITIAL x 2^(n-1), plus
+    up to STEP_RETRY_INITIAL of jitter; measured between the double's own receipts."""
+    headers = auth(make_token())
+    initial = 0.1
+    await double.fault("agent_management", status=503)
+    async with app_with(step_retry_attempts=4, step_retry_initial=initial) as client:
+        task = await turn(client, headers, "backing off")
+        assert task["status"] == "failed", task
+    times = [r["time"] for r in await double.recorded("agent_management")]
+    assert len(times) == 4
+    for n, (earlier, later) in enumerate(itertools.pairwise(times), start=1):
+        backoff = initial * 2 ** (n - 1)
+        # Slack above the envelope: one failed exchange with the double and the loop's
+        # scheduling, on a shared 2-core host.
+        assert backoff <= later - earlier <= backoff + initial + 0.08, (n, later - earlier)
 
 
 async def test_retry_after_of_a_429_is_honoured(
