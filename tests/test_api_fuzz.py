@@ -6,8 +6,9 @@ and edge values of every parameter), fuzzing, and stateful (operations chained t
 the links it infers: create a session, read it, chat in it, cancel the turn, ...). Every
 answer is checked: no 5xx; status, content type, headers and body as documented (the
 Server-Sent Events of `mode=stream` and `/events` included); invalid input rejected,
-valid input accepted; auth not ignored; `Allow` on a 405 right. Seed, example count and
-the two checks that do not apply here, with why, are in tests/fuzz/schemathesis.toml.
+valid input accepted; auth not ignored; `Allow` on a 405 right. Half the ids it puts in
+paths are of sessions and turns the test made first. Seed, example count and the check
+that does not apply here, with why, are in tests/fuzz/schemathesis.toml.
 The JUnit report goes to TEST_REPORTS_DIR when CI sets it.
 """
 
@@ -72,14 +73,24 @@ def user_token(workdir: Path, env: dict[str, str]) -> str:
     return minted.stdout.strip()
 
 
-def issued_cursor(base: str, token: str) -> str:
-    """A page cursor as the API issues one: two sessions, listed one per page."""
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as http:
-        for _ in range(2):
-            assert http.post("/api/v1/sessions", json={}).status_code == 201
-        page = http.get("/api/v1/sessions", params={"limit": 1}).json()
+def issued_cursor(http: httpx.Client) -> str:
+    """A page cursor as the API issues one: sessions listed one per page."""
+    page = http.get("/api/v1/sessions", params={"limit": 1}).json()
     assert page["next_cursor"], page
     return str(page["next_cursor"])
+
+
+def existing_ids(http: httpx.Client, workdir: Path) -> None:
+    """Three chat turns, their sessions and tasks written as schemathesis dictionaries
+    (one quoted value per line) next to the copy of the configuration."""
+    sessions, tasks = [], []
+    for i in range(3):
+        answer = http.post("/api/v1/chat", json={"message": f"seed {i}", "mode": "wait"})
+        assert answer.status_code == 200, answer.text
+        sessions.append(answer.json()["task"]["session_id"])
+        tasks.append(answer.json()["task"]["id"])
+    for name, values in (("sessions", sessions), ("tasks", tasks)):
+        (workdir / f"{name}.txt").write_text("".join(f'"{value}"\n' for value in values))
 
 
 def test_every_operation_answers_as_its_openapi_document_says(
@@ -87,12 +98,17 @@ def test_every_operation_answers_as_its_openapi_document_says(
 ) -> None:
     base, workdir, env = served
     token = user_token(workdir, env)
+    config = workdir / CONFIG.name
+    shutil.copy(CONFIG, config)
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as http:
+        existing_ids(http, workdir)
+        cursor = issued_cursor(http)
     junit = workdir / "schemathesis-junit.xml"
     run = subprocess.run(
         [
             SCHEMATHESIS,
             "--config-file",
-            str(CONFIG),
+            str(config),
             "run",
             f"{base}/openapi.json",
             "--report",
@@ -105,7 +121,7 @@ def test_every_operation_answers_as_its_openapi_document_says(
             **env,
             "FUZZ_USER_TOKEN": token,
             "FUZZ_SERVICE_TOKEN": SERVICE_TOKEN,
-            "FUZZ_CURSOR": issued_cursor(base, token),
+            "FUZZ_CURSOR": cursor,
             "NO_COLOR": "1",
         },
         capture_output=True,

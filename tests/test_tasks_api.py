@@ -688,3 +688,11 @@ async def test_a_bad_last_event_id_is_refused(
         )
         assert bad_query.status_code == 422, bad
         assert bad_query.json()["error"]["details"][0]["field"] == "after"
+    # An empty Last-Event-ID (no cursor) does not wave a bad `after` through.
+    both = await client.get(
+        f"{TASKS}/{task_id}/events",
+        params={"after": "x"},
+        headers={**headers, "Last-Event-ID": ""},
+    )
+    assert both.status_code == 422
+    assert both.json()["error"]["details"][0]["field"] == "after"

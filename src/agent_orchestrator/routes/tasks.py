@@ -35,11 +35,17 @@ TasksWriter = Annotated[Principal, Depends(require_scope(Scope.TASKS_WRITE))]
 
 
 def cursor_from(last_event_id: str | None, after: str | None) -> int | None:
-    raw = last_event_id if last_event_id is not None else after
+    """The client's cursor: `Last-Event-ID` (what an EventSource sends on reconnecting),
+    else `after`. Both are checked whenever they are sent: an empty header must not let
+    a bad `after` through unchecked."""
+    header = _cursor("Last-Event-ID", last_event_id)
+    return header if header is not None else _cursor("after", after)
+
+
+def _cursor(field: str, raw: str | None) -> int | None:
     try:
         return parse_cursor(raw)
     except ValueError as error:
-        field = "Last-Event-ID" if last_event_id is not None else "after"
         raise ValidationFailed(
             f"{field} must be an event id",
             details=[{"field": field, "message": str(error)}],
