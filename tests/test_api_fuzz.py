@@ -1,15 +1,15 @@
 """The OpenAPI document against the real server (reliability B1).
 
-schemathesis reads `/openapi.json` from a `serve` process in its embedded default and
-sends it requests over HTTP, valid and invalid, in all its phases: coverage (boundary
-and edge values of every parameter), fuzzing, and stateful (operations chained through
-the links it infers: create a session, read it, chat in it, cancel the turn, ...). Every
-answer is checked: no 5xx; status, content type, headers and body as documented (the
-Server-Sent Events of `mode=stream` and `/events` included); invalid input rejected,
-valid input accepted; auth not ignored; `Allow` on a 405 right. Half the ids it puts in
-paths are of sessions and turns the test made first. Seed, example count and the check
-that does not apply here, with why, are in tests/fuzz/schemathesis.toml.
-The JUnit report goes to TEST_REPORTS_DIR when CI sets it.
+schemathesis reads `/openapi.json` from a `serve` process, in its embedded default and
+in production mode (PostgreSQL and Redis), and sends it requests over HTTP, valid and
+invalid, in all its phases: coverage (boundary and edge values of every parameter),
+fuzzing, and stateful (operations chained through the links it infers: create a session,
+read it, chat in it, cancel the turn, ...). Every answer is checked: no 5xx; status,
+content type, headers and body as documented (the Server-Sent Events of `mode=stream`
+and `/events` included); invalid input rejected, valid input accepted; auth not ignored;
+`Allow` on a 405 right. Half the ids it puts in paths are of sessions and turns the test
+made first. Seed, example count and the check that does not apply here, with why, are in
+tests/fuzz/schemathesis.toml. The JUnit report goes to TEST_REPORTS_DIR when CI sets it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import REDIS_URL
 from tests.processes import (
     CLI,
     REPO_ROOT,
@@ -43,10 +44,23 @@ CONFIG = REPO_ROOT / "tests" / "fuzz" / "schemathesis.toml"
 SERVICE_TOKEN = "fuzz-service-token"
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, str]]]:
-    """`serve` with nothing configured but a service token (for `/internal`)."""
-    env = process_env(DATA_DIR=str(tmp_path / "data"), SERVICE_TOKEN=SERVICE_TOKEN)
+@pytest.fixture(params=["embedded", "production"])
+def served(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[str, Path, dict[str, str]]]:
+    """`serve` with nothing configured but a service token (for `/internal`); or in
+    production mode on a fresh PostgreSQL database and Redis namespace (PostgreSQL
+    refuses text that SQLite stores: the same document must hold on both)."""
+    variables = {"DATA_DIR": str(tmp_path / "data"), "SERVICE_TOKEN": SERVICE_TOKEN}
+    if request.param == "production":
+        variables |= {
+            "ENVIRONMENT": "production",
+            "DATABASE_URL": request.getfixturevalue("pg_database"),
+            "REDIS_URI": REDIS_URL,
+            "REDIS_NAMESPACE": request.getfixturevalue("redis_namespace"),
+            "SECRET_KEY": "fuzz-secret-key-0123456789abcdef0123456789abcdef",
+        }
+    env = process_env(**variables)
     port = free_port()
     log = tmp_path / "serve.log"
     proc = start_process([CLI, "serve", "--port", str(port)], env, log, cwd=tmp_path)
@@ -103,7 +117,7 @@ def test_every_operation_answers_as_its_openapi_document_says(
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as http:
         existing_ids(http, workdir)
         cursor = issued_cursor(http)
-    junit = workdir / "schemathesis-junit.xml"
+    junit = workdir / f"schemathesis-junit-{workdir.name}.xml"
     run = subprocess.run(
         [
             SCHEMATHESIS,

@@ -105,6 +105,11 @@ def _bad_tokens(secret: str) -> dict[str, str]:
         "missing tenant_id": jwt.encode(_claims(tenant_id=None), secret, algorithm="HS256"),
         "empty tenant_id": jwt.encode(_claims(tenant_id=""), secret, algorithm="HS256"),
         "tenant_id a number": jwt.encode(_claims(tenant_id=7), secret, algorithm="HS256"),
+        # Signed, but not text a database can store (the session's row would take it).
+        "tenant_id with NUL": jwt.encode(_claims(tenant_id="a\x00b"), secret, algorithm="HS256"),
+        "sub a lone surrogate": _hs256_by_hand(
+            {**_claims(), "sub": "\ud800"}, secret.encode(), {"alg": "HS256", "typ": "JWT"}
+        ),
         "scopes a number": jwt.encode(_claims(scopes=5), secret, algorithm="HS256"),
         "scopes a list of numbers": jwt.encode(_claims(scopes=[1, 2]), secret, algorithm="HS256"),
         "scopes an object": jwt.encode(

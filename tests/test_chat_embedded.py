@@ -480,6 +480,18 @@ async def test_bad_input_is_422_naming_the_field_and_writes_nothing(
         assert response.status_code == 422, (body, response.text)
         named = {item["field"] for item in response.json()["error"]["details"]}
         assert any(field in name for name in named), (body, named)
+    # Text no database can store (NUL; a lone surrogate), as raw JSON escapes.
+    as_json = {**headers, "content-type": "application/json"}
+    for raw, field in [
+        (b'{"message": "hi\\u0000", "mode": "wait"}', "message"),
+        (b'{"message": "\\ud800", "mode": "wait"}', "message"),
+        (b'{"message": "hi", "agent_id": "x\\u0000"}', "agent_id"),
+        (b'{"message": "hi", "metadata": {"tags": ["\\u0000"]}}', "metadata"),
+    ]:
+        response = await client.post(CHAT, content=raw, headers=as_json)
+        assert response.status_code == 422, (raw, response.text)
+        named = {item["field"] for item in response.json()["error"]["details"]}
+        assert field in named, (raw, named)
     assert await count(client, TaskRow) == 0
     assert await count(client, SessionRow) == 0
     assert await count(client, MessageRow) == 0

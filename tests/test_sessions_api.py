@@ -272,6 +272,25 @@ async def test_wrong_types_are_422_and_nothing_is_written(
             assert response.json()["error"]["code"] == "validation_error"
             assert field in _fields_named(response), (method, body)
 
+    # Text no database here can store: NUL (PostgreSQL refuses it in text and jsonb) and a
+    # lone surrogate (no UTF-8 for it), wherever it is in the body. Sent as raw JSON: a
+    # client library would not even encode the surrogate.
+    unstorable: list[tuple[bytes, str]] = [
+        (b'{"agent_id": "a\\u0000b"}', "agent_id"),
+        (b'{"metadata": {"k": "v\\u0000"}}', "metadata"),
+        (b'{"metadata": {"k\\u0000": 1}}', "metadata"),
+        (b'{"metadata": {"deep": [{"x": "\\ud800"}]}}', "metadata"),
+        (b'{"agent_id": "\\udfff"}', "agent_id"),
+    ]
+    as_json = {**headers, "content-type": "application/json"}
+    for raw, field in unstorable:
+        for method, url in (("POST", SESSIONS), ("PATCH", f"{SESSIONS}/{existing['id']}")):
+            response = await client.request(method, url, content=raw, headers=as_json)
+            assert response.status_code == 422, (method, raw, response.text)
+            assert field in _fields_named(response), (method, raw)
+            said = response.json()["error"]["details"][0]["message"]
+            assert "NUL character" in said or "lone surrogate" in said, said
+
     not_json = await client.post(
         SESSIONS, content=b"{not json", headers={**headers, "content-type": "application/json"}
     )

@@ -22,6 +22,7 @@ from fastapi import Request
 
 from agent_orchestrator.errors import Forbidden, Unauthorized
 from agent_orchestrator.models.principal import Principal, PrincipalKind
+from agent_orchestrator.models.storable import storable_text
 
 _MAX_ID = 128
 
@@ -120,6 +121,10 @@ def _principal_from(claims: dict[str, Any]) -> Principal:
     for name, value in (("tenant_id", tenant), ("sub", subject)):
         if not isinstance(value, str) or not value or len(value) > _MAX_ID:
             raise Unauthorized(f"token claim {name!r} must be a non-empty string")
+        try:
+            storable_text(value)  # it is written to the database as is
+        except ValueError as error:
+            raise Unauthorized(f"token claim {name!r} {error}") from error
     raw = claims.get("scopes", claims.get("permissions", []))
     if isinstance(raw, str):
         scopes = frozenset(raw.split())

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import uuid
 from enum import StrEnum
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent_orchestrator.models.session import Message
+from agent_orchestrator.models.storable import StorableJson, StorableText
 from agent_orchestrator.models.task import TaskView
 
 
@@ -29,12 +29,12 @@ class BusyPolicy(StrEnum):
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    message: str = Field(min_length=1, max_length=32_000)
+    message: StorableText = Field(min_length=1, max_length=32_000)
     session_id: uuid.UUID | None = None
-    agent_id: str | None = Field(default=None, min_length=1, max_length=128)
+    agent_id: StorableText | None = Field(default=None, min_length=1, max_length=128)
     mode: ChatMode = ChatMode.ASYNC
     on_busy: BusyPolicy | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: StorableJson = Field(default_factory=dict)
 
 
 class ChatAccepted(BaseModel):

@@ -10,8 +10,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent_orchestrator.errors import Conflict
+from agent_orchestrator.models.storable import StorableJson, StorableText
 
-AgentId = str
+AgentId = StorableText
 Metadata = dict[str, Any]
 
 
@@ -65,7 +66,7 @@ class SessionCreate(BaseModel):
     model_config = _STRICT
 
     agent_id: AgentId | None = Field(default=None, min_length=1, max_length=128)
-    metadata: Metadata = Field(default_factory=dict)
+    metadata: StorableJson = Field(default_factory=dict)
 
 
 class SessionUpdate(BaseModel):
@@ -74,7 +75,7 @@ class SessionUpdate(BaseModel):
     model_config = _STRICT
 
     agent_id: AgentId | None = Field(default=None, min_length=1, max_length=128)
-    metadata: Metadata | None = None
+    metadata: StorableJson | None = None
 
 
 class Session(BaseModel):

@@ -15,6 +15,8 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from agent_orchestrator.models.storable import VALUE_SCHEMA
+
 
 class ErrorInfo(BaseModel):
     code: str
@@ -67,7 +69,9 @@ API_ERRORS = errors(401, 403, 422)
 
 
 def refine_openapi(app: FastAPI, max_page_size: int) -> None:
-    """Two edits to the document FastAPI derives, made once when it is first built:
+    """Three edits to the document FastAPI derives, made once when it is first built:
+
+    - The component `StorableValue` that metadata's schema refers to (models/storable.py).
 
     - An optional query or header parameter is declared `str | None` in Python, which
       FastAPI renders as "a string or null". A query string or a header cannot carry a
@@ -80,6 +84,9 @@ def refine_openapi(app: FastAPI, max_page_size: int) -> None:
 
     def openapi() -> dict[str, Any]:
         schema = build()  # built once and kept by FastAPI, so these edits run once
+        schema.setdefault("components", {}).setdefault("schemas", {})["StorableValue"] = (
+            VALUE_SCHEMA
+        )
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 for parameter in operation.get("parameters", []):

@@ -1,0 +1,73 @@
+"""Client text the databases can store. PostgreSQL's text and jsonb refuse the NUL
+character, so a NUL anywhere in a message, an agent id or metadata (a key, a value, at
+any depth) reached the database and came back as a 500; a lone UTF-16 surrogate, which
+JSON's `\\ud800` escape can produce, has no UTF-8 form for either database. Such text is
+refused at the edge instead, as a 422 naming the field, and the OpenAPI document says so
+(a `pattern` on every such string, metadata described to any depth).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, StringConstraints, WithJsonSchema
+
+#: No NUL character (U+0000), as a regular expression both pydantic and a JSON Schema
+#: reader understand. (pydantic refuses a lone surrogate in any `str` by itself.)
+NO_NUL = r"^[^\x00]*$"
+
+StorableText = Annotated[str, StringConstraints(pattern=NO_NUL)]
+
+
+def storable_text(text: str) -> str:
+    """The same rule for text that no model checks (metadata's contents, token claims)."""
+    if "\x00" in text:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError("must be Unicode text (a lone surrogate is not)") from error
+    return text
+
+
+def storable_json(value: dict[str, Any]) -> dict[str, Any]:
+    """Every key and string of a JSON object, at any depth; the error says where."""
+    pending: list[tuple[Any, str]] = [(value, "")]
+    while pending:
+        item, path = pending.pop()
+        try:
+            if isinstance(item, str):
+                storable_text(item)
+            elif isinstance(item, dict):
+                for key, inner in item.items():
+                    storable_text(key)
+                    pending.append((inner, f"{path}.{key}" if path else key))
+            elif isinstance(item, list):
+                pending.extend((inner, f"{path}[{index}]") for index, inner in enumerate(item))
+        except ValueError as error:
+            raise ValueError(f"{path or 'a key'}: {error}") from None
+    return value
+
+
+_TEXT_SCHEMA = {"type": "string", "pattern": NO_NUL}
+_VALUE_REF = {"$ref": "#/components/schemas/StorableValue"}
+
+#: A metadata value in the OpenAPI document, to any depth (refine_openapi adds it as the
+#: component `StorableValue`: the models' own schema has no name to refer to).
+VALUE_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        _TEXT_SCHEMA,
+        {"type": ["number", "boolean", "null"]},
+        {"type": "array", "items": _VALUE_REF},
+        {"type": "object", "propertyNames": _TEXT_SCHEMA, "additionalProperties": _VALUE_REF},
+    ]
+}
+
+#: A JSON object from a client (metadata), storable at every depth.
+StorableJson = Annotated[
+    dict[str, Any],
+    AfterValidator(storable_json),
+    WithJsonSchema(
+        {"type": "object", "propertyNames": _TEXT_SCHEMA, "additionalProperties": _VALUE_REF}
+    ),
+]
