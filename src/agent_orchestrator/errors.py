@@ -6,7 +6,10 @@ follow the platform's error matrix (docs/api.md lists them).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+from agent_orchestrator.models.storable import NO_NUL
 
 
 class ServiceError(Exception):
@@ -89,3 +92,17 @@ def error_body(
             "correlation_id": correlation_id,
         }
     }
+
+
+def validation_message(item: Mapping[str, Any]) -> str:
+    """A pydantic error's message for a client, over HTTP or a WebSocket: pydantic's own,
+    except where it only quotes a pattern or an encoding a reader would have to decode,
+    and without the prefix it puts before our own validators' words."""
+    kind, message = item.get("type"), str(item["msg"])
+    if kind == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") == NO_NUL:
+        return "must not contain the NUL character (U+0000)"
+    if kind == "string_unicode":
+        return "must be Unicode text (a lone surrogate is not)"
+    if kind == "value_error":
+        return message.removeprefix("Value error, ")
+    return message

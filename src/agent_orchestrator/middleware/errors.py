@@ -11,9 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from agent_orchestrator.errors import STATUS_CODES, ServiceError, error_body
+from agent_orchestrator.errors import STATUS_CODES, ServiceError, error_body, validation_message
 from agent_orchestrator.middleware.context import HEADER, correlation_id_of
-from agent_orchestrator.models.storable import NO_NUL
 from agent_orchestrator.observability.logging import get_logger
 
 log = get_logger(__name__)
@@ -48,26 +47,13 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     return _response(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
 
-def _said_plainly(item: Mapping[str, Any]) -> str:
-    """pydantic's message, except where it only quotes a pattern a reader must decode, and
-    without the prefix it puts before our own validators' words."""
-    kind, message = item.get("type"), str(item["msg"])
-    if kind == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") == NO_NUL:
-        return "must not contain the NUL character (U+0000)"
-    if kind == "string_unicode":
-        return "must be Unicode text (a lone surrogate is not)"
-    if kind == "value_error":
-        return message.removeprefix("Value error, ")
-    return message
-
-
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     details = [
         {
             "field": _field_name(tuple(item["loc"])),
             "in": str(item["loc"][0]),
-            "message": _said_plainly(item),
+            "message": validation_message(item),
         }
         for item in exc.errors()
     ]

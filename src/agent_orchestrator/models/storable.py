@@ -23,10 +23,11 @@ def storable_text(text: str) -> str:
     """The same rule for text that no model checks (metadata's contents, token claims)."""
     if "\x00" in text:
         raise ValueError("must not contain the NUL character (U+0000)")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError("must be Unicode text (a lone surrogate is not)") from error
+    if not text.isascii():  # a flag CPython keeps: ASCII text needs no encoding trial
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError("must be Unicode text (a lone surrogate is not)") from error
     return text
 
 

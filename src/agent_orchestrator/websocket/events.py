@@ -15,8 +15,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from agent_orchestrator.errors import validation_message
 from agent_orchestrator.events.models import Event
 from agent_orchestrator.models.chat import ChatRequest
+from agent_orchestrator.models.storable import storable_text
 
 #: Nesting deeper than this is refused before validation: nothing legitimate needs it, and
 #: deep structures cost recursion in every later (de)serialisation.
@@ -110,9 +112,9 @@ def _reject_constant(name: str) -> Any:
 
 
 def _check_values(data: Any) -> str | None:
-    """Why `data` cannot be stored as it is (too deep, NUL, lone surrogate), else None.
-    PostgreSQL refuses NUL and invalid UTF-8 in text and JSON: catching them here keeps a
-    bad string a validation error instead of a failed transaction."""
+    """Why `data` cannot be stored as it is (too deep; a NUL or a lone surrogate in any
+    key or string: models/storable.py), else None. Catching them here, for every message
+    type at once, keeps a bad string a validation error instead of a failed transaction."""
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
         value, depth = stack.pop()
@@ -123,13 +125,11 @@ def _check_values(data: Any) -> str | None:
             stack.extend((item, depth + 1) for item in value.values())
         elif isinstance(value, list):
             stack.extend((item, depth + 1) for item in value)
-        elif isinstance(value, str) and not value.isascii():
+        elif isinstance(value, str):
             try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return "strings must be valid Unicode (no lone surrogates)"
-        if isinstance(value, str) and "\x00" in value:
-            return "strings must not contain NUL characters"
+                storable_text(value)
+            except ValueError as error:
+                return f"strings {error}"
     return None
 
 
@@ -171,7 +171,7 @@ def parse_client_message(text: str) -> ClientMessage:
         return _ADAPTER.validate_python(data)
     except ValidationError as error:
         details = [
-            {"field": _field_path(item["loc"]), "message": item["msg"]}
+            {"field": _field_path(item["loc"]), "message": validation_message(item)}
             for item in error.errors(include_url=False, include_input=False)
         ]
         first = details[0]
