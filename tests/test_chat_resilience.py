@@ -16,7 +16,8 @@ what reached a downstream service is counted from the double's own records.
 - an optional step (history, knowledge) that fails degrades the turn and says so;
 - a hanging service hits DOWNSTREAM_TIMEOUT, far before TASK_TIMEOUT;
 - cancelling mid-stream closes the downstream stream within ~1 s;
-- a cut LLM stream fails the turn and stores no half reply; a stream cut before its
+- a reply carrying a NUL is stored with U+FFFD in its place (PostgreSQL cannot store
+  NUL); a cut LLM stream fails the turn and stores no half reply; a stream cut before its
   first chunk is retried; an LLM 401 fails at once, without retries.
 """
 
@@ -539,6 +540,25 @@ async def test_cancel_mid_stream_closes_the_downstream_stream(
         assert report["client_disconnected"] == 1, report
         assert report["streams"][0]["chunks_sent"] < 10
         assert await assistant_messages(client) == 0
+
+
+@pytest.mark.parametrize("service", ["agent_execution", "llm"])
+async def test_a_reply_with_a_nul_is_stored_with_a_replacement_character(
+    app_with: Callable[..., Any], double: Double, make_token: TokenFactory, service: str
+) -> None:
+    """PostgreSQL cannot store a NUL; a reply that carries one is not lost for it: the
+    character becomes U+FFFD, in the stored message and in what the client was sent."""
+    headers = auth(make_token())
+    await double.fault(service, reply="before\x00after 😀 end")
+    async with app_with(local_execution=service == "llm") as client:
+        body = await chat(client, headers, expect=200, message="say it", mode="wait")
+        assert body["task"]["status"] == "succeeded", body
+        assert body["message"]["content"] == "before\ufffdafter 😀 end"
+        listed = await client.get(
+            f"/api/v1/sessions/{body['task']['session_id']}/messages", headers=headers
+        )
+        contents = [message["content"] for message in listed.json()["items"]]
+        assert contents == ["say it", "before\ufffdafter 😀 end"]
 
 
 async def test_llm_stream_cut_mid_reply_fails_and_stores_no_half_reply(

@@ -247,6 +247,8 @@ class FaultIn(BaseModel):
     error_after_chunks: int | None = Field(None, ge=0)
     hang: bool = False
     chunk_delay_ms: int = Field(0, ge=0)
+    # Not a failure: every streamed reply of the service is this text instead of the echo.
+    reply: str | None = None
 
 
 Mode = Literal["hang", "cut", "error_event", "status"]
@@ -760,6 +762,10 @@ def _ctx(request: Request) -> RequestContext:
     return ctx
 
 
+def _reply_text(fault: FaultIn | None, user_text: str) -> str:
+    return fault.reply if fault and fault.reply is not None else REPLY_PREFIX + user_text
+
+
 def _parse(model: type[_M], ctx: RequestContext) -> _M:
     try:
         return model.model_validate(ctx.data if ctx.data is not None else {})
@@ -851,8 +857,8 @@ def create_app(
         if not body.stream:
             raise Reject(422, "stream must be true: executions are only streamed")
         messages = [m.model_dump() for m in body.messages]
-        pieces = reply_chunks(REPLY_PREFIX + last_user_text(messages))
         fault = ctx.fault
+        pieces = reply_chunks(_reply_text(fault, last_user_text(messages)))
         status = (fault.status if fault else None) or 500
         return EventStream(
             state,
@@ -1046,7 +1052,7 @@ def create_app(
         ctx = _ctx(request)
         body = _parse(ChatCompletionIn, ctx)
         model = body.model or LLM_DEFAULT_MODEL
-        pieces = reply_chunks(REPLY_PREFIX + last_user_text(body.messages))
+        pieces = reply_chunks(_reply_text(ctx.fault, last_user_text(body.messages)))
         limit = body.max_completion_tokens or body.max_tokens
         finish = "stop"
         if limit is not None and limit < len(pieces):

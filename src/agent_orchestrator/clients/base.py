@@ -22,6 +22,7 @@ import aiohttp
 from pydantic import BaseModel, ValidationError
 
 from agent_orchestrator.clients.exchange import Exchange, Reply
+from agent_orchestrator.models.storable import repaired_json
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -154,7 +155,7 @@ class HttpServiceClient:
         if reply.status not in ok:
             raise self.error_from(reply)
         try:
-            return json.loads(reply.body)
+            return downstream_json(reply.body)
         except ValueError as error:
             raise invalid_response(self.service, "body is not JSON", status=reply.status) from error
 
@@ -169,7 +170,7 @@ class HttpServiceClient:
         status = reply.status
         code, message = f"http_{status}", reply.reason or "error"
         try:
-            body = json.loads(reply.body)
+            body = downstream_json(reply.body)
             error = body.get("error") if isinstance(body, dict) else None
             if isinstance(error, dict):
                 code = str(error.get("code") or code)
@@ -184,6 +185,20 @@ class HttpServiceClient:
             status=status,
             retry_after=parse_retry_after(reply.headers.get("retry-after")),
         )
+
+
+#: JSON escapes of what no database here can store: NUL, and UTF-16 surrogates (a pair is
+#: fine once decoded, a lone one is not; telling them apart is left to the repair).
+_UNSTORABLE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+_UNSTORABLE_BYTES = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def downstream_json(raw: str | bytes) -> Any:
+    """A downstream service's JSON, decoded and made storable (models/storable.py). JSON
+    can only carry those characters as escapes, so a body without one is left alone."""
+    value = json.loads(raw)
+    found = _UNSTORABLE_BYTES.search(raw) if isinstance(raw, bytes) else _UNSTORABLE.search(raw)
+    return repaired_json(value) if found else value
 
 
 def json_bytes(value: Any) -> bytes:
@@ -227,7 +242,7 @@ async def sse_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[str]:
 
 def json_object(service: str, payload: str) -> dict[str, Any]:
     try:
-        value = json.loads(payload)
+        value = downstream_json(payload)
     except ValueError as error:
         raise DownstreamError(
             service, "invalid_response", "stream event is not JSON", retryable=False

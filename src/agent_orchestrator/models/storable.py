@@ -72,3 +72,32 @@ StorableJson = Annotated[
         {"type": "object", "propertyNames": _TEXT_SCHEMA, "additionalProperties": _VALUE_REF}
     ),
 ]
+
+
+_REPLACEMENT = "\ufffd"
+
+
+def repaired_text(text: str) -> str:
+    """Text from a downstream service made storable: each NUL and lone surrogate becomes
+    U+FFFD, the character Unicode keeps for what cannot be represented. A client's text is
+    refused instead (above); a service's reply cannot be sent back, and failing the whole
+    turn over one unprintable character would lose the rest of it."""
+    if "\x00" in text:
+        text = text.replace("\x00", _REPLACEMENT)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = "".join(_REPLACEMENT if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
+
+
+def repaired_json(value: Any) -> Any:
+    """A copy of a decoded JSON value with every key and string repaired."""
+    if isinstance(value, str):
+        return repaired_text(value)
+    if isinstance(value, dict):
+        return {repaired_text(key): repaired_json(inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [repaired_json(inner) for inner in value]
+    return value

@@ -4,7 +4,6 @@ without `[DONE]` is a cut stream, never a complete reply."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +11,7 @@ import aiohttp
 
 from agent_orchestrator.clients.base import (
     DownstreamError,
+    downstream_json,
     json_bytes,
     json_object,
     parse_retry_after,
@@ -144,7 +144,7 @@ def _error_from(reply: Reply) -> DownstreamError:
     status = reply.status
     message = reply.reason or "error"
     try:
-        body = json.loads(reply.body)
+        body = downstream_json(reply.body)
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             message = str(body["error"].get("message") or message)
     except ValueError:
