@@ -74,6 +74,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return _response(request, exc.status_code, code, message, None, headers)
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
 def _allowed_methods(request: Request) -> str:
     """Every method some route serves at this path. Starlette's 405 names only the first
     route that matched the path, and FastAPI makes one route per method: the Allow header
@@ -88,9 +91,6 @@ def _allowed_methods(request: Request) -> str:
         )
     ]
     return ", ".join(allowed)
-
-
-_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -4,8 +4,8 @@
   (errors.py), so each documented error status points at `ErrorResponse`; FastAPI would
   otherwise describe 422 with its own `{"detail": [...]}` shape, which this service never
   sends.
-- Parameters as they travel (no null in a query string or a header), and bounds that
-  are settings, such as the page size.
+- Parameters as they travel (no null in a query string or a header), bounds that are
+  settings, such as the page size, and the schema of metadata to any depth.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ class ErrorResponse(BaseModel):
 
 
 _MEANING = {
+    400: "the request body is not JSON that can be read (`bad_request`)",
     401: "no credentials, or credentials that are not valid (`unauthorized`)",
     403: "the token lacks the operation's scope (`forbidden`)",
     404: "no such resource for the caller's tenant (`not_found`)",
     409: "the resource's state does not allow it (`conflict`)",
-    400: "the request body is not JSON that can be read (`bad_request`)",
     413: "the request body is over MAX_REQUEST_BYTES (`payload_too_large`)",
     422: "a field is missing or not valid; `details` names it (`validation_error`)",
 }
@@ -72,7 +72,6 @@ def refine_openapi(app: FastAPI, max_page_size: int) -> None:
     """Three edits to the document FastAPI derives, made once when it is first built:
 
     - The component `StorableValue` that metadata's schema refers to (models/storable.py).
-
     - An optional query or header parameter is declared `str | None` in Python, which
       FastAPI renders as "a string or null". A query string or a header cannot carry a
       null: the parameter is either sent or not. Left in, the null reads as the literal
