@@ -487,6 +487,7 @@ async def test_bad_input_is_422_naming_the_field_and_writes_nothing(
         (b'{"message": "\\ud800", "mode": "wait"}', "message"),
         (b'{"message": "hi", "agent_id": "x\\u0000"}', "agent_id"),
         (b'{"message": "hi", "metadata": {"tags": ["\\u0000"]}}', "metadata"),
+        (b'{"message": "hi", "metadata": {"score": NaN}}', "metadata"),
     ]:
         response = await client.post(CHAT, content=raw, headers=as_json)
         assert response.status_code == 422, (raw, response.text)

@@ -1,13 +1,16 @@
-"""Client text the databases can store. PostgreSQL's text and jsonb refuse the NUL
+"""Client input the databases can store. PostgreSQL's text and jsonb refuse the NUL
 character, so a NUL anywhere in a message, an agent id or metadata (a key, a value, at
-any depth) reached the database and came back as a 500; a lone UTF-16 surrogate, which
-JSON's `\\ud800` escape can produce, has no UTF-8 form for either database. Such text is
-refused at the edge instead, as a 422 naming the field, and the OpenAPI document says so
-(a `pattern` on every such string, metadata described to any depth).
+any depth) reached the database and came back as a 500; so did NaN and Infinity in
+metadata (Python's JSON reader takes them; JSON and jsonb do not). A lone UTF-16
+surrogate, which JSON's `\ud800` escape can produce, has no UTF-8 form for either
+database. Such input is refused at the edge instead, as a 422 naming the field, and the
+OpenAPI document says so (a `pattern` on every such string, metadata described to any
+depth).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, StringConstraints, WithJsonSchema
@@ -32,7 +35,7 @@ def storable_text(text: str) -> str:
 
 
 def storable_json(value: dict[str, Any]) -> dict[str, Any]:
-    """Every key and string of a JSON object, at any depth; the error says where."""
+    """Every key, string and number of a JSON object, at any depth; the error says where."""
     pending: list[tuple[Any, str]] = [(value, "")]
     while pending:
         item, path = pending.pop()
@@ -45,6 +48,10 @@ def storable_json(value: dict[str, Any]) -> dict[str, Any]:
                     pending.append((inner, f"{path}.{key}" if path else key))
             elif isinstance(item, list):
                 pending.extend((inner, f"{path}[{index}]") for index, inner in enumerate(item))
+            elif isinstance(item, float) and not math.isfinite(item):
+                # Python's JSON reader takes NaN, Infinity and 1e400 (read as infinity);
+                # JSON has no such numbers, and PostgreSQL's jsonb refuses them.
+                raise ValueError("must be a finite number (JSON has no NaN or Infinity)")
         except ValueError as error:
             raise ValueError(f"{path or 'a key'}: {error}") from None
     return value
