@@ -28,6 +28,12 @@ def test_downstream_json_leaves_everything_else_as_decoded() -> None:
     assert downstream_json(raw) == value  # "\\u0000" there is six characters, not a NUL
 
 
+@pytest.mark.parametrize("raw", ['{"x": NaN}', '{"x": [-Infinity]}', '{"x": 1e400}'])
+def test_downstream_json_refuses_numbers_json_does_not_have(raw: str) -> None:
+    with pytest.raises(ValueError, match=r"not JSON|out of range"):
+        downstream_json(raw)
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [("a\x00b", "NUL character"), ("\ud800", "lone surrogate"), ("x\udfffy", "lone surrogate")],
