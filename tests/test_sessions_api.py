@@ -285,6 +285,8 @@ async def test_wrong_types_are_422_and_nothing_is_written(
         (b'{"metadata": {"x": NaN}}', "metadata"),
         (b'{"metadata": {"x": [1, -Infinity]}}', "metadata"),
         (b'{"metadata": {"x": {"y": 1e400}}}', "metadata"),
+        # Deeper than MAX_JSON_DEPTH (32): stored, it made every answer carrying it a 500.
+        (b'{"metadata": {"x": ' + b"[" * 40 + b"]" * 40 + b"}}", "metadata"),
     ]
     as_json = {**headers, "content-type": "application/json"}
     for raw, field in unstorable:
@@ -293,7 +295,8 @@ async def test_wrong_types_are_422_and_nothing_is_written(
             assert response.status_code == 422, (method, raw, response.text)
             assert field in _fields_named(response), (method, raw)
             said = response.json()["error"]["details"][0]["message"]
-            assert any(why in said for why in ("NUL", "lone surrogate", "finite")), said
+            reasons = ("NUL", "lone surrogate", "finite", "nesting deeper")
+            assert any(why in said for why in reasons), said
 
     not_json = await client.post(
         SESSIONS, content=b"{not json", headers={**headers, "content-type": "application/json"}

@@ -5,11 +5,12 @@ test_chat_embedded, test_chat_resilience, test_api_fuzz); here, the rules to the
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from agent_orchestrator.clients.base import downstream_json
-from agent_orchestrator.models.storable import storable_text
+from agent_orchestrator.models.storable import MAX_JSON_DEPTH, storable_json, storable_text
 
 
 def test_downstream_json_replaces_nul_and_lone_surrogates_and_keeps_pairs() -> None:
@@ -46,3 +47,15 @@ def test_client_text_that_cannot_be_stored_is_refused(text: str, problem: str) -
 def test_client_text_that_can_be_stored_passes_as_it_is() -> None:
     for text in ("", "plain", "\u00e9\u4e2d\U0001f600", "tab\tand\nnewline"):
         assert storable_text(text) is text
+
+
+def test_metadata_may_nest_to_max_json_depth_and_no_deeper() -> None:
+    def nested(levels: int) -> dict[str, Any]:
+        value: Any = []
+        for _ in range(levels - 2):  # the object and the innermost list are two levels
+            value = [value]
+        return {"x": value}
+
+    assert storable_json(nested(MAX_JSON_DEPTH)) == nested(MAX_JSON_DEPTH)
+    with pytest.raises(ValueError, match=f"nesting deeper than {MAX_JSON_DEPTH}"):
+        storable_json(nested(MAX_JSON_DEPTH + 1))

@@ -34,20 +34,31 @@ def storable_text(text: str) -> str:
     return text
 
 
+#: How deep client JSON (metadata; a WebSocket message) may nest. Deeper metadata was
+#: stored and then broke every answer that carried it (pydantic's serializer gives up
+#: past a few hundred levels): one request could make its tenant's session list a 500.
+MAX_JSON_DEPTH = 32
+
+
 def storable_json(value: dict[str, Any]) -> dict[str, Any]:
-    """Every key, string and number of a JSON object, at any depth; the error says where."""
-    pending: list[tuple[Any, str]] = [(value, "")]
+    """Every key, string and number of a JSON object, at any depth, and the depth itself;
+    the error says where."""
+    pending: list[tuple[Any, str, int]] = [(value, "", 1)]
     while pending:
-        item, path = pending.pop()
+        item, path, depth = pending.pop()
         try:
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH} levels")
             if isinstance(item, str):
                 storable_text(item)
             elif isinstance(item, dict):
                 for key, inner in item.items():
                     storable_text(key)
-                    pending.append((inner, f"{path}.{key}" if path else key))
+                    pending.append((inner, f"{path}.{key}" if path else key, depth + 1))
             elif isinstance(item, list):
-                pending.extend((inner, f"{path}[{index}]") for index, inner in enumerate(item))
+                pending.extend(
+                    (inner, f"{path}[{index}]", depth + 1) for index, inner in enumerate(item)
+                )
             elif isinstance(item, float) and not math.isfinite(item):
                 # Python's JSON reader takes NaN, Infinity and 1e400 (read as infinity);
                 # JSON has no such numbers, and PostgreSQL's jsonb refuses them.

@@ -18,11 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from agent_orchestrator.errors import validation_message
 from agent_orchestrator.events.models import Event
 from agent_orchestrator.models.chat import ChatRequest
-from agent_orchestrator.models.storable import storable_text
+from agent_orchestrator.models.storable import MAX_JSON_DEPTH, storable_text
 
-#: Nesting deeper than this is refused before validation: nothing legitimate needs it, and
-#: deep structures cost recursion in every later (de)serialisation.
-MAX_DEPTH = 32
 #: Codes of a `system.error` that a client may simply retry.
 RETRYABLE = frozenset({"rate_limited", "service_unavailable", "timeout", "internal_error"})
 
@@ -112,14 +109,15 @@ def _reject_constant(name: str) -> Any:
 
 
 def _check_values(data: Any) -> str | None:
-    """Why `data` cannot be stored as it is (too deep; a NUL or a lone surrogate in any
-    key or string: models/storable.py), else None. Catching them here, for every message
+    """Why `data` cannot be stored as it is (nesting past MAX_JSON_DEPTH, counted from the
+    message itself; a NUL or a lone surrogate in any key or string: models/storable.py),
+    else None. Catching them here, for every message
     type at once, keeps a bad string a validation error instead of a failed transaction."""
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
         value, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            return f"nesting deeper than {MAX_DEPTH} levels"
+        if depth > MAX_JSON_DEPTH:
+            return f"nesting deeper than {MAX_JSON_DEPTH} levels"
         if isinstance(value, dict):
             stack.extend((key, depth + 1) for key in value)
             stack.extend((item, depth + 1) for item in value.values())
