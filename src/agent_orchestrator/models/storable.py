@@ -1,11 +1,15 @@
-"""Client input the databases can store. PostgreSQL's text and jsonb refuse the NUL
-character, so a NUL anywhere in a message, an agent id or metadata (a key, a value, at
-any depth) reached the database and came back as a 500; so did NaN and Infinity in
-metadata (Python's JSON reader takes them; JSON and jsonb do not). A lone UTF-16
-surrogate, which JSON's `\ud800` escape can produce, has no UTF-8 form for either
-database. Such input is refused at the edge instead, as a 422 naming the field, and the
-OpenAPI document says so (a `pattern` on every such string, metadata described to any
-depth).
+"""Input the databases can store.
+
+PostgreSQL's text and jsonb refuse the NUL character, so a NUL anywhere in a message, an
+agent id or metadata (a key, a value, at any depth) reached the database and came back
+as a 500; so did NaN and Infinity in metadata (Python's JSON reader takes them; JSON and
+jsonb do not). A lone UTF-16 surrogate, which JSON's `\\ud800` escape can produce, has no
+UTF-8 form for either database.
+
+- A client's input with them is refused at the edge, as a 422 naming the field, and the
+  OpenAPI document says so (a `pattern` on every such string, metadata to any depth).
+- A downstream service's text with them is repaired instead (`repaired_json`, used by
+  clients/base.py): its reply cannot be sent back for correction.
 """
 
 from __future__ import annotations
@@ -42,30 +46,35 @@ MAX_JSON_DEPTH = 32
 
 def storable_json(value: dict[str, Any]) -> dict[str, Any]:
     """Every key, string and number of a JSON object, at any depth, and the depth itself;
-    the error says where."""
+    the error says where (`tags[2]: must not contain ...`, `a.b: key 'x\\x00' ...`)."""
     pending: list[tuple[Any, str, int]] = [(value, "", 1)]
     while pending:
         item, path, depth = pending.pop()
-        try:
-            if depth > MAX_JSON_DEPTH:
-                raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH} levels")
-            if isinstance(item, str):
-                storable_text(item)
-            elif isinstance(item, dict):
-                for key, inner in item.items():
-                    storable_text(key)
-                    pending.append((inner, f"{path}.{key}" if path else key, depth + 1))
-            elif isinstance(item, list):
-                pending.extend(
-                    (inner, f"{path}[{index}]", depth + 1) for index, inner in enumerate(item)
-                )
-            elif isinstance(item, float) and not math.isfinite(item):
-                # Python's JSON reader takes NaN, Infinity and 1e400 (read as infinity);
-                # JSON has no such numbers, and PostgreSQL's jsonb refuses them.
-                raise ValueError("must be a finite number (JSON has no NaN or Infinity)")
-        except ValueError as error:
-            raise ValueError(f"{path or 'a key'}: {error}") from None
+        where = f"{path}: " if path else ""
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{where}nesting deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, str):
+            _stored_as_is(item, where)
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                _stored_as_is(key, f"{where}key {key[:40]!r} ")
+                pending.append((inner, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(item, list):
+            pending.extend(
+                (inner, f"{path}[{index}]", depth + 1) for index, inner in enumerate(item)
+            )
+        elif isinstance(item, float) and not math.isfinite(item):
+            # Python's JSON reader takes NaN, Infinity and 1e400 (read as infinity); JSON
+            # has no such numbers, and PostgreSQL's jsonb refuses them.
+            raise ValueError(f"{where}must be a finite number (JSON has no NaN or Infinity)")
     return value
+
+
+def _stored_as_is(text: str, where: str) -> None:
+    try:
+        storable_text(text)
+    except ValueError as error:
+        raise ValueError(f"{where}{error}") from None
 
 
 _TEXT_SCHEMA = {"type": "string", "pattern": NO_NUL}
