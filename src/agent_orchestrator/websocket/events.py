@@ -111,8 +111,8 @@ def _reject_constant(name: str) -> Any:
 def _check_values(data: Any) -> str | None:
     """Why `data` cannot be stored as it is (nesting past MAX_JSON_DEPTH, counted from the
     message itself; a NUL or a lone surrogate in any key or string: models/storable.py),
-    else None. Catching them here, for every message
-    type at once, keeps a bad string a validation error instead of a failed transaction."""
+    else None. Checked here for every message type at once, a bad string is a validation
+    error instead of a failed transaction."""
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
         value, depth = stack.pop()
