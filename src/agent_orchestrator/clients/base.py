@@ -22,7 +22,7 @@ import aiohttp
 from pydantic import BaseModel, ValidationError
 
 from agent_orchestrator.clients.exchange import Exchange, Reply
-from agent_orchestrator.models.storable import repaired_json
+from agent_orchestrator.models.storable import repaired_json, strict_json
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -193,23 +193,12 @@ _UNSTORABLE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 _UNSTORABLE_BYTES = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 
 
-def _finite(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):  # 1e400
-        raise ValueError(f"number out of range: {text[:40]}")
-    return number
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def downstream_json(raw: str | bytes) -> Any:
     """A downstream service's JSON, decoded and made storable (models/storable.py). JSON
     can only carry those characters as escapes, so a body without one is left alone.
     NaN, Infinity and numbers beyond a double are not JSON (Python's reader would take
     them, and PostgreSQL's jsonb would then refuse the step's record): ValueError."""
-    value = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+    value = strict_json(raw)
     found = _UNSTORABLE_BYTES.search(raw) if isinstance(raw, bytes) else _UNSTORABLE.search(raw)
     return repaired_json(value) if found else value
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from agent_orchestrator.errors import validation_message
 from agent_orchestrator.events.models import Event
 from agent_orchestrator.models.chat import ChatRequest
-from agent_orchestrator.models.storable import MAX_JSON_DEPTH, storable_text
+from agent_orchestrator.models.storable import storable_json, strict_json
 
 #: Codes of a `system.error` that a client may simply retry.
 RETRYABLE = frozenset({"rate_limited", "service_unavailable", "timeout", "internal_error"})
@@ -104,33 +104,6 @@ class ProtocolError(Exception):
         self.request_id = request_id
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _check_values(data: Any) -> str | None:
-    """Why `data` cannot be stored as it is (nesting past MAX_JSON_DEPTH, counted from the
-    message itself; a NUL or a lone surrogate in any key or string: models/storable.py),
-    else None. Checked here for every message type at once, a bad string is a validation
-    error instead of a failed transaction."""
-    stack: list[tuple[Any, int]] = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            return f"nesting deeper than {MAX_JSON_DEPTH} levels"
-        if isinstance(value, dict):
-            stack.extend((key, depth + 1) for key in value)
-            stack.extend((item, depth + 1) for item in value.values())
-        elif isinstance(value, list):
-            stack.extend((item, depth + 1) for item in value)
-        elif isinstance(value, str):
-            try:
-                storable_text(value)
-            except ValueError as error:
-                return f"strings {error}"
-    return None
-
-
 def _field_path(location: tuple[int | str, ...]) -> str:
     # Drop the union tag pydantic puts first ("chat.send"), keep the fields.
     parts = [str(part) for part in location[1:]] if location else []
@@ -140,7 +113,7 @@ def _field_path(location: tuple[int | str, ...]) -> str:
 def parse_client_message(text: str) -> ClientMessage:
     """One text frame into a typed message, or ProtocolError naming what is wrong."""
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = strict_json(text)
     except (ValueError, RecursionError) as error:
         raise ProtocolError("bad_request", f"message is not valid JSON: {error}") from None
     if not isinstance(data, dict):
@@ -162,9 +135,14 @@ def parse_client_message(text: str) -> ClientMessage:
             details=[{"field": "type", "message": "one of " + ", ".join(CLIENT_TYPES)}],
             request_id=request_id,
         )
-    problem = _check_values(data)
-    if problem is not None:
-        raise ProtocolError("validation_error", f"invalid {kind}: {problem}", request_id=request_id)
+    try:
+        # Every message type at once: nesting, and text no database here can store. A bad
+        # string is then a validation error instead of a failed transaction.
+        storable_json(data)
+    except ValueError as error:
+        raise ProtocolError(
+            "validation_error", f"invalid {kind}: {error}", request_id=request_id
+        ) from None
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as error:
