@@ -118,6 +118,16 @@ async def assistant_messages(client: httpx.AsyncClient) -> int:
         return int((await db.execute(query)).scalar_one())
 
 
+async def shed_retries(client: httpx.AsyncClient, service: str) -> float:
+    """`service_retries_shed_total{service}` as /metrics shows it (0 before the first)."""
+    text = (await client.get("/metrics")).text
+    name = f'nooble_orchestrator_service_retries_shed_total{{service="{service}"}} '
+    for line in text.splitlines():
+        if line.startswith(name):
+            return float(line[len(name) :])
+    return 0.0
+
+
 def calls_of(view: dict[str, Any]) -> dict[str, Any]:
     return {call["step"]: call for call in view["service_calls"] or []}
 
@@ -234,8 +244,10 @@ async def test_retries_of_one_service_are_capped_while_it_fails(
         "circuit_failure_threshold": 100,  # the breaker stays out of this drill
     }
     async with app_with(**settings) as client:
+        shed_before = await shed_retries(client, "agent_management")
         tasks = await asyncio.gather(*(turn(client, headers, f"storm {i}") for i in range(4)))
         assert [task["status"] for task in tasks] == ["failed"] * 4
+        assert await shed_retries(client, "agent_management") == shed_before + 3
         views = [await settled(client, headers, task["id"]) for task in tasks]
         attempts = sorted(calls_of(view)["agent"]["attempts"] for view in views)
         assert attempts == [1, 1, 1, 3]
