@@ -532,11 +532,15 @@ async def _series(load: Load, label: str, specs: list[dict[str, Any]], generator
 
 def _clean_env() -> dict[str, str]:
     """This environment without any of the service's own settings (a developer's
-    DATABASE_URL or *_URL must not leak into a setup)."""
+    DATABASE_URL or *_URL must not leak into a setup), with rate limits the load never
+    reaches: every turn still goes through the limiter, which is part of its cost."""
+    from tests.processes import UNREACHED_RATE_LIMITS
+
     from agent_orchestrator.config import Settings
 
     names = {name.upper() for name in Settings.model_fields}
-    return {k: v for k, v in os.environ.items() if k.upper() not in names}
+    kept = {k: v for k, v in os.environ.items() if k.upper() not in names}
+    return {**kept, **UNREACHED_RATE_LIMITS}
 
 
 def _cli(*argv: str) -> list[str]:

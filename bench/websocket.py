@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tests.processes import UNREACHED_RATE_LIMITS
 
 from bench.common import DEFAULT_REDIS, ROOT, VENV_BIN, Report, machine, percentile, table
 from bench.ws_harness import Client, cpu_seconds, free_port, raise_nofile, rss_mib, split, wait_ok
@@ -74,6 +75,7 @@ class Bench:
         cap = str(max(self._steps()[-1] * 2, 20_000))
         return {
             **os.environ,
+            **UNREACHED_RATE_LIMITS,  # it creates a session per connection over HTTP
             "DATA_DIR": str(self.workdir / "data"),
             "SECRET_KEY": SECRET,
             "REDIS_URI": self.args.redis_url,

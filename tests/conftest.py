@@ -28,6 +28,7 @@ from agent_orchestrator.db.migrate import upgrade
 from agent_orchestrator.middleware.auth import TokenVerifier
 from agent_orchestrator.models.principal import USER_SCOPES
 from agent_orchestrator.state import build_verifier
+from tests.processes import UNREACHED_RATE_LIMITS
 
 PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -158,6 +159,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "secret_key": "test-secret-key-0123456789abcdef0123456789",
             "service_token": "test-service-token",
             "_env_file": None,
+            **{name.lower(): int(value) for name, value in UNREACHED_RATE_LIMITS.items()},
         }
         values.update(overrides)
         return Settings(**values)
@@ -322,8 +324,14 @@ def redis_url(proxy: TcpProxy) -> str:
 
 
 def clean_env(**variables: str) -> dict[str, str]:
-    """An environment holding nothing of the caller's but PATH, plus `variables`."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **variables}
+    """An environment holding nothing of the caller's but PATH, unreached rate limits, plus
+    `variables`."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        **UNREACHED_RATE_LIMITS,
+        **variables,
+    }
 
 
 @pytest.fixture

@@ -52,14 +52,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: Rate limits no test reaches unless it sets its own: the limiter still runs on every
+#: request of every test (and benchmark), it just never refuses.
+UNREACHED_RATE_LIMITS = {
+    name: "100000000"
+    for name in ("GLOBAL_RATE_LIMIT", "TENANT_RATE_LIMIT", "USER_RATE_LIMIT", "IP_RATE_LIMIT")
+}
+
+
 def process_env(**variables: str) -> dict[str, str]:
     """A minimal environment: PATH, a UTF-8 locale, the repository on PYTHONPATH (so a
-    console script can import `tests.*` handler modules), plus `variables`."""
+    console script can import `tests.*` handler modules), unreached rate limits, plus
+    `variables`."""
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LANG": "C.UTF-8",
         "PYTHONPATH": str(REPO_ROOT),
         "PYTHONUNBUFFERED": "1",
+        **UNREACHED_RATE_LIMITS,
         **variables,
     }
 

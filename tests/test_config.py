@@ -252,3 +252,16 @@ def test_token_with_scopes_and_ttl(tmp_path: Path) -> None:
     refused = _run(tmp_path, "token", "--tenant", "a", "--user", "b", "--ttl", "0", SECRET_KEY=key)
     assert refused.returncode != 0
     assert refused.stdout == ""
+
+
+def test_rate_limits_take_zero_for_off_and_tenant_tiers_as_json(from_env: FromEnv) -> None:
+    settings = from_env(
+        GLOBAL_RATE_LIMIT="0", IP_RATE_LIMIT="0", TENANT_RATE_LIMITS='{"acme": 1000, "trial": 20}'
+    )
+    assert (settings.global_rate_limit, settings.ip_rate_limit) == (0, 0)
+    assert settings.tenant_rate_limits == {"acme": 1000, "trial": 20}
+    assert (settings.user_rate_limit, settings.tenant_rate_limit) == (60, 100)
+    for bad in ('{"acme": -1}', '{"acme": "lots"}', "acme=1000"):
+        with pytest.raises(ValidationError) as raised:
+            from_env(TENANT_RATE_LIMITS=bad)
+        assert "TENANT_RATE_LIMITS" in format_settings_error(raised.value), bad

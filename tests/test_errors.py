@@ -180,9 +180,10 @@ async def test_the_openapi_document_states_the_error_shape_and_the_bounds(
     schemas = document["components"]["schemas"]
     assert "HTTPValidationError" not in schemas  # FastAPI's 422 shape, never sent here
     session = document["paths"][f"{SESSIONS}/{{session_id}}"]
-    for status in ("401", "403", "404", "409", "422"):
+    for status in ("401", "403", "404", "409", "422", "429"):
         body = session["patch"]["responses"][status]["content"]["application/json"]
         assert body["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}, status
+    assert "Retry-After" in session["patch"]["responses"]["429"]["headers"]
     assert set(schemas["ErrorInfo"]["properties"]) == {
         "code",
         "message",

@@ -14,6 +14,8 @@ from agent_orchestrator.middleware.request import RequestMiddleware
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.routes import chat, health, internal, sessions, tasks, ws
 from agent_orchestrator.routes.openapi import refine_openapi
+from agent_orchestrator.services.rate_limit_redis import RedisRateStore
+from agent_orchestrator.services.rate_limiter import MemoryRateStore, RateLimiter
 from agent_orchestrator.state import build_verifier
 from agent_orchestrator.websocket.gateway import WebSocketGateway
 
@@ -24,6 +26,7 @@ def create_app(
     settings: Settings, *, run_worker: bool = True, schema_checked: bool = False
 ) -> FastAPI:
     verifier = build_verifier(settings)
+    limiter = RateLimiter(settings)  # its store comes with the lifespan's Redis client
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -37,6 +40,13 @@ def create_app(
             worker=state.worker is not None,
             environment=settings.environment.value,
         )
+        if state.redis is not None:
+            shared = RedisRateStore(state.redis, settings.redis_namespace)
+            state.closeable.append(shared)
+            limiter.store = shared
+        else:
+            limiter.store = MemoryRateStore()
+        state.limiter = limiter
         app.state.core = state
         gateway = WebSocketGateway(state)
         app.state.websockets = gateway
@@ -64,8 +74,12 @@ def create_app(
     app.include_router(internal.router)
     app.include_router(ws.router)
     refine_openapi(app, settings.max_page_size)
-    # Correlation id -> metrics -> body-size limit -> auth, in one layer (request.py says why).
+    # Correlation id -> metrics -> body-size limit -> auth -> rate limits, in one layer
+    # (request.py says why).
     app.add_middleware(
-        RequestMiddleware, verifier=verifier, max_body_bytes=settings.max_request_bytes
+        RequestMiddleware,
+        verifier=verifier,
+        max_body_bytes=settings.max_request_bytes,
+        limiter=limiter,
     )
     return app

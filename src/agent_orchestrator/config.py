@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import secrets
 import tempfile
@@ -21,6 +22,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+#: Requests per minute; 0 turns that limit off.
+PerMinute = Annotated[int, Field(ge=0, le=100_000_000)]
 
 #: The variables production refuses to start without (the spec marks them required).
 PRODUCTION_REQUIRED = ("DATABASE_URL", "REDIS_URI", "SECRET_KEY", "SERVICE_TOKEN")
@@ -90,8 +93,8 @@ class Settings(BaseSettings):
     identity_service_url: str | None = None
     service_token: SecretStr | None = None
     max_concurrent_tasks: PositiveInt = 100
-    global_rate_limit: PositiveInt = 1000
-    tenant_rate_limit: PositiveInt = 100
+    global_rate_limit: PerMinute = 1000
+    tenant_rate_limit: PerMinute = 100
     session_ttl: PositiveInt = 3600
     task_timeout: PositiveFloat = 60.0
     retry_attempts: Annotated[int, Field(ge=0, le=20)] = 3
@@ -115,6 +118,12 @@ class Settings(BaseSettings):
     session_cache_size: PositiveInt = 10_000
     db_pool_size: PositiveInt = 10
     db_pool_pre_ping: bool = False
+
+    # --- rate limits (docs/configuration.md, "Rate limits") -------------------------------
+    user_rate_limit: PerMinute = 60
+    ip_rate_limit: PerMinute = 300
+    #: per-tenant overrides of TENANT_RATE_LIMIT (tiers), as JSON: {"acme": 1000}
+    tenant_rate_limits: Annotated[dict[str, PerMinute], NoDecode] = Field(default_factory=dict)
 
     # --- task engine --------------------------------------------------------------------
     lease_ttl: Annotated[float, Field(ge=1, le=600)] = 10.0
@@ -172,6 +181,18 @@ class Settings(BaseSettings):
     @classmethod
     def _origins(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("tenant_rate_limits", mode="before")
+    @classmethod
+    def _tenant_tiers(cls, value: Any) -> Any:
+        # Read here rather than by pydantic-settings, whose error for text that is not
+        # JSON names no variable.
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value) if value.strip() else {}
+        except ValueError as error:
+            raise ValueError('must be a JSON object such as {"acme": 1000}') from error
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -63,6 +63,11 @@ class Conflict(ServiceError):
     code = "conflict"
 
 
+class RateLimited(ServiceError):
+    status_code = 429
+    code = "rate_limited"
+
+
 #: Default code for a bare HTTP status (framework-raised errors such as 404 and 405).
 STATUS_CODES: dict[int, str] = {
     400: "bad_request",

@@ -15,6 +15,7 @@ from agent_orchestrator.queue.base import TaskQueue
 from agent_orchestrator.queue.engine import WorkerEngine
 from agent_orchestrator.queue.registry import HandlerRegistry
 from agent_orchestrator.services.orchestrator import ChatOrchestrator
+from agent_orchestrator.services.rate_limiter import RateLimiter
 from agent_orchestrator.services.service_coordinator import ServiceCoordinator
 from agent_orchestrator.services.session_manager import SessionManager
 from agent_orchestrator.services.task_ledger import TaskLedger
@@ -39,6 +40,8 @@ class AppState:
     orchestrator: ChatOrchestrator
     closeable: list[Any] = field(default_factory=list)
     worker: WorkerEngine | None = None
+    #: the request rate limits, shared by the HTTP layer and the WebSocket gateway
+    limiter: RateLimiter | None = None
     #: finished turns handed over by a worker to this process's waiting requests
     turn_results: TurnResults = field(default_factory=TurnResults)
 

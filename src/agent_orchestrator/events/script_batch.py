@@ -1,11 +1,12 @@
-"""The event bus's publish script through redis-py, on a client of its own, with
-concurrent calls sharing round trips.
+"""A Lua script through redis-py, on a client of its own, with concurrent calls sharing
+round trips: the event bus's publishes and the rate limiter's checks.
 
 Why not the shared client as it is: a command through its pool costs a checkout, a
-liveness probe and a release, and a chat turn publishes a dozen events. Here one call at a
-time goes straight to its own connection; calls that come while one is in flight (many
-turns in one worker) queue up and go next, together, as one pipeline. They keep their
-order, and the script gives each event a rising id.
+liveness probe and a release, a chat turn publishes a dozen events, and every API request
+checks its rate limits; a burst past the pool's size (100) would fail outright. Here one
+call at a time goes straight to its own connection; calls that come while one is in
+flight queue up and go next, together, as one pipeline. They keep their order (the
+publish script gives each event a rising id).
 """
 
 from __future__ import annotations

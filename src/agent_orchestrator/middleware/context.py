@@ -57,24 +57,35 @@ def with_correlation_id(
     return kept
 
 
-async def send_too_large(send: Send, max_bytes: int, correlation_id: str) -> None:
-    """413 in the one error shape, sent before the app runs (the Content-Length said it)."""
-    body = json.dumps(
-        error_body(
-            "payload_too_large",
-            f"request body exceeds {max_bytes} bytes",
-            {"max_bytes": max_bytes},
-            correlation_id,
-        )
-    ).encode()
+async def send_error(
+    send: Send,
+    status: int,
+    body: dict[str, Any],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """An error in the one shape (`error_body`), sent by the request layer itself before
+    the app runs."""
+    encoded = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
+                (b"content-length", str(len(encoded)).encode()),
+                *(headers or ()),
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": encoded})
+
+
+async def send_too_large(send: Send, max_bytes: int, correlation_id: str) -> None:
+    """413, sent before the app runs (the Content-Length said it)."""
+    body = error_body(
+        "payload_too_large",
+        f"request body exceeds {max_bytes} bytes",
+        {"max_bytes": max_bytes},
+        correlation_id,
+    )
+    await send_error(send, 413, body)

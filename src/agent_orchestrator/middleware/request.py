@@ -6,7 +6,9 @@
 3. body-size limit: 413 by `Content-Length` before anything else runs, or while the app
    reads a body that has none;
 4. authentication (auth.py): the bearer token's principal, or the error, left in the state
-   for the routes (`/internal/*` checks its own service token).
+   for the routes (`/internal/*` checks its own service token);
+5. rate limits (rate_limit.py) on `/api/*`: a 429 before the app runs, or the
+   `RateLimit-*` headers on the response.
 
 One layer rather than one per concern: every layer is another coroutine frame that each
 resumption of the request passes through, another scan of the headers and another wrapper
@@ -31,14 +33,29 @@ from agent_orchestrator.middleware.context import (
     send_too_large,
     with_correlation_id,
 )
+from agent_orchestrator.middleware.rate_limit import (
+    LIMITED_PREFIX,
+    client_ip,
+    rate_limit_headers,
+    send_rate_limited,
+)
 from agent_orchestrator.observability.metrics import record_http_request, route_template
+from agent_orchestrator.services.rate_limiter import RateLimiter
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, *, verifier: TokenVerifier, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        verifier: TokenVerifier,
+        max_body_bytes: int,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.app = app
         self.verifier = verifier
         self.max_body_bytes = max_body_bytes
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -81,12 +98,15 @@ class RequestMiddleware:
         echo = (HEADER_BYTES, correlation_id.encode())
         status = 500  # what the server error handler sends if the app raises before a response
         received = 0
+        limit_headers: list[tuple[bytes, bytes]] = []
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = with_correlation_id(message.get("headers", []), echo)
+                headers = with_correlation_id(message.get("headers", []), echo)
+                headers += limit_headers
+                message["headers"] = headers
             await send(message)
 
         async def counting_receive() -> Message:
@@ -105,8 +125,16 @@ class RequestMiddleware:
             if too_large:
                 await send_too_large(send_with_id, limit, correlation_id)
                 return
-            if not scope["path"].startswith("/internal/"):
+            path = scope["path"]
+            if not path.startswith("/internal/"):
                 authenticate(self.verifier, authorization, state)
+            if self.limiter is not None and path.startswith(LIMITED_PREFIX):
+                decision = await self.limiter.check(state.get("principal"), client_ip(scope))
+                if decision is not None:
+                    if not decision.allowed:
+                        await send_rate_limited(send_with_id, decision, correlation_id)
+                        return
+                    limit_headers += rate_limit_headers(decision)
             await self.app(scope, counting_receive, send_with_id)
         finally:
             reset_contextvars(**tokens)

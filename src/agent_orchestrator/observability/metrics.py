@@ -18,6 +18,15 @@ HTTP_LATENCY = Histogram(
     f"{PREFIX}_http_request_duration_seconds", "HTTP request latency", ["method", "route"]
 )
 SESSIONS_CREATED = Counter(f"{PREFIX}_sessions_created_total", "Sessions created")
+RATE_LIMITED = Counter(
+    f"{PREFIX}_rate_limit_rejections_total",
+    "Requests refused by a rate limit, by the limit that refused (ip, user, tenant, global)",
+    ["scope"],
+)
+RATE_LIMIT_STORE_ERRORS = Counter(
+    f"{PREFIX}_rate_limit_store_errors_total",
+    "Requests let through unlimited because the rate-limit store failed",
+)
 
 
 def route_template(scope: Scope) -> str:

@@ -37,14 +37,28 @@ _MEANING = {
     409: "the resource's state does not allow it (`conflict`)",
     413: "the request body is over MAX_REQUEST_BYTES (`payload_too_large`)",
     422: "a field is missing or not valid; `details` names it (`validation_error`)",
+    429: "a rate limit is reached; `details` names it (`rate_limited`)",
+}
+
+_SECONDS = {"schema": {"type": "integer", "minimum": 0}}
+#: What a 429 carries besides its body (middleware/rate_limit.py).
+_RATE_LIMIT_HEADERS = {
+    "Retry-After": {**_SECONDS, "description": "seconds until a retry can pass"},
+    "RateLimit-Limit": {**_SECONDS, "description": "requests per minute of the limit reached"},
+    "RateLimit-Remaining": {**_SECONDS, "description": "always 0 on a 429"},
+    "RateLimit-Reset": {**_SECONDS, "description": "seconds until the limit admits again"},
 }
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` entries for these error statuses, in the one error shape."""
-    return {
-        status: {"model": ErrorResponse, "description": _MEANING[status]} for status in statuses
-    }
+    entries: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": ErrorResponse, "description": _MEANING[status]}
+        if status == 429:
+            entry["headers"] = _RATE_LIMIT_HEADERS
+        entries[status] = entry
+    return entries
 
 
 #: The content of a Server-Sent Events answer, one event described (as schemathesis and
@@ -64,8 +78,9 @@ SSE_CONTENT: dict[str, Any] = {
     }
 }
 
-#: Every route of the public API authenticates, checks a scope and validates its input.
-API_ERRORS = errors(401, 403, 422)
+#: Every route of the public API authenticates, checks a scope, validates its input and
+#: is rate limited.
+API_ERRORS = errors(401, 403, 422, 429)
 
 
 def refine_openapi(app: FastAPI, max_page_size: int) -> None:
