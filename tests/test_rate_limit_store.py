@@ -266,3 +266,14 @@ def test_an_interval_never_rounds_in_the_clients_favour() -> None:
     for per_minute in (7, 13, 100, 999, 1000, 100_000_000):
         interval = Limit("tenant", "t", per_minute).interval
         assert interval * per_minute >= 60_000_000 > (interval - 1) * per_minute
+
+
+def test_policy_remembers_a_callers_limits_within_a_bound() -> None:
+    limiter = _limiter()
+    first = limiter.limits_of(_principal(), "192.0.2.9")
+    assert limiter.limits_of(_principal(), "192.0.2.9") is first
+    assert limiter.limits_of(_principal(user="u2"), "192.0.2.9") != first
+    for index in range(10_000):
+        limiter.limits_of(None, f"198.51.100.{index}")
+    assert len(limiter._known) <= 10_000  # the bound under test
+    assert limiter.limits_of(_principal(), "192.0.2.9") == first

@@ -30,6 +30,7 @@ from agent_orchestrator.observability.metrics import RATE_LIMIT_STORE_ERRORS, RA
 log = get_logger(__name__)
 
 MICROS_PER_MINUTE = 60_000_000
+_KNOWN_CALLERS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +170,23 @@ class RateLimiter:
         self.tenant_overrides = dict(settings.tenant_rate_limits)
         self.store = store
         self._logged_failure_at = -math.inf
+        # (tenant, user, address) -> its limits: a caller sends many requests, and building
+        # four limits and their keys was half of what the limiter cost per request.
+        self._known: dict[tuple[str | None, str | None, str | None], list[Limit]] = {}
+
+    def limits_of(self, principal: Principal | None, client_ip: str | None) -> list[Limit]:
+        """`limits_for`, remembered (bounded: forgotten all at once when full)."""
+        key: tuple[str | None, str | None, str | None] = (
+            (None, None, client_ip)
+            if principal is None
+            else (principal.tenant_id, principal.user_id, client_ip)
+        )
+        limits = self._known.get(key)
+        if limits is None:
+            if len(self._known) >= _KNOWN_CALLERS:
+                self._known.clear()
+            limits = self._known[key] = self.limits_for(principal, client_ip)
+        return limits
 
     def limits_for(self, principal: Principal | None, client_ip: str | None) -> list[Limit]:
         """Narrowest first. A request without a valid token counts against its IP only:
@@ -196,7 +214,7 @@ class RateLimiter:
         A store that fails lets the request through (and counts it): limits protect the
         service, and refusing every request while Redis is away would be an outage of its
         own. Whatever else needs Redis for that request fails by itself."""
-        limits = self.limits_for(principal, client_ip)
+        limits = self.limits_of(principal, client_ip)
         if not limits or self.store is None:
             return None
         try:
@@ -217,11 +235,10 @@ class RateLimiter:
 def decide(limits: Sequence[Limit], answer: StoreAnswer) -> Decision:
     if answer.denied is not None:
         return Decision(False, limits[answer.denied], 0, answer.wait / 1_000_000)
-    best: Decision | None = None
-    for limit, fill in zip(limits, answer.fills, strict=True):
+    best, least, its_fill = 0, -1, 0
+    for index, (limit, fill) in enumerate(zip(limits, answer.fills, strict=True)):
         # Whole requests that still fit: capacity minus the fill, in intervals.
-        remaining = (limit.interval * limit.per_minute - fill) // limit.interval
-        if best is None or remaining < best.remaining:
-            best = Decision(True, limit, remaining, fill / 1_000_000)
-    assert best is not None
-    return best
+        remaining = limit.per_minute - -(-fill // limit.interval)
+        if least < 0 or remaining < least:
+            best, least, its_fill = index, remaining, fill
+    return Decision(True, limits[best], least, its_fill / 1_000_000)
