@@ -14,6 +14,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from agent_orchestrator.config import Settings
@@ -26,7 +27,7 @@ from agent_orchestrator.services.rate_limiter import (
     RateStore,
     decide,
 )
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, TcpProxy, redis_url
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -277,3 +278,39 @@ def test_policy_remembers_a_callers_limits_within_a_bound() -> None:
         limiter.limits_of(None, f"198.51.100.{index}")
     assert len(limiter._known) <= 10_000  # the bound under test
     assert limiter.limits_of(_principal(), "192.0.2.9") == first
+
+
+@pytest.mark.redis
+async def test_with_redis_away_requests_pass_unlimited_and_are_counted(
+    redis_proxy: TcpProxy, redis_namespace: str
+) -> None:
+    client = Redis.from_url(redis_url(redis_proxy))
+    limiter = _limiter(ip_rate_limit=1)
+    limiter.store = store = RedisRateStore(client, redis_namespace)
+
+    def failures() -> float:
+        value = REGISTRY.get_sample_value("nooble_orchestrator_rate_limit_store_errors_total")
+        return value or 0.0
+
+    try:
+        admitted = await limiter.check(None, "192.0.2.1")
+        assert admitted is not None
+        assert admitted.allowed
+        refused = await limiter.check(None, "192.0.2.1")
+        assert refused is not None
+        assert not refused.allowed
+        before = failures()
+        await redis_proxy.cut()
+        # Fail open: no decision, so the request goes on; the failure is counted.
+        assert await limiter.check(None, "192.0.2.1") is None
+        assert await limiter.check(None, "192.0.2.1") is None
+        assert failures() == before + 2
+        await redis_proxy.start()
+        # Back: the bucket Redis kept still refuses, and nothing more is counted.
+        again = await limiter.check(None, "192.0.2.1")
+        assert again is not None
+        assert not again.allowed
+        assert failures() == before + 2
+    finally:
+        await store.aclose()
+        await client.aclose()
