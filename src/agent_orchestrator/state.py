@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from agent_orchestrator.config import Settings
 from agent_orchestrator.events.bus import EventBus
 from agent_orchestrator.middleware.auth import TokenVerifier
+from agent_orchestrator.observability.backlog import BacklogGauges
 from agent_orchestrator.queue.base import TaskQueue
 from agent_orchestrator.queue.engine import WorkerEngine
 from agent_orchestrator.queue.registry import HandlerRegistry
@@ -42,6 +43,8 @@ class AppState:
     worker: WorkerEngine | None = None
     #: the request rate limits, shared by the HTTP layer and the WebSocket gateway
     limiter: RateLimiter | None = None
+    #: queue and session gauges, read from the database when /metrics is scraped
+    backlog: BacklogGauges = field(default_factory=BacklogGauges)
     #: finished turns handed over by a worker to this process's waiting requests
     turn_results: TurnResults = field(default_factory=TurnResults)
 

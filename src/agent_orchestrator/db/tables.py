@@ -50,7 +50,10 @@ class SessionRow(Base):
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
     closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
-    __table_args__ = (Index("ix_sessions_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_sessions_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_sessions_expires", "expires_at"),  # the live ones, for sessions_active
+    )
 
 
 class MessageRow(Base):

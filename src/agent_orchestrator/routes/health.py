@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.routes.deps import State
 
 router = APIRouter(tags=["health"])
@@ -60,5 +61,8 @@ async def ready(state: State) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics() -> Response:
+async def metrics(state: State) -> Response:
+    settings = state.settings
+    queues = (settings.queue_interactive, settings.queue_bulk)
+    await state.backlog.refresh(state.db_single, utcnow(), queues)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
