@@ -1122,6 +1122,12 @@ def create_app(
             error_event=sse(error_body("llm", status, f"injected mid-stream error ({status})")),
         )
 
+    # -- the health check every platform service answers (no auth, not recorded) ------------
+
+    @app.get("/health")
+    async def service_health() -> Any:
+        return {"status": "ok"}
+
     # -- control API (no auth, not recorded) -------------------------------------------
 
     @app.get("/_control/health")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -11,8 +13,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from agent_orchestrator.clients.probes import UnhealthyAnswer, probe, probe_targets
 from agent_orchestrator.db.types import utcnow
+from agent_orchestrator.resilience.circuit_breaker import CircuitState
 from agent_orchestrator.routes.deps import State
+from agent_orchestrator.routes.openapi import errors
+from agent_orchestrator.state import AppState
 
 router = APIRouter(tags=["health"])
 
@@ -24,28 +30,48 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _check(probe: Any) -> dict[str, Any]:
+async def _check(check: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
     try:
-        await asyncio.wait_for(probe(), CHECK_TIMEOUT_SECONDS)
+        await asyncio.wait_for(check(), CHECK_TIMEOUT_SECONDS)
+    except UnhealthyAnswer as answer:
+        return {"status": "down", "http_status": answer.http_status}
     except Exception as exc:  # any failure means down; the type says why
         return {"status": "down", "error": type(exc).__name__}
     return {"status": "ok"}
 
 
+class ServiceHealth(BaseModel):
+    status: str
+    circuit: str | None = None
+    error: str | None = None
+    http_status: int | None = None
+
+
 class Readiness(BaseModel):
     status: str
     dependencies: dict[str, dict[str, str]]
+    services: dict[str, ServiceHealth] | None = None
 
 
 @router.get(
     "/health/ready",
     response_model=None,
     responses={
-        200: {"model": Readiness, "description": "every dependency answers"},
-        503: {"model": Readiness, "description": "a dependency is down; `dependencies` says which"},
+        200: {
+            "model": Readiness,
+            "description": "the database and Redis answer; `status` is `degraded` when a "
+            "downstream service does not (deep check only)",
+        },
+        503: {"model": Readiness, "description": "the database or Redis is down"},
+        **errors(422),  # `deep` that is not a boolean
     },
 )
-async def ready(state: State) -> JSONResponse:
+async def ready(state: State, deep: bool = False) -> JSONResponse:
+    """Readiness: the database and Redis, which this instance cannot serve without. With
+    `deep=true`, also every downstream service called over HTTP and the circuit breakers
+    of this process: a service that is down makes the answer `degraded`, never 503, since
+    every instance would then leave the load balancer for what none of them can fix."""
+
     async def database() -> None:
         async with state.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
@@ -54,10 +80,30 @@ async def ready(state: State) -> JSONResponse:
     if state.redis is not None:
         checks["redis"] = await _check(state.redis.ping)
     healthy = all(check["status"] == "ok" for check in checks.values())
-    return JSONResponse(
-        {"status": "ok" if healthy else "down", "dependencies": checks},
-        status_code=200 if healthy else 503,
+    body: dict[str, Any] = {"status": "ok" if healthy else "down", "dependencies": checks}
+    if deep:
+        services = await _services(state)
+        body["services"] = services
+        if healthy and any(entry["status"] != "ok" for entry in services.values()):
+            body["status"] = "degraded"
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+async def _services(state: AppState) -> dict[str, dict[str, Any]]:
+    targets = probe_targets(state.coordinator.services)
+    names = list(targets)
+    results = await asyncio.gather(
+        *(_check(functools.partial(probe, *targets[name])) for name in names)
     )
+    services = dict(zip(names, results, strict=True))
+    if state.worker is not None:
+        # Breakers live where plans run: only a process with a worker has them to report.
+        for name, entry in services.items():
+            breaker = state.coordinator.breakers.get(name)
+            entry["circuit"] = breaker.state.value if breaker else CircuitState.CLOSED.value
+            if entry["status"] == "ok" and entry["circuit"] != CircuitState.CLOSED.value:
+                entry["status"] = "degraded"
+    return services
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
