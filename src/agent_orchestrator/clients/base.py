@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import json
 import math
-import os
 import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent_orchestrator.clients.exchange import Exchange, Reply
 from agent_orchestrator.models.storable import repaired_json, strict_json
+from agent_orchestrator.observability.trace_context import new_traceparent
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -36,10 +36,6 @@ class CallContext:
     session_id: str | None = None
     task_id: str | None = None
     traceparent: str = field(default_factory=lambda: new_traceparent())
-
-
-def new_traceparent() -> str:
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
 
 
 class DownstreamError(Exception):

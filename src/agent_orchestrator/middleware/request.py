@@ -5,6 +5,7 @@
 2. HTTP metrics (metrics.py): count and latency by method, route template and status;
 3. body-size limit: 413 by `Content-Length` before anything else runs, or while the app
    reads a body that has none;
+   (a valid W3C `traceparent` is kept for the request too: observability/trace_context.py);
 4. authentication (auth.py): the bearer token's principal, or the error, left in the state
    for the routes (`/internal/*` checks its own service token);
 5. rate limits (rate_limit.py) on `/api/*`: a 429 before the app runs, or the
@@ -40,6 +41,7 @@ from agent_orchestrator.middleware.rate_limit import (
     send_rate_limited,
 )
 from agent_orchestrator.observability.metrics import record_http_request, route_template
+from agent_orchestrator.observability.trace_context import INCOMING, parse_traceparent
 from agent_orchestrator.services.rate_limiter import RateLimiter
 
 
@@ -81,14 +83,18 @@ class RequestMiddleware:
         limit = self.max_body_bytes
         correlation_id: str | None = None
         authorization: bytes | None = None
+        traceparent: bytes | None = None
         too_large = False
-        for name, value in scope.get("headers", []):  # one pass for all four steps
+        for name, value in scope.get("headers", []):  # one pass for every step
             if name == HEADER_BYTES:
                 if correlation_id is None:
                     correlation_id = sane_id(value)
             elif name == b"authorization":
                 if authorization is None:
                     authorization = value
+            elif name == b"traceparent":
+                if traceparent is None:
+                    traceparent = value
             elif name == b"content-length" and value.isdigit() and int(value) > limit:
                 too_large = True
         if correlation_id is None:
@@ -121,6 +127,9 @@ class RequestMiddleware:
             return message
 
         tokens = bind_contextvars(correlation_id=correlation_id)
+        trace = None
+        if traceparent is not None:
+            trace = INCOMING.set(parse_traceparent(traceparent.decode("latin-1")))
         try:
             if too_large:
                 await send_too_large(send_with_id, limit, correlation_id)
@@ -138,6 +147,8 @@ class RequestMiddleware:
             await self.app(scope, counting_receive, send_with_id)
         finally:
             reset_contextvars(**tokens)
+            if trace is not None:
+                INCOMING.reset(trace)
             record_http_request(
                 scope["method"], route_template(scope), status, time.perf_counter() - started
             )

@@ -31,6 +31,7 @@ from agent_orchestrator.models.orchestration import (
 from agent_orchestrator.models.principal import Principal
 from agent_orchestrator.models.session import SessionCreate, ensure_editable
 from agent_orchestrator.observability.metrics import CHAT_TURNS
+from agent_orchestrator.observability.trace_context import trace_for_task
 from agent_orchestrator.services.session_manager import SessionManager
 from agent_orchestrator.services.task_ledger import Submission, TaskLedger
 
@@ -192,6 +193,8 @@ class ChatOrchestrator:
                     # The request's correlation id travels with the task, so the worker's
                     # logs and every downstream call carry the id the client saw.
                     "correlation_id": structlog.contextvars.get_contextvars().get("correlation_id"),
+                    # The client's trace (or a new one), for every attempt of the task.
+                    "traceparent": trace_for_task(),
                     "message": request.message,
                     "agent_id": agent_id,
                     "mode": request.mode.value,

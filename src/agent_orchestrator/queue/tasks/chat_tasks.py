@@ -30,6 +30,7 @@ from agent_orchestrator.models.chat import ChatResponse
 from agent_orchestrator.models.orchestration import StepOutcome
 from agent_orchestrator.models.session import Session, SessionState
 from agent_orchestrator.models.task import TaskStatus
+from agent_orchestrator.observability.trace_context import continue_trace
 from agent_orchestrator.queue.consumer import ALREADY_FINISHED, TaskContext
 from agent_orchestrator.queue.registry import ClaimFollowUp, TaskFailure
 from agent_orchestrator.services.orchestrator import (
@@ -71,6 +72,7 @@ class ChatTurn:
             correlation_id=task.input.get("correlation_id") or str(task.id),
             session_id=str(task.session_id),
             task_id=str(task.id),
+            traceparent=continue_trace(task.input.get("traceparent")),
         )
 
         async def on_chunk(chunk: ReplyChunk) -> None:
