@@ -28,6 +28,7 @@ from agent_orchestrator.db.migrate import upgrade
 from agent_orchestrator.middleware.auth import TokenVerifier
 from agent_orchestrator.models.principal import USER_SCOPES
 from agent_orchestrator.state import build_verifier
+from tests.doubles.process import running_double
 from tests.processes import UNREACHED_RATE_LIMITS
 
 PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -151,13 +152,26 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+#: The credentials `make_settings` configures, and the ones `double_url` requires.
+SERVICE_TOKEN = "test-service-token"
+LLM_KEY = "test-llm-key"
+
+
+@pytest.fixture(scope="module")
+def double_url() -> Iterator[str]:
+    """The downstream test double (its own process, one per test module), requiring the
+    service token and the LLM key that settings from `make_settings` send."""
+    with running_double(service_token=SERVICE_TOKEN, llm_api_key=LLM_KEY) as base_url:
+        yield base_url
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     def factory(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "data_dir": tmp_path / "data",
             "secret_key": "test-secret-key-0123456789abcdef0123456789",
-            "service_token": "test-service-token",
+            "service_token": SERVICE_TOKEN,
             "_env_file": None,
             **{name.lower(): int(value) for name, value in UNREACHED_RATE_LIMITS.items()},
         }

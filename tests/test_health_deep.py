@@ -7,24 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.state import AppState
-from tests.conftest import running_app
-from tests.doubles.process import running_double
+from tests.conftest import LLM_KEY, running_app
 from tests.processes import free_port
-
-LLM_KEY = "deep-health-llm-key"
-
-
-@pytest.fixture(scope="module")
-def double_url() -> Iterator[str]:
-    with running_double(llm_api_key=LLM_KEY) as base_url:
-        yield base_url
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ a real process) continues the client's trace with a parent id of this service.""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -13,8 +13,8 @@ import pytest
 from agent_orchestrator.config import Settings
 from agent_orchestrator.observability.trace_context import continue_trace, parse_traceparent
 from tests.chat_helpers import chat
-from tests.conftest import TokenFactory, auth, running_app
-from tests.doubles.process import running_double, service_env
+from tests.conftest import LLM_KEY, TokenFactory, auth, running_app
+from tests.doubles.process import service_env
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 SHAPE = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
@@ -56,16 +56,11 @@ def test_continuing_keeps_the_trace_and_flags_and_takes_a_parent_of_its_own() ->
         assert fresh is not None, stored
 
 
-@pytest.fixture(scope="module")
-def double_url() -> Iterator[str]:
-    with running_double() as base_url:
-        yield base_url
-
-
 async def test_downstream_calls_continue_the_clients_trace(
     make_settings: Callable[..., Settings], token: TokenFactory, double_url: str
 ) -> None:
-    variables = {name.lower(): value for name, value in service_env(double_url).items()}
+    env = service_env(double_url, llm_api_key=LLM_KEY)
+    variables = {name.lower(): value for name, value in env.items()}
     async with (
         running_app(make_settings(**variables)) as client,
         httpx.AsyncClient(base_url=double_url) as control,

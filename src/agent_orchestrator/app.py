@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.lifecycle import build_state, close_state
+from agent_orchestrator.middleware.auth import Introspector
 from agent_orchestrator.middleware.errors import install_error_handlers
 from agent_orchestrator.middleware.request import RequestMiddleware
 from agent_orchestrator.observability.logging import get_logger
@@ -27,6 +28,7 @@ def create_app(
 ) -> FastAPI:
     verifier = build_verifier(settings)
     limiter = RateLimiter(settings)  # its store comes with the lifespan's Redis client
+    introspector = Introspector(settings.identity_cache_seconds)  # and its client too
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,6 +49,8 @@ def create_app(
         else:
             limiter.store = MemoryRateStore()
         state.limiter = limiter
+        introspector.client = state.coordinator.services.get("identity")
+        state.introspector = introspector
         app.state.core = state
         gateway = WebSocketGateway(state)
         app.state.websockets = gateway
@@ -81,5 +85,6 @@ def create_app(
         verifier=verifier,
         max_body_bytes=settings.max_request_bytes,
         limiter=limiter,
+        introspector=introspector,
     )
     return app

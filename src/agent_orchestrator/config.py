@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     jwt_leeway_seconds: Annotated[int, Field(ge=0, le=300)] = 30
     token_default_ttl: PositiveInt = 3600
+    identity_cache_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     max_request_bytes: PositiveInt = 1_048_576
     max_page_size: Annotated[int, Field(gt=0, le=1000)] = 100
     default_page_size: PositiveInt = 20

@@ -63,6 +63,11 @@ class Conflict(ServiceError):
     code = "conflict"
 
 
+class ServiceUnavailable(ServiceError):
+    status_code = 503
+    code = "service_unavailable"
+
+
 class RateLimited(ServiceError):
     status_code = 429
     code = "rate_limited"

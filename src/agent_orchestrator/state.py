@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.events.bus import EventBus
-from agent_orchestrator.middleware.auth import TokenVerifier
+from agent_orchestrator.middleware.auth import Introspector, TokenVerifier
 from agent_orchestrator.observability.backlog import BacklogGauges
 from agent_orchestrator.queue.base import TaskQueue
 from agent_orchestrator.queue.engine import WorkerEngine
@@ -43,6 +43,8 @@ class AppState:
     worker: WorkerEngine | None = None
     #: the request rate limits, shared by the HTTP layer and the WebSocket gateway
     limiter: RateLimiter | None = None
+    #: tokens of other issuers, asked of the Identity Service (None: not configured)
+    introspector: Introspector | None = None
     #: queue and session gauges, read from the database when /metrics is scraped
     backlog: BacklogGauges = field(default_factory=BacklogGauges)
     #: finished turns handed over by a worker to this process's waiting requests

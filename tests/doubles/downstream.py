@@ -504,7 +504,8 @@ class Gate:
             return None
         if authorization != f"Bearer {self.state.service_token}":
             return error_response(service, 401, "missing or invalid service token")
-        if not headers.get("x-tenant-id"):
+        # Introspection is the one call without a tenant: the tenant is what it answers.
+        if service != "identity" and not headers.get("x-tenant-id"):
             return error_response(service, 400, "X-Tenant-ID header is required")
         return None
 
@@ -1024,7 +1025,7 @@ def create_app(
     @app.post("/v1/introspect")
     async def introspect(request: Request) -> Any:
         body = _parse(IntrospectIn, _ctx(request))
-        parts = body.token.split(":")
+        parts = body.token.split(":", 3)  # scopes may hold colons: tok:acme:alice:chat:write
         if len(parts) in (3, 4) and parts[0] == "tok" and parts[1] and parts[2]:
             scopes = [s for s in parts[3].split(",") if s] if len(parts) == 4 else []
             return {

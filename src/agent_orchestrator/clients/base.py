@@ -110,7 +110,9 @@ class HttpServiceClient:
 
     def headers(self, ctx: CallContext) -> dict[str, str]:
         """The per-call headers (the service token goes with every request already)."""
-        headers = {"X-Tenant-ID": ctx.tenant_id, "traceparent": ctx.traceparent}
+        headers = {"traceparent": ctx.traceparent}
+        if ctx.tenant_id:  # every call but introspection, which asks whose the token is
+            headers["X-Tenant-ID"] = ctx.tenant_id
         if ctx.correlation_id:
             headers["X-Correlation-ID"] = ctx.correlation_id
         return headers

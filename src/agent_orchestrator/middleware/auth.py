@@ -8,6 +8,11 @@ followed: the key is the configured one, nothing is fetched.
 A client sends the same token on every request until it expires, and decoding it is most
 of what authentication costs, so tokens that passed are remembered (bounded, keyed by the
 exact token string) and only their expiry is checked again on later requests.
+
+With `IDENTITY_SERVICE_URL` set, a token this service did not sign (an opaque token, or a
+JWT of another issuer) is asked of the Identity Service (`Introspector`), and its answer
+remembered for `IDENTITY_CACHE_SECONDS`. A token of ours that fails (expired, a missing
+claim) is never sent there.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from typing import Any
 
 import jwt
 from fastapi import Request
+from structlog.contextvars import get_contextvars
 
-from agent_orchestrator.errors import Forbidden, Unauthorized
+from agent_orchestrator.clients.base import CallContext, DownstreamError
+from agent_orchestrator.clients.identity import IdentityClient
+from agent_orchestrator.errors import Forbidden, ServiceUnavailable, Unauthorized
 from agent_orchestrator.models.principal import Principal, PrincipalKind
 from agent_orchestrator.models.storable import storable_text
 
@@ -88,7 +96,7 @@ class TokenVerifier:
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthorized(f"token lacks the {exc.claim!r} claim") from exc
         except jwt.PyJWTError as exc:
-            raise Unauthorized("token is not valid") from exc
+            raise NotOurToken("token is not valid") from exc
         # PyJWT has checked that int() of exp works and compared exactly this value.
         return _principal_from(claims), int(claims["exp"])
 
@@ -113,6 +121,82 @@ class TokenVerifier:
         if self._audience:
             claims["aud"] = self._audience
         return jwt.encode(claims, self._secret, algorithm=self._algorithms[0])
+
+
+class NotOurToken(Unauthorized):
+    """Not a token this service signed: malformed, or signed with another key."""
+
+
+class Introspector:
+    """Tokens this service did not sign, asked of the Identity Service; each answer (active
+    or not) is remembered for `cache_seconds`, an active one at most until its `exp`."""
+
+    def __init__(
+        self,
+        cache_seconds: float,
+        *,
+        cache_size: int = 4096,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        #: set with the lifespan's service directory; None: no Identity Service
+        self.client: IdentityClient | None = None
+        self.cache_seconds = cache_seconds
+        self._cache_size = cache_size
+        self._clock = clock
+        self._known: dict[str, tuple[Principal | None, float]] = {}
+
+    async def principal(self, token: str) -> Principal:
+        """Raises Unauthorized for an inactive token, ServiceUnavailable when the Identity
+        Service cannot answer (the caller may retry; nothing is remembered)."""
+        now = self._clock()
+        known = self._known.get(token)
+        if known is not None and known[1] > now:
+            return _active(known[0])
+        if self.client is None:
+            raise Unauthorized("token is not valid")
+        ctx = CallContext(tenant_id="", correlation_id=get_contextvars().get("correlation_id"))
+        try:
+            info = await self.client.introspect(ctx, token=token)
+        except DownstreamError as error:
+            raise ServiceUnavailable(
+                "the identity service could not check the token; retry",
+                details={"service": "identity", "code": error.code},
+            ) from error
+        principal: Principal | None = None
+        until = now + self.cache_seconds
+        if info.active and (info.exp is None or info.exp > now):
+            principal = _principal_from(
+                {
+                    "tenant_id": info.tenant_id,
+                    "sub": info.sub,
+                    "scopes": info.scopes,
+                    "exp": info.exp,
+                }
+            )
+            if info.exp is not None:
+                until = min(until, float(info.exp))
+        if len(self._known) >= self._cache_size:
+            self._known.pop(next(iter(self._known)))
+        self._known[token] = (principal, until)
+        return _active(principal)
+
+
+def _active(principal: Principal | None) -> Principal:
+    if principal is None:
+        raise Unauthorized("token is not active")
+    return principal
+
+
+async def resolve(
+    verifier: TokenVerifier, introspector: Introspector | None, token: str
+) -> Principal:
+    """The principal of a bearer token: ours, verified here; another's, introspected."""
+    try:
+        return verifier.verify(token)
+    except NotOurToken:
+        if introspector is None or introspector.client is None:
+            raise
+        return await introspector.principal(token)
 
 
 def _principal_from(claims: dict[str, Any]) -> Principal:
@@ -156,12 +240,16 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-def authenticate(
-    verifier: TokenVerifier, authorization: bytes | None, state: dict[str, Any]
+async def authenticate(
+    verifier: TokenVerifier,
+    introspector: Introspector | None,
+    authorization: bytes | None,
+    state: dict[str, Any],
 ) -> None:
     """Verifies the bearer token once per request (the first `Authorization` header) and
     leaves the outcome in the scope's state: `principal` on success, `auth_error` on a bad
-    token, neither without a header. Routes decide what they need."""
+    token (or an Identity Service that cannot answer), neither without a header. Routes
+    decide what they need."""
     if authorization is None:
         return
     token = _bearer(authorization)
@@ -169,8 +257,8 @@ def authenticate(
         state["auth_error"] = Unauthorized("Authorization must be 'Bearer <token>'")
         return
     try:
-        state["principal"] = verifier.verify(token)
-    except Unauthorized as error:
+        state["principal"] = await resolve(verifier, introspector, token)
+    except (Unauthorized, ServiceUnavailable) as error:
         state["auth_error"] = error
 
 

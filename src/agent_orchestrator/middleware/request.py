@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
-from agent_orchestrator.middleware.auth import TokenVerifier, authenticate
+from agent_orchestrator.middleware.auth import Introspector, TokenVerifier, authenticate
 from agent_orchestrator.middleware.context import (
     HEADER_BYTES,
     incoming_id,
@@ -53,9 +53,11 @@ class RequestMiddleware:
         verifier: TokenVerifier,
         max_body_bytes: int,
         limiter: RateLimiter | None = None,
+        introspector: Introspector | None = None,
     ) -> None:
         self.app = app
         self.verifier = verifier
+        self.introspector = introspector
         self.max_body_bytes = max_body_bytes
         self.limiter = limiter
 
@@ -136,7 +138,7 @@ class RequestMiddleware:
                 return
             path = scope["path"]
             if not path.startswith("/internal/"):
-                authenticate(self.verifier, authorization, state)
+                await authenticate(self.verifier, self.introspector, authorization, state)
             if self.limiter is not None and path.startswith(LIMITED_PREFIX):
                 decision = await self.limiter.check(state.get("principal"), client_ip(scope))
                 if decision is not None:

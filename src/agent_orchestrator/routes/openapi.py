@@ -38,6 +38,7 @@ _MEANING = {
     413: "the request body is over MAX_REQUEST_BYTES (`payload_too_large`)",
     422: "a field is missing or not valid; `details` names it (`validation_error`)",
     429: "a rate limit is reached; `details` names it (`rate_limited`)",
+    503: "the Identity Service could not check a token of another issuer (`service_unavailable`)",
 }
 
 _SECONDS = {"schema": {"type": "integer", "minimum": 0}}
@@ -78,9 +79,10 @@ SSE_CONTENT: dict[str, Any] = {
     }
 }
 
-#: Every route of the public API authenticates, checks a scope, validates its input and
-#: is rate limited.
-API_ERRORS = errors(401, 403, 422, 429)
+#: Every route of the public API authenticates (asking the Identity Service, when one is
+#: configured, about tokens of other issuers), checks a scope, validates its input and is
+#: rate limited.
+API_ERRORS = errors(401, 403, 422, 429, 503)
 
 
 def refine_openapi(app: FastAPI, max_page_size: int) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from agent_orchestrator.errors import Unauthorized, error_body
+from agent_orchestrator.errors import ServiceUnavailable, Unauthorized, error_body
+from agent_orchestrator.middleware.auth import resolve
 from agent_orchestrator.middleware.context import correlation_id_of
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.state import AppState
@@ -121,7 +122,7 @@ class WebSocketGateway:
             if token is None:
                 self._refuse(conn, "offer the token as the subprotocol after 'bearer'", None)
             else:
-                self._authenticate(conn, token, None)
+                await self._authenticate(conn, token, None)
         while True:
             message = await receive()
             kind = message["type"]
@@ -178,17 +179,26 @@ class WebSocketGateway:
             return
         RECEIVED.labels(parsed.type).inc()
         if isinstance(parsed, AuthMessage):
-            self._authenticate(conn, parsed.token, parsed.request_id)
+            await self._authenticate(conn, parsed.token, parsed.request_id)
         elif conn.principal is None:
             self._refuse(conn, "authenticate first: the first message must be 'auth'", None)
         else:
             await self.handlers.handle(conn, parsed)
 
-    def _authenticate(self, conn: Connection, token: str, request_id: str | None) -> None:
+    async def _authenticate(self, conn: Connection, token: str, request_id: str | None) -> None:
         try:
-            principal = self.state.verifier.verify(token)
+            principal = await resolve(self.state.verifier, self.state.introspector, token)
         except Unauthorized as error:
             self._refuse(conn, error.message, request_id)
+            return
+        except ServiceUnavailable as error:
+            # Not the client's fault: say so, and close as "try again later".
+            conn.send(
+                error_message(
+                    error.code, error.message, tenant_id=conn.tenant_id, request_id=request_id
+                )
+            )
+            conn.close(1013, "identity service unavailable")
             return
         previous = conn.principal
         if previous is not None and (previous.tenant_id, previous.user_id) != (
