@@ -164,3 +164,19 @@ async def test_the_cache_keeps_an_answer_for_its_time_and_never_past_exp() -> No
     now[0] += 20  # past the cache's 30 s
     await introspector.principal("good")
     assert len(answers) == 5
+
+
+async def test_one_address_cannot_make_it_ask_more_than_its_rate(
+    make_settings: Callable[..., Settings], double_url: str
+) -> None:
+    settings = make_settings(identity_service_url=double_url, ip_rate_limit=3)
+    with ServerThread(settings) as running:
+        async with httpx.AsyncClient(base_url=http_url(running)) as http:
+            statuses = [
+                (await http.get("/api/v1/sessions", headers=auth(f"random-{index}"))).status_code
+                for index in range(8)
+            ]
+    assert statuses[:3] == [401, 401, 401]
+    assert set(statuses[3:]) == {429}
+    # Random tokens from one address: three questions, then none (not one per request).
+    assert await introspections(double_url) == 3

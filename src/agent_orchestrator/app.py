@@ -50,6 +50,7 @@ def create_app(
             limiter.store = MemoryRateStore()
         state.limiter = limiter
         introspector.client = state.coordinator.services.get("identity")
+        introspector.limiter = limiter
         state.introspector = introspector
         app.state.core = state
         gateway = WebSocketGateway(state)

@@ -28,9 +28,10 @@ from structlog.contextvars import get_contextvars
 
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.clients.identity import IdentityClient
-from agent_orchestrator.errors import Forbidden, ServiceUnavailable, Unauthorized
+from agent_orchestrator.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
 from agent_orchestrator.models.principal import Principal, PrincipalKind
 from agent_orchestrator.models.storable import storable_text
+from agent_orchestrator.services.rate_limiter import RateLimiter
 
 _MAX_ID = 128
 
@@ -140,20 +141,31 @@ class Introspector:
     ) -> None:
         #: set with the lifespan's service directory; None: no Identity Service
         self.client: IdentityClient | None = None
+        #: bounds the questions asked per client address (set with the lifespan's store)
+        self.limiter: RateLimiter | None = None
         self.cache_seconds = cache_seconds
         self._cache_size = cache_size
         self._clock = clock
         self._known: dict[str, tuple[Principal | None, float]] = {}
 
-    async def principal(self, token: str) -> Principal:
+    async def principal(self, token: str, client_ip: str | None = None) -> Principal:
         """Raises Unauthorized for an inactive token, ServiceUnavailable when the Identity
-        Service cannot answer (the caller may retry; nothing is remembered)."""
+        Service cannot answer (the caller may retry; nothing is remembered), RateLimited
+        when `client_ip` has had too many tokens asked about."""
         now = self._clock()
         known = self._known.get(token)
         if known is not None and known[1] > now:
             return _active(known[0])
         if self.client is None:
             raise Unauthorized("token is not valid")
+        if self.limiter is not None:
+            decision = await self.limiter.check_introspection(client_ip)
+            if decision is not None and not decision.allowed:
+                raise RateLimited(
+                    decision.message(),
+                    details=decision.details(),
+                    headers={"Retry-After": str(decision.retry_after)},
+                )
         ctx = CallContext(tenant_id="", correlation_id=get_contextvars().get("correlation_id"))
         try:
             info = await self.client.introspect(ctx, token=token)
@@ -188,7 +200,10 @@ def _active(principal: Principal | None) -> Principal:
 
 
 async def resolve(
-    verifier: TokenVerifier, introspector: Introspector | None, token: str
+    verifier: TokenVerifier,
+    introspector: Introspector | None,
+    token: str,
+    client_ip: str | None = None,
 ) -> Principal:
     """The principal of a bearer token: ours, verified here; another's, introspected."""
     try:
@@ -196,7 +211,7 @@ async def resolve(
     except NotOurToken:
         if introspector is None or introspector.client is None:
             raise
-        return await introspector.principal(token)
+        return await introspector.principal(token, client_ip)
 
 
 def _principal_from(claims: dict[str, Any]) -> Principal:
@@ -245,6 +260,7 @@ async def authenticate(
     introspector: Introspector | None,
     authorization: bytes | None,
     state: dict[str, Any],
+    client_ip: str | None = None,
 ) -> None:
     """Verifies the bearer token once per request (the first `Authorization` header) and
     leaves the outcome in the scope's state: `principal` on success, `auth_error` on a bad
@@ -257,8 +273,8 @@ async def authenticate(
         state["auth_error"] = Unauthorized("Authorization must be 'Bearer <token>'")
         return
     try:
-        state["principal"] = await resolve(verifier, introspector, token)
-    except (Unauthorized, ServiceUnavailable) as error:
+        state["principal"] = await resolve(verifier, introspector, token, client_ip)
+    except (Unauthorized, ServiceUnavailable, RateLimited) as error:
         state["auth_error"] = error
 
 

@@ -137,10 +137,11 @@ class RequestMiddleware:
                 await send_too_large(send_with_id, limit, correlation_id)
                 return
             path = scope["path"]
+            address = client_ip(scope)
             if not path.startswith("/internal/"):
-                await authenticate(self.verifier, self.introspector, authorization, state)
+                await authenticate(self.verifier, self.introspector, authorization, state, address)
             if self.limiter is not None and path.startswith(LIMITED_PREFIX):
-                decision = await self.limiter.check(state.get("principal"), client_ip(scope))
+                decision = await self.limiter.check(state.get("principal"), address)
                 if decision is not None:
                     if not decision.allowed:
                         await send_rate_limited(send_with_id, decision, correlation_id)

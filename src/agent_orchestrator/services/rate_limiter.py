@@ -209,12 +209,24 @@ class RateLimiter:
         return limits
 
     async def check(self, principal: Principal | None, client_ip: str | None) -> Decision | None:
-        """The decision for one request, or None when no limit applies to it.
+        """The decision for one request, or None when no limit applies to it."""
+        return await self.check_limits(self.limits_of(principal, client_ip))
+
+    async def check_introspection(self, client_ip: str | None) -> Decision | None:
+        """The decision for asking the Identity Service about a token on behalf of this
+        address (a token it has no answer for yet): at most `IP_RATE_LIMIT` a minute, in a
+        bucket of its own, so that one address sending random tokens cannot make this
+        service ask more often than its requests are admitted."""
+        if client_ip is None or not self.ip_per_minute:
+            return None
+        return await self.check_limits([Limit("ip", f"introspect:{client_ip}", self.ip_per_minute)])
+
+    async def check_limits(self, limits: Sequence[Limit]) -> Decision | None:
+        """One unit from every limit, or None when there is none to take from.
 
         A store that fails lets the request through (and counts it): limits protect the
         service, and refusing every request while Redis is away would be an outage of its
         own. Whatever else needs Redis for that request fails by itself."""
-        limits = self.limits_of(principal, client_ip)
         if not limits or self.store is None:
             return None
         try:

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from agent_orchestrator.errors import ServiceUnavailable, Unauthorized, error_body
+from agent_orchestrator.errors import RateLimited, ServiceUnavailable, Unauthorized, error_body
 from agent_orchestrator.middleware.auth import resolve
 from agent_orchestrator.middleware.context import correlation_id_of
 from agent_orchestrator.observability.logging import get_logger
@@ -187,18 +187,22 @@ class WebSocketGateway:
 
     async def _authenticate(self, conn: Connection, token: str, request_id: str | None) -> None:
         try:
-            principal = await resolve(self.state.verifier, self.state.introspector, token)
+            principal = await resolve(self.state.verifier, self.state.introspector, token, conn.ip)
         except Unauthorized as error:
             self._refuse(conn, error.message, request_id)
             return
-        except ServiceUnavailable as error:
-            # Not the client's fault: say so, and close as "try again later".
+        except (ServiceUnavailable, RateLimited) as error:
+            # Not a bad token: say why, and close as "try again later".
             conn.send(
                 error_message(
-                    error.code, error.message, tenant_id=conn.tenant_id, request_id=request_id
+                    error.code,
+                    error.message,
+                    tenant_id=conn.tenant_id,
+                    request_id=request_id,
+                    details=error.details,
                 )
             )
-            conn.close(1013, "identity service unavailable")
+            conn.close(1013, "the token could not be checked now")
             return
         previous = conn.principal
         if previous is not None and (previous.tenant_id, previous.user_id) != (
