@@ -265,3 +265,9 @@ def test_rate_limits_take_zero_for_off_and_tenant_tiers_as_json(from_env: FromEn
         with pytest.raises(ValidationError) as raised:
             from_env(TENANT_RATE_LIMITS=bad)
         assert "TENANT_RATE_LIMITS" in format_settings_error(raised.value), bad
+
+
+def test_an_empty_path_variable_means_unset(from_env: FromEnv) -> None:
+    settings = from_env(JWT_PUBLIC_KEY_FILE="", AGENTS_FILE="")
+    assert settings.jwt_public_key_file is None
+    assert settings.agents_file is None

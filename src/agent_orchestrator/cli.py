@@ -177,13 +177,16 @@ def token(
         _fail("--ttl must be positive")
     if not tenant or not user:
         _fail("--tenant and --user must not be empty")
-    signed = build_verifier(settings).issue(
-        tenant_id=tenant,
-        user_id=user,
-        scopes=list(scope) if scope else list(USER_SCOPES),
-        ttl_seconds=lifetime,
-        now=time.time(),
-    )
+    try:
+        signed = build_verifier(settings).issue(
+            tenant_id=tenant,
+            user_id=user,
+            scopes=list(scope) if scope else list(USER_SCOPES),
+            ttl_seconds=lifetime,
+            now=time.time(),
+        )
+    except ValueError as error:
+        _fail(str(error))
     sys.stdout.write(signed + "\n")
 
 

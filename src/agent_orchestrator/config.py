@@ -28,6 +28,11 @@ PerMinute = Annotated[int, Field(ge=0, le=100_000_000)]
 #: The variables production refuses to start without (the spec marks them required).
 PRODUCTION_REQUIRED = ("DATABASE_URL", "REDIS_URI", "SECRET_KEY", "SERVICE_TOKEN")
 
+#: JWT algorithms: signed with SECRET_KEY here, or by another issuer whose public key this
+#: service holds (JWT_PUBLIC_KEY_FILE).
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384"})
+
 #: Downstream services of spec section 3.1, by the variable holding their base URL.
 DOWNSTREAM_URL_FIELDS = (
     "conversation_service_url",
@@ -108,6 +113,8 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     auto_migrate: bool | None = None
     jwt_algorithm: str = "HS256"
+    #: PEM public key file for RS*/ES* tokens (another issuer signs them; we only verify)
+    jwt_public_key_file: Path | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_seconds: Annotated[int, Field(ge=0, le=300)] = 30
@@ -183,6 +190,12 @@ class Settings(BaseSettings):
     def _origins(cls, value: Any) -> Any:
         return _split_csv(value)
 
+    @field_validator("jwt_public_key_file", "agents_file", mode="before")
+    @classmethod
+    def _optional_path(cls, value: Any) -> Any:
+        # `NAME=` in an env file means unset, not the current directory.
+        return None if value == "" else value
+
     @field_validator("tenant_rate_limits", mode="before")
     @classmethod
     def _tenant_tiers(cls, value: Any) -> Any:
@@ -218,8 +231,9 @@ class Settings(BaseSettings):
     @field_validator("jwt_algorithm")
     @classmethod
     def _algorithm(cls, value: str) -> str:
-        if value not in {"HS256", "HS384", "HS512"}:
-            raise ValueError("JWT_ALGORITHM must be one of HS256, HS384, HS512")
+        if value not in HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS:
+            names = ", ".join(sorted(HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS))
+            raise ValueError(f"JWT_ALGORITHM must be one of {names}")
         return value
 
     @field_validator("database_url")
@@ -253,6 +267,13 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "ENVIRONMENT=production requires " + ", ".join(missing) + " to be set"
                 )
+        if (self.jwt_algorithm in PUBLIC_KEY_ALGORITHMS) != (self.jwt_public_key_file is not None):
+            raise ValueError(
+                "JWT_PUBLIC_KEY_FILE is required with JWT_ALGORITHM "
+                f"{', '.join(sorted(PUBLIC_KEY_ALGORITHMS))}, and only with those"
+            )
+        if self.jwt_public_key_file is not None:
+            public_key(self.jwt_algorithm, self.jwt_public_key_file)  # unusable: refuse now
         if self.queue_interactive == self.queue_bulk:
             raise ValueError("QUEUE_INTERACTIVE and QUEUE_BULK must differ")
         if self.default_page_size > self.max_page_size:
@@ -292,6 +313,12 @@ class Settings(BaseSettings):
                 return "sqlite+aiosqlite://" + url[len(prefix) :]
         return url
 
+    def verification_key(self) -> Any:
+        """What verifies tokens: the loaded public key for RS*/ES*, else the secret."""
+        if self.jwt_public_key_file is not None:
+            return public_key(self.jwt_algorithm, self.jwt_public_key_file)
+        return self.resolved_secret_key()
+
     def resolved_secret_key(self) -> str:
         """SECRET_KEY, or in development a key generated once and kept in DATA_DIR."""
         if self.secret_key is not None:
@@ -313,6 +340,30 @@ class Settings(BaseSettings):
             finally:
                 os.unlink(temporary)
         return path.read_text().strip()
+
+
+def public_key(algorithm: str, path: Path) -> Any:
+    """The public key in the PEM file `path`, loaded for `algorithm`; ValueError naming
+    JWT_PUBLIC_KEY_FILE when it cannot be read, is not such a key, or is a private key
+    (which has no business on the servers that only verify)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from jwt.algorithms import get_default_algorithms
+
+    try:
+        pem = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"JWT_PUBLIC_KEY_FILE: cannot read {path}: {error.strerror}") from error
+    wanted = (rsa.RSAPublicKey,) if algorithm.startswith("RS") else (ec.EllipticCurvePublicKey,)
+    try:
+        key = get_default_algorithms()[algorithm].prepare_key(pem)
+    except Exception as error:  # PyJWT's and cryptography's many ways of saying no
+        raise ValueError(f"JWT_PUBLIC_KEY_FILE: {path} is not a PEM key for {algorithm}") from error
+    if not isinstance(key, wanted):
+        raise ValueError(
+            f"JWT_PUBLIC_KEY_FILE: {path} must hold the issuer's public key for {algorithm}, "
+            "and never a private key"
+        )
+    return key
 
 
 def format_settings_error(error: Exception) -> str:

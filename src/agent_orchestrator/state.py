@@ -56,7 +56,7 @@ class AppState:
 
 def build_verifier(settings: Settings) -> TokenVerifier:
     return TokenVerifier(
-        settings.resolved_secret_key(),
+        settings.verification_key(),
         algorithm=settings.jwt_algorithm,
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,

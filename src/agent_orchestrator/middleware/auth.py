@@ -39,7 +39,7 @@ _MAX_ID = 128
 class TokenVerifier:
     def __init__(
         self,
-        secret: str,
+        secret: Any,
         *,
         algorithm: str = "HS256",
         issuer: str | None = None,
@@ -117,6 +117,11 @@ class TokenVerifier:
             "iat": int(now),
             "exp": int(now) + ttl_seconds,
         }
+        if not isinstance(self._secret, str):
+            raise ValueError(
+                f"this service verifies {self._algorithms[0]} tokens of another issuer "
+                "(JWT_PUBLIC_KEY_FILE) and cannot sign them"
+            )
         if self._issuer:
             claims["iss"] = self._issuer
         if self._audience:
