@@ -11,9 +11,11 @@ import httpx
 import pytest
 
 from agent_orchestrator.config import Settings
+from agent_orchestrator.observability import tracing
 from agent_orchestrator.observability.trace_context import continue_trace, parse_traceparent
 from tests.chat_helpers import chat
 from tests.conftest import LLM_KEY, TokenFactory, auth, running_app
+from tests.doubles.otlp import otlp_receiver
 from tests.doubles.process import service_env
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -95,3 +97,45 @@ async def test_downstream_calls_continue_the_clients_trace(
         trace_ids = {SHAPE.fullmatch(header).group(1) for header in fresh}  # type: ignore[union-attr]
         assert len(trace_ids) == 1
         assert trace_ids != {"4bf92f3577b34da6a3ce929d0e0e4736"}
+
+
+async def test_spans_are_exported_as_one_tree_under_the_clients_span(
+    make_settings: Callable[..., Settings], token: TokenFactory, double_url: str
+) -> None:
+    env = service_env(double_url, llm_api_key=LLM_KEY)
+    variables = {name.lower(): value for name, value in env.items()}
+    with otlp_receiver() as (collector, received):
+        settings = make_settings(otel_exporter_otlp_endpoint=collector, **variables)
+        async with httpx.AsyncClient(base_url=double_url) as control:
+            await control.delete("/_control/requests")
+            async with running_app(settings) as client:
+                sent = {**auth(token()), "traceparent": VALID, "X-Correlation-ID": "spans"}
+                waited = await chat(client, sent, expect=200, message="spans", mode="wait")
+                assert waited["task"]["status"] == "succeeded", waited
+            # The app has stopped: its last spans were sent on the way out.
+            recorded = (await control.get("/_control/requests")).json()["requests"]
+        assert tracing.TRACER is None
+    spans = [span for span in received.spans if span["trace_id"] == VALID[3:35]]
+    by_name = {span["name"]: span for span in spans}
+    server = by_name["POST /api/v1/chat"]
+    assert server["kind"] == "server"
+    assert server["parent_span_id"] == VALID[36:52]  # the client's span
+    assert server["attributes"]["http.response.status_code"] == 200
+    assert server["service"] == "agent-orchestrator"
+    turn = by_name["chat.turn"]
+    assert turn["parent_span_id"] == server["span_id"]
+    assert turn["attributes"]["task.id"] == waited["task"]["id"]
+    steps = {name: span for name, span in by_name.items() if name.startswith("step ")}
+    assert {"step history", "step agent", "step generate"} <= set(steps)
+    for step in steps.values():
+        assert step["parent_span_id"] == turn["span_id"]
+        assert step["kind"] == "client"
+    # Each downstream call names its step's span as its parent.
+    step_ids = {span["span_id"] for span in steps.values()}
+    calls = [r for r in recorded if r["headers"].get("x-correlation-id") == "spans"]
+    assert calls
+    for call in calls:
+        found = SHAPE.fullmatch(call["headers"]["traceparent"])
+        assert found is not None
+        assert found.group(1) == VALID[3:35]
+        assert found.group(2) in step_ids, call["path"]

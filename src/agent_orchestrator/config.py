@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     session_cache_size: PositiveInt = 10_000
     db_pool_size: PositiveInt = 10
     db_pool_pre_ping: bool = False
+    #: OTLP/HTTP base URL (".../v1/traces" is appended); unset: no spans at all
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_service_name: Annotated[str, Field(min_length=1, max_length=128)] = "agent-orchestrator"
 
     # --- rate limits (docs/configuration.md, "Rate limits") -------------------------------
     user_rate_limit: PerMinute = 60
@@ -254,7 +257,7 @@ class Settings(BaseSettings):
             raise ValueError("CHAT_BUSY_POLICY must be enqueue, reject or interrupt")
         return value
 
-    @field_validator(*DOWNSTREAM_URL_FIELDS, "llm_base_url")
+    @field_validator(*DOWNSTREAM_URL_FIELDS, "llm_base_url", "otel_exporter_otlp_endpoint")
     @classmethod
     def _service_url(cls, value: str | None) -> str | None:
         return _check_url("service URL", value, ("http", "https"))

@@ -3,6 +3,8 @@ and `worker`, so both run the same adapters for the same settings."""
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -16,6 +18,7 @@ from agent_orchestrator.db.engine import (
 )
 from agent_orchestrator.db.migrate import is_up_to_date, upgrade
 from agent_orchestrator.middleware.auth import TokenVerifier
+from agent_orchestrator.observability.tracing import start_tracing, stop_tracing
 from agent_orchestrator.queue.engine import WorkerEngine, build_bus, build_ledger, build_queue
 from agent_orchestrator.queue.registry import HandlerRegistry
 from agent_orchestrator.queue.tasks import register_builtin_kinds
@@ -117,6 +120,7 @@ async def build_state(
         closeable=closeable,
     )
     register_builtin_kinds(registry, state)
+    start_tracing(settings.otel_exporter_otlp_endpoint, settings.otel_service_name)
     if run_worker:
         state.worker = WorkerEngine(
             settings=settings,
@@ -153,3 +157,6 @@ async def close_state(state: AppState) -> None:
         await state.redis.aclose()
     dispose_sessions(state.db_factory)
     await state.engine.dispose()
+    if state.settings.otel_exporter_otlp_endpoint:
+        # The exporter's last batch is an HTTP POST: off the event loop.
+        await asyncio.to_thread(stop_tracing)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 
+from opentelemetry.trace import Span, SpanKind, StatusCode
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars, reset_contextvars
@@ -40,9 +41,25 @@ from agent_orchestrator.middleware.rate_limit import (
     rate_limit_headers,
     send_rate_limited,
 )
+from agent_orchestrator.observability import tracing
 from agent_orchestrator.observability.metrics import record_http_request, route_template
 from agent_orchestrator.observability.trace_context import INCOMING, parse_traceparent
 from agent_orchestrator.services.rate_limiter import RateLimiter
+
+
+def end_server_span(span: Span, method: str, route: str, status: int, correlation_id: str) -> None:
+    span.update_name(f"{method} {route}")
+    span.set_attributes(
+        {
+            "http.request.method": method,
+            "http.route": route,
+            "http.response.status_code": status,
+            "correlation_id": correlation_id,
+        }
+    )
+    if status >= 500:
+        span.set_status(StatusCode.ERROR)
+    span.end()
 
 
 class RequestMiddleware:
@@ -129,9 +146,14 @@ class RequestMiddleware:
             return message
 
         tokens = bind_contextvars(correlation_id=correlation_id)
-        trace = None
-        if traceparent is not None:
-            trace = INCOMING.set(parse_traceparent(traceparent.decode("latin-1")))
+        incoming = parse_traceparent(traceparent.decode("latin-1")) if traceparent else None
+        span = None
+        if tracing.TRACER is not None:
+            # The request's span: the client's child, and the parent of the task it queues.
+            span = tracing.start_span(scope["method"], incoming, kind=SpanKind.SERVER)
+            if span is not None:
+                incoming = tracing.traceparent_of(span)
+        trace = INCOMING.set(incoming) if incoming is not None else None
         try:
             if too_large:
                 await send_too_large(send_with_id, limit, correlation_id)
@@ -152,6 +174,7 @@ class RequestMiddleware:
             reset_contextvars(**tokens)
             if trace is not None:
                 INCOMING.reset(trace)
-            record_http_request(
-                scope["method"], route_template(scope), status, time.perf_counter() - started
-            )
+            route = route_template(scope)
+            record_http_request(scope["method"], route, status, time.perf_counter() - started)
+            if span is not None:
+                end_server_span(span, scope["method"], route, status, correlation_id)

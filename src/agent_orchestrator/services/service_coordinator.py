@@ -18,10 +18,11 @@ import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import tenacity
+from opentelemetry.trace import SpanKind, StatusCode
 
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.models.agent import ReplyChunk, ReplyDone, Usage
@@ -38,6 +39,7 @@ from agent_orchestrator.observability.metrics import (
     SERVICE_CALL_SECONDS,
     SERVICE_RETRIES_SHED,
 )
+from agent_orchestrator.observability.tracing import start_span, traceparent_of
 from agent_orchestrator.resilience.circuit_breaker import CircuitBreaker, Permit
 from agent_orchestrator.services.reply_chunks import ChunkForwarder
 
@@ -156,6 +158,28 @@ class ServiceCoordinator:
             )
             await run.on_step(outcome, 0.0)
             return outcome
+        span = start_span(
+            f"step {call.step}",
+            run.ctx.traceparent,
+            kind=SpanKind.CLIENT,
+            attributes={"service": call.service, "operation": call.operation},
+        )
+        if span is None:
+            return await self._run_called_step(call, run, run.ctx)
+        # The step's span is the parent of its downstream calls (tracing.py).
+        ctx = replace(run.ctx, traceparent=traceparent_of(span))
+        ended: StepOutcome | None = None
+        try:
+            ended = await self._run_called_step(call, run, ctx)
+            return ended
+        finally:
+            if ended is None or ended.status == "failed":
+                span.set_status(StatusCode.ERROR)
+            span.end()
+
+    async def _run_called_step(
+        self, call: ServiceCall, run: PlanRun, ctx: CallContext
+    ) -> StepOutcome:
         client = self.services.get(call.service)
         started = time.perf_counter()
         attempts = 0
@@ -174,8 +198,8 @@ class ServiceCoordinator:
                 nonlocal attempts
                 attempts += 1
                 if call.stream:
-                    return await self._stream_once(call, operation, inputs, run)
-                return await self._call_once(call, operation, inputs, run.ctx)
+                    return await self._stream_once(call, operation, inputs, run, ctx)
+                return await self._call_once(call, operation, inputs, ctx)
 
             output = await self._with_retries(call, attempt)
         except DownstreamError as error:
@@ -299,6 +323,7 @@ class ServiceCoordinator:
         operation: Callable[..., AsyncGenerator[Any]],
         inputs: dict[str, Any],
         run: PlanRun,
+        ctx: CallContext,
     ) -> StreamedReply:
         permit = self._admitted(call.service)
         pieces: list[str] = []
@@ -307,7 +332,7 @@ class ServiceCoordinator:
         async with self.bulkhead(call.service):
             try:
                 async with (
-                    aclosing(operation(run.ctx, **inputs)) as events,
+                    aclosing(operation(ctx, **inputs)) as events,
                     asyncio.timeout(call.timeout) as deadline,
                 ):
                     iterator = aiter(events)
