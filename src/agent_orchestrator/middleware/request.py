@@ -2,13 +2,15 @@
 
 1. correlation id (context.py): the sane `X-Correlation-ID` or a new one, kept in the
    scope's state, bound to the log context and echoed on every response;
-2. HTTP metrics (metrics.py): count and latency by method, route template and status;
-3. body-size limit: 413 by `Content-Length` before anything else runs, or while the app
+2. trace: a valid W3C `traceparent` kept for the request (trace_context.py) and, with
+   tracing on, the request's server span (tracing.py);
+3. HTTP metrics (metrics.py): count and latency by method, route template and status;
+4. body-size limit: 413 by `Content-Length` before anything else runs, or while the app
    reads a body that has none;
-   (a valid W3C `traceparent` is kept for the request too: observability/trace_context.py);
-4. authentication (auth.py): the bearer token's principal, or the error, left in the state
-   for the routes (`/internal/*` checks its own service token);
-5. rate limits (rate_limit.py) on `/api/*`: a 429 before the app runs, or the
+5. authentication (auth.py): the bearer token's principal, or the error, left in the state
+   for the routes (`/internal/*` checks its own service token; tokens of another issuer
+   may be asked of the Identity Service);
+6. rate limits (rate_limit.py) on `/api/*`: a 429 before the app runs, or the
    `RateLimit-*` headers on the response.
 
 One layer rather than one per concern: every layer is another coroutine frame that each
