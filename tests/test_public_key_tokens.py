@@ -10,8 +10,10 @@ import hashlib
 import hmac
 import json
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
 from agent_orchestrator.config import Settings, format_settings_error
+from agent_orchestrator.middleware.jwks import JwksKeys, KeyNotHeld
 from tests.conftest import auth, clean_env, running_app
 from tests.processes import CLI
 
@@ -109,7 +112,7 @@ def test_a_key_file_that_cannot_serve_stops_start_up(tmp_path: Path) -> None:
     )
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a key")
-    assert "JWT_PUBLIC_KEY_FILE is required" in _refusal(jwt_algorithm="RS256")
+    assert "JWT_PUBLIC_KEY_FILE or JWT_JWKS_URL is required" in _refusal(jwt_algorithm="RS256")
     assert "only with those" in _refusal(jwt_public_key_file=public)  # HS256 has no use for it
     assert "never a private key" in _refusal(jwt_algorithm="RS256", jwt_public_key_file=private)
     assert "not a PEM key" in _refusal(jwt_algorithm="RS256", jwt_public_key_file=garbage)
@@ -139,3 +142,134 @@ def test_the_token_command_refuses_to_sign_another_issuers_tokens(tmp_path: Path
     assert result.returncode != 0
     assert result.stdout == ""
     assert "cannot sign them" in result.stderr
+
+
+class JwksServer:
+    """The issuer's JWKS endpoint: a real HTTP server on loopback whose key set a test
+    can replace (a rotation) or take down, counting the fetches."""
+
+    def __init__(self) -> None:
+        self.document: dict[str, Any] = {"keys": []}
+        self.fetches = 0
+        self.down = False
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.fetches += 1
+                if outer.down:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                body = json.dumps(outer.document).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/.well-known/jwks.json"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def publish(self, *keys: tuple[str, PrivateKey]) -> None:
+        jwks = []
+        for kid, key in keys:
+            jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+            jwks.append({**jwk, "kid": kid, "use": "sig", "alg": "RS256"})
+        self.document = {"keys": jwks}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def jwks() -> Iterator[JwksServer]:
+    server = JwksServer()
+    yield server
+    server.close()
+
+
+def signed(key: PrivateKey, kid: str) -> str:
+    return jwt.encode(claims(), key, algorithm="RS256", headers={"kid": kid})
+
+
+async def test_jwks_keys_are_fetched_rotated_and_never_hammered(
+    jwks: JwksServer, make_settings: Callable[..., Settings]
+) -> None:
+    first, second = new_key("RS256"), new_key("RS256")
+    jwks.publish(("k1", first))
+    settings = make_settings(jwt_algorithm="RS256", jwt_jwks_url=jwks.url)
+    async with running_app(settings) as client:
+
+        async def status(token: str) -> int:
+            return (await client.get("/api/v1/sessions", headers=auth(token))).status_code
+
+        assert await status(signed(first, "k1")) == 200
+        assert await status(signed(first, "k1")) == 200
+        assert jwks.fetches == 1  # fetched once, on the first token that needed it
+        # Kids nobody published: 401, and no fetch while the keys are that fresh.
+        assert await status(signed(second, "k2")) == 401
+        assert await status(signed(second, "k3")) == 401
+        assert await status(signed(second, "k4")) == 401
+        assert jwks.fetches == 1
+        # Someone else's key under a published kid is still refused.
+        assert await status(signed(second, "k1")) == 401
+        # The issuer rotates; past the refresh interval a token's new kid fetches the set.
+        jwks.publish(("k1", first), ("k2", second))
+        state = client.app.state.core  # type: ignore[attr-defined]
+        state.verifier.keys.min_interval = 0
+        assert await status(signed(second, "k2")) == 200
+        assert jwks.fetches == 2
+
+
+async def test_unreachable_jwks_with_no_keys_is_503(
+    jwks: JwksServer, make_settings: Callable[..., Settings]
+) -> None:
+    jwks.down = True
+    settings = make_settings(jwt_algorithm="RS256", jwt_jwks_url=jwks.url)
+    async with running_app(settings) as client:
+        response = await client.get(
+            "/api/v1/sessions", headers=auth(signed(new_key("RS256"), "k1"))
+        )
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "service_unavailable"
+    assert response.json()["error"]["details"] == {"jwks_url": jwks.url}
+
+
+def test_jwks_and_a_key_file_exclude_each_other(tmp_path: Path) -> None:
+    key_file = tmp_path / "issuer.pem"
+    key_file.write_bytes(public_pem(new_key("RS256")))
+    both = _refusal(
+        jwt_algorithm="RS256",
+        jwt_public_key_file=key_file,
+        jwt_jwks_url="https://issuer.example/.well-known/jwks.json",
+    )
+    assert "not both" in both
+    assert "only with those" in _refusal(jwt_jwks_url="https://issuer.example/jwks.json")
+
+
+async def test_held_keys_keep_serving_while_the_jwks_is_away(jwks: JwksServer) -> None:
+    key = new_key("RS256")
+    jwks.publish(("k1", key))
+    now = [0.0]
+    keys = JwksKeys(jwks.url, "RS256", refresh_after=300, min_interval=30, clock=lambda: now[0])
+    token = signed(key, "k1")
+    with pytest.raises(KeyNotHeld):
+        keys.key_for(token)  # nothing held yet
+    await keys.refresh()
+    assert keys.key_for(token) is not None
+    now[0] = 301.0  # stale: the next token asks for a refresh
+    with pytest.raises(KeyNotHeld):
+        keys.key_for(token)
+    jwks.down = True
+    await keys.refresh()  # fails, and keeps what it held
+    assert keys.key_for(token) is not None
+    assert jwks.fetches == 2
+    now[0] = 340.0  # stale still, and the last try was long enough ago: try again
+    with pytest.raises(KeyNotHeld):
+        keys.key_for(token)

@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     jwt_algorithm: str = "HS256"
     #: PEM public key file for RS*/ES* tokens (another issuer signs them; we only verify)
     jwt_public_key_file: Path | None = None
+    #: or the issuer's JWKS URL (keys by `kid`, fetched when a token needs one)
+    jwt_jwks_url: str | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_seconds: Annotated[int, Field(ge=0, le=300)] = 30
@@ -257,7 +259,9 @@ class Settings(BaseSettings):
             raise ValueError("CHAT_BUSY_POLICY must be enqueue, reject or interrupt")
         return value
 
-    @field_validator(*DOWNSTREAM_URL_FIELDS, "llm_base_url", "otel_exporter_otlp_endpoint")
+    @field_validator(
+        *DOWNSTREAM_URL_FIELDS, "llm_base_url", "otel_exporter_otlp_endpoint", "jwt_jwks_url"
+    )
     @classmethod
     def _service_url(cls, value: str | None) -> str | None:
         return _check_url("service URL", value, ("http", "https"))
@@ -270,9 +274,12 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "ENVIRONMENT=production requires " + ", ".join(missing) + " to be set"
                 )
-        if (self.jwt_algorithm in PUBLIC_KEY_ALGORITHMS) != (self.jwt_public_key_file is not None):
+        key_sources = (self.jwt_public_key_file is not None) + (self.jwt_jwks_url is not None)
+        if key_sources > 1:
+            raise ValueError("set JWT_PUBLIC_KEY_FILE or JWT_JWKS_URL, not both")
+        if (self.jwt_algorithm in PUBLIC_KEY_ALGORITHMS) != (key_sources == 1):
             raise ValueError(
-                "JWT_PUBLIC_KEY_FILE is required with JWT_ALGORITHM "
+                "JWT_PUBLIC_KEY_FILE or JWT_JWKS_URL is required with JWT_ALGORITHM "
                 f"{', '.join(sorted(PUBLIC_KEY_ALGORITHMS))}, and only with those"
             )
         if self.jwt_public_key_file is not None:
@@ -317,9 +324,12 @@ class Settings(BaseSettings):
         return url
 
     def verification_key(self) -> Any:
-        """What verifies tokens: the loaded public key for RS*/ES*, else the secret."""
+        """What verifies tokens: the loaded public key for RS*/ES*, None when the keys come
+        from JWT_JWKS_URL, else the secret."""
         if self.jwt_public_key_file is not None:
             return public_key(self.jwt_algorithm, self.jwt_public_key_file)
+        if self.jwt_jwks_url is not None:
+            return None
         return self.resolved_secret_key()
 
     def resolved_secret_key(self) -> str:

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from agent_orchestrator.config import Settings
 from agent_orchestrator.events.bus import EventBus
 from agent_orchestrator.middleware.auth import Introspector, TokenVerifier
+from agent_orchestrator.middleware.jwks import JwksKeys
 from agent_orchestrator.observability.backlog import BacklogGauges
 from agent_orchestrator.queue.base import TaskQueue
 from agent_orchestrator.queue.engine import WorkerEngine
@@ -61,4 +62,7 @@ def build_verifier(settings: Settings) -> TokenVerifier:
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         leeway_seconds=settings.jwt_leeway_seconds,
+        keys=JwksKeys(settings.jwt_jwks_url, settings.jwt_algorithm)
+        if settings.jwt_jwks_url
+        else None,
     )

@@ -29,6 +29,7 @@ from structlog.contextvars import get_contextvars
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.clients.identity import IdentityClient
 from agent_orchestrator.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
+from agent_orchestrator.middleware.jwks import JwksKeys, KeyNotHeld
 from agent_orchestrator.models.principal import Principal, PrincipalKind
 from agent_orchestrator.models.storable import storable_text
 from agent_orchestrator.services.rate_limiter import RateLimiter
@@ -47,8 +48,11 @@ class TokenVerifier:
         leeway_seconds: int = 30,
         cache_size: int = 4096,
         clock: Callable[[], float] = time.time,
+        keys: JwksKeys | None = None,
     ) -> None:
         self._secret = secret
+        #: another issuer's keys by `kid` (JWT_JWKS_URL), used instead of `secret`
+        self.keys = keys
         self._algorithms = [algorithm]
         self._issuer = issuer
         self._audience = audience
@@ -83,9 +87,10 @@ class TokenVerifier:
             ["exp", "sub"] + (["iss"] if self._issuer else []) + (["aud"] if self._audience else [])
         )
         try:
+            key = self._secret if self.keys is None else self.keys.key_for(token)
             claims = jwt.decode(
                 token,
-                self._secret,
+                key,
                 algorithms=self._algorithms,
                 issuer=self._issuer,
                 audience=self._audience,
@@ -117,7 +122,7 @@ class TokenVerifier:
             "iat": int(now),
             "exp": int(now) + ttl_seconds,
         }
-        if not isinstance(self._secret, str):
+        if not isinstance(self._secret, str) or self.keys is not None:
             raise ValueError(
                 f"this service verifies {self._algorithms[0]} tokens of another issuer "
                 "(JWT_PUBLIC_KEY_FILE) and cannot sign them"
@@ -210,9 +215,18 @@ async def resolve(
     token: str,
     client_ip: str | None = None,
 ) -> Principal:
-    """The principal of a bearer token: ours, verified here; another's, introspected."""
+    """The principal of a bearer token: ours, verified here; another's, introspected.
+    With JWKS keys, a token whose key is not held yet gets one refresh of the keys."""
     try:
-        return verifier.verify(token)
+        try:
+            return verifier.verify(token)
+        except KeyNotHeld:
+            assert verifier.keys is not None
+            await verifier.keys.refresh()
+            try:
+                return verifier.verify(token)
+            except KeyNotHeld as still:
+                raise NotOurToken("the token's signing key is not published") from still
     except NotOurToken:
         if introspector is None or introspector.client is None:
             raise
