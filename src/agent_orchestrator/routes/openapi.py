@@ -38,7 +38,8 @@ _MEANING = {
     413: "the request body is over MAX_REQUEST_BYTES (`payload_too_large`)",
     422: "a field is missing or not valid; `details` names it (`validation_error`)",
     429: "a rate limit is reached; `details` names it (`rate_limited`)",
-    503: "the Identity Service could not check a token of another issuer (`service_unavailable`)",
+    503: "a token of another issuer could not be checked now: the Identity Service or the "
+    "issuer's JWKS did not answer (`service_unavailable`)",
 }
 
 _SECONDS = {"schema": {"type": "integer", "minimum": 0}}
