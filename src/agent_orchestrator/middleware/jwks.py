@@ -72,8 +72,12 @@ class JwksKeys:
     async def refresh(self) -> None:
         async with self._lock:
             now = self._clock()
-            if self._keys and now - self._tried_at < self.min_interval:
-                return  # asked very recently: what is held is what the issuer publishes
+            if now - self._tried_at < self.min_interval:
+                # Asked very recently: what is held is what the issuer publishes, and if
+                # nothing is, fail at once rather than queue every request behind a fetch.
+                if not self._keys:
+                    raise self._unavailable()
+                return
             self._tried_at = now
             try:
                 self._keys = await self._fetch()
@@ -81,10 +85,13 @@ class JwksKeys:
             except Exception as error:  # unreachable, not JSON, not a key set
                 log.warning("JWKS not refreshed", url=self.url, error=repr(error))
                 if not self._keys:
-                    raise ServiceUnavailable(
-                        "the token issuer's keys could not be fetched; retry",
-                        details={"jwks_url": self.url},
-                    ) from error
+                    raise self._unavailable() from error
+
+    def _unavailable(self) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            "the token issuer's keys could not be fetched; retry",
+            details={"jwks_url": self.url},
+        )
 
     async def _fetch(self) -> dict[str | None, Any]:
         timeout = aiohttp.ClientTimeout(total=self.timeout)
