@@ -8,6 +8,7 @@ import uuid
 from datetime import timedelta
 
 import httpx
+from prometheus_client import REGISTRY
 from sqlalchemy import update
 
 from agent_orchestrator.config import Settings
@@ -77,3 +78,31 @@ async def test_metrics_follow_the_queued_tasks_and_live_sessions(
         assert after["sessions_active"] == 1
         assert after['queue_depth{queue="interactive"}'] == 1  # the cancelled one is gone
         assert after['queue_lag_seconds{queue="interactive"}'] == 0  # the other is not due
+
+
+async def test_metrics_report_the_database_pool_in_use(
+    settings: Settings, make_token: TokenFactory, backend: str
+) -> None:
+    async def pool(http: httpx.AsyncClient) -> dict[str, float]:
+        text = (await http.get("/metrics")).text
+        found = {}
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name.startswith("nooble_orchestrator_db_connections"):
+                found[name.removeprefix("nooble_orchestrator_db_")] = float(value)
+        return found
+
+    async with api_only(settings) as http:
+        state: AppState = http.app.state.core  # type: ignore[attr-defined]
+        assert (await http.get("/api/v1/sessions", headers=auth(make_token()))).status_code == 200
+        if backend == "sqlite":  # one held connection, not a pool: nothing to report
+            assert (await pool(http))["connections_limit"] == 0
+            return
+        before = await pool(http)
+        assert before["connections_limit"] == 2 * settings.db_pool_size
+        assert before['connections{state="idle"}'] >= 1  # the request's, given back
+        async with state.engine.connect():
+            held = await pool(http)
+        assert held['connections{state="in_use"}'] == before['connections{state="in_use"}'] + 1
+    # The app stopped: its pool is no longer reported.
+    assert REGISTRY.get_sample_value("nooble_orchestrator_db_connections_limit") == 0

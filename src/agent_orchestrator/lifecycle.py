@@ -18,6 +18,7 @@ from agent_orchestrator.db.engine import (
 )
 from agent_orchestrator.db.migrate import is_up_to_date, upgrade
 from agent_orchestrator.middleware.auth import TokenVerifier
+from agent_orchestrator.observability.pools import forget_pool, watch_pool
 from agent_orchestrator.observability.tracing import start_tracing, stop_tracing
 from agent_orchestrator.queue.engine import WorkerEngine, build_bus, build_ledger, build_queue
 from agent_orchestrator.queue.registry import HandlerRegistry
@@ -121,6 +122,8 @@ async def build_state(
     )
     register_builtin_kinds(registry, state)
     start_tracing(settings.otel_exporter_otlp_endpoint, settings.otel_service_name)
+    if engine.dialect.name == "postgresql":  # pool size plus as many overflow (db/engine.py)
+        watch_pool(engine.pool, 2 * settings.db_pool_size)
     if run_worker:
         state.worker = WorkerEngine(
             settings=settings,
@@ -156,6 +159,7 @@ async def close_state(state: AppState) -> None:
     if state.redis is not None:
         await state.redis.aclose()
     dispose_sessions(state.db_factory)
+    forget_pool(state.engine.pool)
     await state.engine.dispose()
     if state.settings.otel_exporter_otlp_endpoint:
         # The exporter's last batch is an HTTP POST: off the event loop.
