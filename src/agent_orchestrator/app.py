@@ -67,8 +67,8 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         # FastAPI's native OpenTelemetry looks up the global providers on every request
-        # (5-8 us) to find out whether anyone installed one. This service has no OTel
-        # (docs/architecture.md): Prometheus and structlog are its observability.
+        # (5-8 us) to find out whether anyone installed one. This service makes its own
+        # spans, only when an exporter is configured (observability/tracing.py).
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
