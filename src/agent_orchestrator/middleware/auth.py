@@ -2,8 +2,9 @@
 route dependencies then demand a scope (403) or a principal at all (401).
 
 Tokens are verified with a pinned algorithm list, `exp` required, `iss`/`aud` checked when
-configured and a bounded clock skew. Header fields such as `jku`, `x5u` or `kid` are never
-followed: the key is the configured one, nothing is fetched.
+configured and a bounded clock skew. Header fields such as `jku` or `x5u` are never
+followed: the key is the configured one (the secret, the issuer's public key file), or one
+of the keys fetched from the configured `JWT_JWKS_URL`, which `kid` only selects among.
 
 A client sends the same token on every request until it expires, and decoding it is most
 of what authentication costs, so tokens that passed are remembered (bounded, keyed by the
