@@ -5,6 +5,7 @@ rather than a 401."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -180,3 +181,27 @@ async def test_one_address_cannot_make_it_ask_more_than_its_rate(
     assert set(statuses[3:]) == {429}
     # Random tokens from one address: three questions, then none (not one per request).
     assert await introspections(double_url) == 3
+
+
+async def test_a_revoked_token_closes_its_open_socket(
+    make_settings: Callable[..., Settings], double_url: str
+) -> None:
+    from websockets.asyncio.client import connect
+
+    settings = make_settings(identity_service_url=double_url, identity_cache_seconds=1)
+    token = "tok:acme:dave:sessions:read"
+    with ServerThread(settings) as running:
+        async with connect(running.url) as kept, connect(running.url) as revoked:
+            for ws, which in ((kept, OPAQUE), (revoked, token)):
+                await send(ws, type="auth", token=which)
+                assert (await recv(ws))["data"]["for"] == "auth"
+            async with httpx.AsyncClient(base_url=double_url) as control:
+                answer = await control.post("/_control/revoked", json={"token": token})
+                assert answer.status_code == 200
+            started = time.monotonic()
+            assert await close_code(revoked, timeout=5) == 1008
+            assert time.monotonic() - started < 3  # within about IDENTITY_CACHE_SECONDS
+            # The other socket's token is still active: it stays open and answers.
+            await send(kept, type="system.ping", request_id="still")
+            pong = await recv(kept)
+            assert (pong["type"], pong["data"]["request_id"]) == ("system.pong", "still")

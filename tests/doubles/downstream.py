@@ -334,9 +334,12 @@ class DoubleState:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     idempotency: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    #: tokens the identity service answers inactive from now on (a logout, a revocation)
+    revoked: set[str] = field(default_factory=set)
     counter: int = 0
 
     def reset(self) -> None:
+        self.revoked.clear()
         self.faults.clear()
         self.records.clear()
         self.streams.clear()
@@ -1026,7 +1029,8 @@ def create_app(
     async def introspect(request: Request) -> Any:
         body = _parse(IntrospectIn, _ctx(request))
         parts = body.token.split(":", 3)  # scopes may hold colons: tok:acme:alice:chat:write
-        if len(parts) in (3, 4) and parts[0] == "tok" and parts[1] and parts[2]:
+        revoked = body.token in state.revoked
+        if not revoked and len(parts) in (3, 4) and parts[0] == "tok" and parts[1] and parts[2]:
             scopes = [s for s in parts[3].split(",") if s] if len(parts) == 4 else []
             return {
                 "active": True,
@@ -1170,6 +1174,11 @@ def create_app(
     async def forget_requests() -> Any:
         state.records.clear()
         return {"cleared": True}
+
+    @app.post("/_control/revoked")
+    async def revoke(body: IntrospectIn) -> Any:
+        state.revoked.add(body.token)
+        return {"revoked": len(state.revoked)}
 
     @app.get("/_control/streams")
     async def streams(service: str | None = None) -> Any:

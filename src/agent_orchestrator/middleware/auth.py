@@ -203,6 +203,11 @@ class Introspector:
         self._known[token] = (principal, until)
         return _active(principal)
 
+    def answered(self, token: str) -> bool:
+        """Whether `token` was introspected (its answer is held): its socket needs asking
+        about again (websocket/revalidation.py)."""
+        return token in self._known
+
 
 def _active(principal: Principal | None) -> Principal:
     if principal is None:

@@ -44,6 +44,7 @@ from agent_orchestrator.websocket.fanout import StreamFanout
 from agent_orchestrator.websocket.handlers import MessageHandlers
 from agent_orchestrator.websocket.limits import Verdict
 from agent_orchestrator.websocket.metrics import RECEIVED, REFUSED
+from agent_orchestrator.websocket.revalidation import Revalidation
 
 log = get_logger(__name__)
 
@@ -73,11 +74,21 @@ class WebSocketGateway:
         self.max_message_bytes = settings.ws_max_frame_bytes
         self.handlers = MessageHandlers(state)
         self.fanout = StreamFanout(state.bus, EventEncoder())
+        introspector = state.introspector
+        self.revalidation = (
+            Revalidation(introspector)
+            if introspector is not None and introspector.client is not None
+            else None
+        )
 
     async def start(self) -> None:
         await self.manager.start()
+        if self.revalidation is not None:
+            await self.revalidation.start()
 
     async def stop(self) -> None:
+        if self.revalidation is not None:
+            await self.revalidation.stop()
         await self.manager.stop()
 
     # --- one socket -----------------------------------------------------------------------
@@ -110,6 +121,8 @@ class WebSocketGateway:
         except OSError:
             pass  # the peer went away while we accepted
         finally:
+            if self.revalidation is not None:
+                self.revalidation.forget(conn)
             try:
                 await conn.teardown()
             finally:
@@ -216,6 +229,12 @@ class WebSocketGateway:
             REFUSED.labels(refusal.label).inc()
             conn.close(1013, refusal.reason)
             return
+        if self.revalidation is not None:
+            introspector = self.state.introspector
+            if introspector is not None and introspector.answered(token):
+                self.revalidation.watch(conn, token)  # asked about again, periodically
+            else:
+                self.revalidation.forget(conn)  # a token of ours: its exp decides
         conn.send(
             ack_message(
                 "auth",
