@@ -21,6 +21,15 @@ HEADER_BYTES = HEADER.encode()
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
+def peer_address(scope: Scope) -> str | None:
+    """The client's address as the server saw it, or None when the transport has none.
+    Behind `TRUSTED_PROXIES`, uvicorn has already replaced it with the one
+    `X-Forwarded-For` names (and only then: a forged header from anyone else changes
+    nothing)."""
+    client = scope.get("client")
+    return str(client[0]) if client and client[0] else None
+
+
 def correlation_id_of(scope: Scope) -> str | None:
     state: dict[str, Any] = scope.get("state") or {}
     value = state.get("correlation_id")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from starlette.types import Scope, Send
+from starlette.types import Send
 
 from agent_orchestrator.errors import error_body
 from agent_orchestrator.middleware.context import send_error
@@ -19,13 +19,6 @@ from agent_orchestrator.services.rate_limiter import Decision
 #: Limited: the API. Not limited: health, metrics and the API document (probes and
 #: scrapers), and `/internal/*` (platform services with the service token).
 LIMITED_PREFIX = "/api/"
-
-
-def client_ip(scope: Scope) -> str | None:
-    """The peer's address. Behind `TRUSTED_PROXIES`, uvicorn has already replaced it with
-    the client's from `X-Forwarded-For`; from anyone else that header changes nothing."""
-    client = scope.get("client")
-    return str(client[0]) if client else None
 
 
 def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:

@@ -33,13 +33,13 @@ from agent_orchestrator.middleware.context import (
     HEADER_BYTES,
     incoming_id,
     new_id,
+    peer_address,
     sane_id,
     send_too_large,
     with_correlation_id,
 )
 from agent_orchestrator.middleware.rate_limit import (
     LIMITED_PREFIX,
-    client_ip,
     rate_limit_headers,
     send_rate_limited,
 )
@@ -161,7 +161,7 @@ class RequestMiddleware:
                 await send_too_large(send_with_id, limit, correlation_id)
                 return
             path = scope["path"]
-            address = client_ip(scope)
+            address = peer_address(scope)
             if not path.startswith("/internal/"):
                 await authenticate(self.verifier, self.introspector, authorization, state, address)
             if self.limiter is not None and path.startswith(LIMITED_PREFIX):

@@ -11,6 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from starlette.types import Scope
+
+from agent_orchestrator.middleware.context import peer_address
+
 #: The subprotocol a client offers next to its token, and the only one we echo back.
 BEARER = "bearer"
 
@@ -39,14 +43,10 @@ class OriginPolicy:
         return self._any or normalise_origin(origin) in self._allowed
 
 
-def client_address(scope: Mapping[str, Any]) -> str:
-    """The peer's address as the server saw it. Behind TRUSTED_PROXIES, uvicorn has already
-    replaced it with the one `X-Forwarded-For` names (and only then: a forged header
-    from anyone else changes nothing)."""
-    client = scope.get("client")
-    if client and client[0]:
-        return str(client[0])
-    return "unknown"
+def client_address(scope: Scope) -> str:
+    """The peer's address (`peer_address`), with "unknown" standing for none so the per-IP
+    cap still counts such sockets together."""
+    return peer_address(scope) or "unknown"
 
 
 def offered_token(scope: Mapping[str, Any]) -> tuple[bool, str | None]:
