@@ -29,7 +29,7 @@ from structlog.contextvars import get_contextvars
 
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.clients.identity import IdentityClient
-from agent_orchestrator.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
+from agent_orchestrator.errors import Forbidden, ServiceError, ServiceUnavailable, Unauthorized
 from agent_orchestrator.middleware.jwks import JwksKeys, KeyNotHeld
 from agent_orchestrator.models.principal import Principal, PrincipalKind
 from agent_orchestrator.models.storable import storable_text
@@ -172,11 +172,7 @@ class Introspector:
         if self.limiter is not None:
             decision = await self.limiter.check_introspection(client_ip)
             if decision is not None and not decision.allowed:
-                raise RateLimited(
-                    decision.message(),
-                    details=decision.details(),
-                    headers={"Retry-After": str(decision.retry_after)},
-                )
+                raise decision.refusal()
         ctx = CallContext(tenant_id="", correlation_id=get_contextvars().get("correlation_id"))
         try:
             info = await self.client.introspect(ctx, token=token)
@@ -299,7 +295,7 @@ async def authenticate(
         return
     try:
         state["principal"] = await resolve(verifier, introspector, token, client_ip)
-    except (Unauthorized, ServiceUnavailable, RateLimited) as error:
+    except ServiceError as error:  # a bad token, or one that cannot be checked now
         state["auth_error"] = error
 
 

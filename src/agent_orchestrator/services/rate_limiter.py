@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent_orchestrator.config import Settings
+from agent_orchestrator.errors import RateLimited
 from agent_orchestrator.models.principal import Principal
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import RATE_LIMIT_STORE_ERRORS, RATE_LIMITED
@@ -92,6 +93,24 @@ class Decision:
             "per_minute": self.limit.per_minute,
             "retry_after": self.retry_after,
         }
+
+    def headers(self) -> dict[str, str]:
+        """`RateLimit-Limit`, `-Remaining` and `-Reset` (seconds) of this limit, as the
+        IETF draft "RateLimit header fields for HTTP" has them, and on a refusal
+        `Retry-After` (seconds)."""
+        headers = {
+            "RateLimit-Limit": str(self.limit.per_minute),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(math.ceil(self.reset_after)),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(self.retry_after)
+        return headers
+
+    def refusal(self) -> RateLimited:
+        """The one 429 a refusal becomes, whoever refuses: the request layer, the
+        introspection bucket, a WebSocket `chat.send`."""
+        return RateLimited(self.message(), details=self.details(), headers=self.headers())
 
 
 _WHOSE = {

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent_orchestrator.db.engine import UnitOfWork
-from agent_orchestrator.errors import Forbidden, RateLimited, ServiceError
+from agent_orchestrator.errors import Forbidden, ServiceError
 from agent_orchestrator.events.models import StreamKey
 from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.observability.logging import get_logger
@@ -90,7 +90,7 @@ class MessageHandlers:
         if limiter is not None:
             decision = await limiter.check(principal, conn.ip)
             if decision is not None and not decision.allowed:
-                raise RateLimited(decision.message(), details=decision.details())
+                raise decision.refusal()
         async with UnitOfWork(self.state.db_factory) as uow:
             submitted = await self.state.orchestrator.submit(
                 uow, principal, message.to_request(), message.idempotency_key
