@@ -108,10 +108,16 @@ async def test_spans_are_exported_as_one_tree_under_the_clients_span(
         settings = make_settings(otel_exporter_otlp_endpoint=collector, **variables)
         async with httpx.AsyncClient(base_url=double_url) as control:
             await control.delete("/_control/requests")
-            async with running_app(settings) as client:
-                sent = {**auth(token()), "traceparent": VALID, "X-Correlation-ID": "spans"}
-                waited = await chat(client, sent, expect=200, message="spans", mode="wait")
-                assert waited["task"]["status"] == "succeeded", waited
+            # The conversation service fails: its optional steps degrade, the turn succeeds.
+            fault = {"service": "conversation", "status": 500}
+            assert (await control.post("/_control/faults", json=fault)).status_code == 200
+            try:
+                async with running_app(settings) as client:
+                    sent = {**auth(token()), "traceparent": VALID, "X-Correlation-ID": "spans"}
+                    waited = await chat(client, sent, expect=200, message="spans", mode="wait")
+                    assert waited["task"]["status"] == "succeeded", waited
+            finally:
+                await control.delete("/_control/faults")
             # The app has stopped: its last spans were sent on the way out.
             recorded = (await control.get("/_control/requests")).json()["requests"]
         assert tracing.TRACER is None
@@ -130,6 +136,10 @@ async def test_spans_are_exported_as_one_tree_under_the_clients_span(
     for step in steps.values():
         assert step["parent_span_id"] == turn["span_id"]
         assert step["kind"] == "client"
+    error = 2  # OTLP's STATUS_CODE_ERROR
+    assert steps["step history"]["status"] == error  # degraded, raised nothing
+    assert steps["step generate"]["status"] != error
+    assert turn["status"] != error
     # Each downstream call names its step's span as its parent.
     step_ids = {span["span_id"] for span in steps.values()}
     calls = [r for r in recorded if r["headers"].get("x-correlation-id") == "spans"]

@@ -15,6 +15,8 @@ tasks of their own.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import trace
@@ -23,7 +25,14 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    StatusCode,
+    TraceFlags,
+)
 
 from agent_orchestrator.observability.trace_context import parse_traceparent
 
@@ -87,6 +96,44 @@ def start_span(
     if tracer is None:
         return None
     return tracer.start_span(name, context=parent_of(parent), kind=kind, attributes=attributes)
+
+
+class SpanScope:
+    """What `span_scope` yields: the traceparent that makes its span a parent (None when
+    tracing is off), and `fail()` for an outcome that is a failure without an exception."""
+
+    __slots__ = ("span", "traceparent")
+
+    def __init__(self, span: Span | None) -> None:
+        self.span = span
+        self.traceparent = traceparent_of(span) if span is not None else None
+
+    def fail(self) -> None:
+        if self.span is not None:
+            self.span.set_status(StatusCode.ERROR)
+
+
+@contextmanager
+def span_scope(
+    name: str,
+    parent: str | None,
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: dict[str, Any] | None = None,
+) -> Iterator[SpanScope]:
+    """A span around the block, under `parent`, ended with it (an error status when the
+    block raises); with tracing off, a scope whose `traceparent` is None and nothing else."""
+    scope = SpanScope(start_span(name, parent, kind=kind, attributes=attributes))
+    if scope.span is None:
+        yield scope
+        return
+    try:
+        yield scope
+    except BaseException:
+        scope.fail()
+        raise
+    finally:
+        scope.span.end()
 
 
 def traceparent_of(span: Span) -> str:

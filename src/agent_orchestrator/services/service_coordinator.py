@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import tenacity
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanKind
 
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.models.agent import ReplyChunk, ReplyDone, Usage
@@ -39,7 +39,7 @@ from agent_orchestrator.observability.metrics import (
     SERVICE_CALL_SECONDS,
     SERVICE_RETRIES_SHED,
 )
-from agent_orchestrator.observability.tracing import start_span, traceparent_of
+from agent_orchestrator.observability.tracing import span_scope
 from agent_orchestrator.resilience.circuit_breaker import CircuitBreaker, Permit
 from agent_orchestrator.services.reply_chunks import ChunkForwarder
 
@@ -158,24 +158,20 @@ class ServiceCoordinator:
             )
             await run.on_step(outcome, 0.0)
             return outcome
-        span = start_span(
-            f"step {call.step}",
-            run.ctx.traceparent,
-            kind=SpanKind.CLIENT,
-            attributes={"service": call.service, "operation": call.operation},
-        )
-        if span is None:
-            return await self._run_called_step(call, run, run.ctx)
-        # The step's span is the parent of its downstream calls (tracing.py).
-        ctx = replace(run.ctx, traceparent=traceparent_of(span))
-        ended: StepOutcome | None = None
-        try:
-            ended = await self._run_called_step(call, run, ctx)
-            return ended
-        finally:
-            if ended is None or ended.status == "failed":
-                span.set_status(StatusCode.ERROR)
-            span.end()
+        attributes = {"service": call.service, "operation": call.operation}
+        with span_scope(
+            f"step {call.step}", run.ctx.traceparent, kind=SpanKind.CLIENT, attributes=attributes
+        ) as scope:
+            # The step's span is the parent of its downstream calls (tracing.py).
+            ctx = (
+                run.ctx
+                if scope.traceparent is None
+                else replace(run.ctx, traceparent=scope.traceparent)
+            )
+            outcome = await self._run_called_step(call, run, ctx)
+            if outcome.status == "failed":  # an optional step's failure raises nothing
+                scope.fail()
+            return outcome
 
     async def _run_called_step(
         self, call: ServiceCall, run: PlanRun, ctx: CallContext

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from opentelemetry.trace import StatusCode
-
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.prepared import Bound
@@ -33,7 +31,7 @@ from agent_orchestrator.models.orchestration import StepOutcome
 from agent_orchestrator.models.session import Session, SessionState
 from agent_orchestrator.models.task import TaskStatus
 from agent_orchestrator.observability.trace_context import continue_trace
-from agent_orchestrator.observability.tracing import start_span, traceparent_of
+from agent_orchestrator.observability.tracing import span_scope
 from agent_orchestrator.queue.consumer import ALREADY_FINISHED, TaskContext
 from agent_orchestrator.queue.registry import ClaimFollowUp, TaskFailure
 from agent_orchestrator.services.orchestrator import (
@@ -67,20 +65,9 @@ class ChatTurn:
     async def run(self, ctx: TaskContext) -> Any:
         task = ctx.task
         stored = task.input.get("traceparent")
-        span = start_span(
-            "chat.turn",
-            stored,
-            attributes={"task.id": str(task.id), "tenant.id": task.tenant_id},
-        )
-        if span is None:
-            return await self._run(ctx, continue_trace(stored))
-        try:
-            return await self._run(ctx, traceparent_of(span))
-        except BaseException:
-            span.set_status(StatusCode.ERROR)
-            raise
-        finally:
-            span.end()
+        attributes = {"task.id": str(task.id), "tenant.id": task.tenant_id}
+        with span_scope("chat.turn", stored, attributes=attributes) as scope:
+            return await self._run(ctx, scope.traceparent or continue_trace(stored))
 
     async def _run(self, ctx: TaskContext, traceparent: str) -> Any:
         task = ctx.task
