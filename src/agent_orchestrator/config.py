@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
     )
+
+    #: the issuer's key from JWT_PUBLIC_KEY_FILE, loaded by validation
+    _public_key: Any = PrivateAttr(default=None)
 
     # --- spec section 4.1 -------------------------------------------------------------
     database_url: str | None = None
@@ -283,7 +286,8 @@ class Settings(BaseSettings):
                 f"{', '.join(sorted(PUBLIC_KEY_ALGORITHMS))}, and only with those"
             )
         if self.jwt_public_key_file is not None:
-            public_key(self.jwt_algorithm, self.jwt_public_key_file)  # unusable: refuse now
+            # Loaded once, here: a file that cannot serve stops start-up naming the variable.
+            self._public_key = public_key(self.jwt_algorithm, self.jwt_public_key_file)
         if self.queue_interactive == self.queue_bulk:
             raise ValueError("QUEUE_INTERACTIVE and QUEUE_BULK must differ")
         if self.default_page_size > self.max_page_size:
@@ -326,8 +330,8 @@ class Settings(BaseSettings):
     def verification_key(self) -> Any:
         """What verifies tokens: the loaded public key for RS*/ES*, None when the keys come
         from JWT_JWKS_URL, else the secret."""
-        if self.jwt_public_key_file is not None:
-            return public_key(self.jwt_algorithm, self.jwt_public_key_file)
+        if self._public_key is not None:
+            return self._public_key
         if self.jwt_jwks_url is not None:
             return None
         return self.resolved_secret_key()
