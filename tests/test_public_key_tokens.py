@@ -10,10 +10,8 @@ import hashlib
 import hmac
 import json
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from pydantic import ValidationError
 from agent_orchestrator.config import Settings, format_settings_error
 from agent_orchestrator.middleware.jwks import JwksKeys, KeyNotHeld
 from tests.conftest import auth, clean_env, running_app
+from tests.doubles.http_thread import QuietHandler, serving
 from tests.processes import CLI
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -149,31 +148,23 @@ class JwksServer:
     can replace (a rotation) or take down, counting the fetches."""
 
     def __init__(self) -> None:
+        self.url = ""  # known once it serves (the `jwks` fixture)
         self.document: dict[str, Any] = {"keys": []}
         self.fetches = 0
         self.down = False
+
+    def handler(self) -> type[QuietHandler]:
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
                 outer.fetches += 1
                 if outer.down:
-                    self.send_response(503)
-                    self.end_headers()
+                    self.reply(503)
                     return
-                body = json.dumps(outer.document).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(200, json.dumps(outer.document).encode(), "application/json")
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/.well-known/jwks.json"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return Handler
 
     def publish(self, *keys: tuple[str, PrivateKey]) -> None:
         jwks = []
@@ -182,16 +173,13 @@ class JwksServer:
             jwks.append({**jwk, "kid": kid, "use": "sig", "alg": "RS256"})
         self.document = {"keys": jwks}
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
 
 @pytest.fixture
 def jwks() -> Iterator[JwksServer]:
-    server = JwksServer()
-    yield server
-    server.close()
+    issuer = JwksServer()
+    with serving(issuer.handler()) as base_url:
+        issuer.url = f"{base_url}/.well-known/jwks.json"
+        yield issuer
 
 
 def signed(key: PrivateKey, kid: str) -> str:
