@@ -10,6 +10,7 @@ from datetime import timedelta
 import httpx
 from prometheus_client import REGISTRY
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.tables import TaskRow
@@ -106,3 +107,23 @@ async def test_metrics_report_the_database_pool_in_use(
         assert held['connections{state="in_use"}'] == before['connections{state="in_use"}'] + 1
     # The app stopped: its pool is no longer reported.
     assert REGISTRY.get_sample_value("nooble_orchestrator_db_connections_limit") == 0
+
+
+async def test_scrapes_read_the_database_at_most_once_per_interval(
+    factory: async_sessionmaker[AsyncSession],
+) -> None:
+    opened = 0
+
+    def counting() -> AsyncSession:
+        nonlocal opened
+        opened += 1
+        return factory()
+
+    gauges = BacklogGauges(min_interval=60)
+    for _ in range(3):
+        await gauges.refresh(counting, utcnow(), ("interactive", "bulk"))  # type: ignore[arg-type]
+    assert opened == 1
+    fresh = BacklogGauges(min_interval=0)
+    for _ in range(2):
+        await fresh.refresh(counting, utcnow(), ("interactive", "bulk"))  # type: ignore[arg-type]
+    assert opened == 3

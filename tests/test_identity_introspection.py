@@ -5,6 +5,7 @@ rather than a 401."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 
@@ -195,6 +196,15 @@ async def test_a_revoked_token_closes_its_open_socket(
             for ws, which in ((kept, OPAQUE), (revoked, token)):
                 await send(ws, type="auth", token=which)
                 assert (await recv(ws))["data"]["for"] == "auth"
+            # While the Identity Service cannot answer, the sockets stay open.
+            await fault(double_url, status=503)
+            asked = await introspections(double_url)
+            await asyncio.sleep(2.5)
+            assert await introspections(double_url) > asked  # rounds were made, and failed
+            for ws in (kept, revoked):
+                await send(ws, type="system.ping", request_id="outage")
+                assert (await recv(ws))["type"] == "system.pong"
+            await fault(double_url)
             async with httpx.AsyncClient(base_url=double_url) as control:
                 answer = await control.post("/_control/revoked", json={"token": token})
                 assert answer.status_code == 200
