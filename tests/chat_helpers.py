@@ -20,19 +20,31 @@ SESSIONS = "/api/v1/sessions"
 TERMINAL_VALUES = {status.value for status in TERMINAL}
 
 
-async def chat(
-    client: httpx.AsyncClient, headers: dict[str, str], expect: int = 202, **body: Any
+async def post_json(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], expect: int, body: Any
 ) -> Any:
-    """POST /api/v1/chat with `body`; assert the status; return the JSON answer."""
-    response = await client.post(CHAT, json=body, headers=headers)
+    """POST `body` to `url`; assert the status; return the JSON answer."""
+    response = await client.post(url, json=body, headers=headers)
     assert response.status_code == expect, response.text
     return response.json()
 
 
-async def task_view(client: httpx.AsyncClient, headers: dict[str, str], task_id: str) -> Any:
-    response = await client.get(f"{TASKS}/{task_id}", headers=headers)
+async def chat(
+    client: httpx.AsyncClient, headers: dict[str, str], expect: int = 202, **body: Any
+) -> Any:
+    """POST /api/v1/chat with `body`; assert the status; return the JSON answer."""
+    return await post_json(client, CHAT, headers, expect, body)
+
+
+async def get_json(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> Any:
+    """GET `url`; assert a 200; return the JSON answer."""
+    response = await client.get(url, headers=headers)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+async def task_view(client: httpx.AsyncClient, headers: dict[str, str], task_id: str) -> Any:
+    return await get_json(client, f"{TASKS}/{task_id}", headers)
 
 
 async def settled(

@@ -7,7 +7,7 @@ fuzzing, and stateful (operations chained through the links it infers: create a 
 read it, chat in it, cancel the turn, ...). Every answer is checked: no 5xx; status,
 content type, headers and body as documented (the Server-Sent Events of `mode=stream`
 and `/events` included); invalid input rejected, valid input accepted; auth not ignored;
-`Allow` on a 405 right. Half the ids it puts in paths are of sessions and turns the test
+`Allow` on a 405 right. Half the ids it puts in paths are of sessions, turns and batches the test
 made first. Seed, example count and the check that does not apply here, with why, are in
 tests/fuzz/schemathesis.toml. The JUnit report goes to TEST_REPORTS_DIR when CI sets it.
 """
@@ -21,6 +21,7 @@ import sys
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -95,15 +96,18 @@ def issued_cursor(http: httpx.Client) -> str:
 
 
 def existing_ids(http: httpx.Client, workdir: Path) -> None:
-    """Three chat turns, their sessions and tasks written as schemathesis dictionaries
-    (one quoted value per line) next to the copy of the configuration."""
+    """Three chat turns, their sessions and tasks, and a batch, written as schemathesis
+    dictionaries (one quoted value per line) next to the copy of the configuration."""
     sessions, tasks = [], []
     for i in range(3):
         answer = http.post("/api/v1/chat", json={"message": f"seed {i}", "mode": "wait"})
         assert answer.status_code == 200, answer.text
         sessions.append(answer.json()["task"]["session_id"])
         tasks.append(answer.json()["task"]["id"])
-    for name, values in (("sessions", sessions), ("tasks", tasks)):
+    batch = http.post("/api/v1/batch", json={"items": [{"message": "seed"}, {"message": "b"}]})
+    assert batch.status_code == 202, batch.text
+    batches = [batch.json()["id"]]
+    for name, values in (("sessions", sessions), ("tasks", tasks), ("batches", batches)):
         (workdir / f"{name}.txt").write_text("".join(f'"{value}"\n' for value in values))
 
 
@@ -153,7 +157,7 @@ def test_every_operation_answers_as_its_openapi_document_says(
     # filters that selected nothing, would also exit 0 with nothing tested).
     operations = {
         f"{method.upper()} {path}"
-        for path, methods in httpx.get(f"{base}/openapi.json").json()["paths"].items()
+        for path, methods in _document(base)["paths"].items()
         for method in methods
     }
     # The report is the one schemathesis just wrote here, not outside input.
@@ -161,3 +165,10 @@ def test_every_operation_answers_as_its_openapi_document_says(
     tested = {case.get("name") for case in cases}
     assert "POST /api/v1/chat" in operations
     assert operations <= tested, sorted(operations - tested)
+
+
+def _document(base: str) -> dict[str, Any]:
+    answer = httpx.get(f"{base}/openapi.json", timeout=30)
+    assert answer.status_code == 200, answer.text[:2000]
+    document: dict[str, Any] = answer.json()
+    return document

@@ -13,7 +13,7 @@ from agent_orchestrator.middleware.auth import Introspector
 from agent_orchestrator.middleware.errors import install_error_handlers
 from agent_orchestrator.middleware.request import RequestMiddleware
 from agent_orchestrator.observability.logging import get_logger
-from agent_orchestrator.routes import chat, health, internal, sessions, tasks, ws
+from agent_orchestrator.routes import batch, chat, health, internal, sessions, tasks, ws
 from agent_orchestrator.routes.openapi import refine_openapi
 from agent_orchestrator.services.rate_limit_redis import RedisRateStore
 from agent_orchestrator.services.rate_limiter import MemoryRateStore, RateLimiter
@@ -76,9 +76,10 @@ def create_app(
     app.include_router(chat.router)
     app.include_router(sessions.router)
     app.include_router(tasks.router)
+    app.include_router(batch.router)
     app.include_router(internal.router)
     app.include_router(ws.router)
-    refine_openapi(app, settings.max_page_size)
+    refine_openapi(app, settings)
     # Correlation id -> metrics -> body-size limit -> auth -> rate limits, in one layer
     # (request.py says why).
     app.add_middleware(

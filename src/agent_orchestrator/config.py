@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -174,6 +181,15 @@ class Settings(BaseSettings):
     service_concurrency: PositiveInt = 50
     service_retry_concurrency: Annotated[int, Field(ge=0, le=10_000)] = 3
 
+    # --- batches and webhooks (docs/api.md#batches) ----------------------------------------
+    batch_max_items: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    batch_default_parallel: PositiveInt = 4
+    batch_max_parallel: Annotated[int, Field(ge=1, le=1000)] = 32
+    webhook_secret: SecretStr | None = None
+    webhook_timeout: PositiveFloat = 10.0
+    webhook_max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     # --- events ------------------------------------------------------------------------
     events_ttl: PositiveInt = 86_400
     events_stream_cap: PositiveInt = 10_000
@@ -193,7 +209,13 @@ class Settings(BaseSettings):
     ws_max_subscriptions: Annotated[int, Field(gt=0, le=10_000)] = 100
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
-    @field_validator("allowed_origins", "task_handler_modules", "trusted_proxies", mode="before")
+    @field_validator(
+        "allowed_origins",
+        "task_handler_modules",
+        "trusted_proxies",
+        "webhook_allowed_networks",
+        mode="before",
+    )
     @classmethod
     def _origins(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -216,16 +238,15 @@ class Settings(BaseSettings):
         except ValueError as error:
             raise ValueError('must be a JSON object such as {"acme": 1000}') from error
 
-    @field_validator("trusted_proxies")
+    @field_validator("trusted_proxies", "webhook_allowed_networks")
     @classmethod
-    def _proxies(cls, value: list[str]) -> list[str]:
+    def _networks(cls, value: list[str], info: ValidationInfo) -> list[str]:
         for item in value:
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError as error:
-                raise ValueError(
-                    f"TRUSTED_PROXIES: {item!r} is not an IP address or network"
-                ) from error
+                name = (info.field_name or "").upper()
+                raise ValueError(f"{name}: {item!r} is not an IP address or network") from error
         return value
 
     @field_validator("log_level")
@@ -292,6 +313,8 @@ class Settings(BaseSettings):
             raise ValueError("QUEUE_INTERACTIVE and QUEUE_BULK must differ")
         if self.default_page_size > self.max_page_size:
             raise ValueError("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
+        if self.batch_default_parallel > self.batch_max_parallel:
+            raise ValueError("BATCH_DEFAULT_PARALLEL must not exceed BATCH_MAX_PARALLEL")
         return self
 
     # --- derived ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agent_orchestrator.clients.directory import build_directory
+from agent_orchestrator.clients.webhooks import Reach, WebhookSender, parse_networks
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import (
     create_engine,
@@ -23,6 +24,7 @@ from agent_orchestrator.observability.tracing import start_tracing, stop_tracing
 from agent_orchestrator.queue.engine import WorkerEngine, build_bus, build_ledger, build_queue
 from agent_orchestrator.queue.registry import HandlerRegistry
 from agent_orchestrator.queue.tasks import register_builtin_kinds
+from agent_orchestrator.services.batches import BatchManager
 from agent_orchestrator.services.orchestrator import ChatOrchestrator
 from agent_orchestrator.services.service_coordinator import ResilienceSettings, ServiceCoordinator
 from agent_orchestrator.services.session_cache import (
@@ -104,6 +106,12 @@ async def build_state(
     services, closeable = build_directory(settings, single)
     sessions = SessionManager(ttl_seconds=settings.session_ttl, cache=cache)
     ledger = build_ledger(settings, single, bus, queue)
+    reach = Reach(parse_networks(settings.webhook_allowed_networks))
+    webhooks = WebhookSender(
+        settings.webhook_secret.get_secret_value().encode() if settings.webhook_secret else b"",
+        reach,
+        timeout=settings.webhook_timeout,
+    )
     state = AppState(
         settings=settings,
         engine=engine,
@@ -118,7 +126,9 @@ async def build_state(
         registry=registry,
         coordinator=ServiceCoordinator(services, resilience_of(settings)),
         orchestrator=ChatOrchestrator(settings, sessions, ledger),
-        closeable=closeable,
+        batches=BatchManager(settings, sessions, ledger, bus, factory, reach),
+        webhooks=webhooks,
+        closeable=[*closeable, webhooks],
     )
     register_builtin_kinds(registry, state)
     start_tracing(settings.otel_exporter_otlp_endpoint, settings.otel_service_name)
@@ -132,6 +142,7 @@ async def build_state(
             bus=bus,
             registry=registry,
             db_factory=factory,
+            sweeps=[state.batches.sweep],
         )
         await state.worker.start()
     return state

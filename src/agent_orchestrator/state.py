@@ -8,6 +8,7 @@ from typing import Any
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from agent_orchestrator.clients.webhooks import WebhookSender
 from agent_orchestrator.config import Settings
 from agent_orchestrator.events.bus import EventBus
 from agent_orchestrator.middleware.auth import Introspector, TokenVerifier
@@ -16,6 +17,7 @@ from agent_orchestrator.observability.backlog import BacklogGauges
 from agent_orchestrator.queue.base import TaskQueue
 from agent_orchestrator.queue.engine import WorkerEngine
 from agent_orchestrator.queue.registry import HandlerRegistry
+from agent_orchestrator.services.batches import BatchManager
 from agent_orchestrator.services.orchestrator import ChatOrchestrator
 from agent_orchestrator.services.rate_limiter import RateLimiter
 from agent_orchestrator.services.service_coordinator import ServiceCoordinator
@@ -40,6 +42,9 @@ class AppState:
     registry: HandlerRegistry
     coordinator: ServiceCoordinator
     orchestrator: ChatOrchestrator
+    batches: BatchManager
+    #: posts batches' callbacks (used by the worker side)
+    webhooks: WebhookSender
     closeable: list[Any] = field(default_factory=list)
     worker: WorkerEngine | None = None
     #: the request rate limits, shared by the HTTP layer and the WebSocket gateway

@@ -134,6 +134,36 @@ class TaskRow(Base):
         Index("ix_tasks_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_tasks_status_lease", "status", "lease_expires_at"),
         Index("ix_tasks_session", "tenant_id", "session_id", "created_at"),
+        # A batch's items in order, and the claim's count of its items ahead of one.
+        Index("ix_tasks_batch", "batch_id", "status", "id"),
+    )
+
+
+class BatchRow(Base):
+    """A batch: one request's items, each run as a task with this `batch_id`. Its counts
+    are read from those tasks, never kept here, so they cannot drift from the ledger."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(128))
+    operation: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    total: Mapped[int] = mapped_column(Integer)
+    max_parallel: Mapped[int] = mapped_column(Integer)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonColumn)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_batches_tenant_idempotency"),
+        Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_batches_status", "status"),
     )
 
 

@@ -39,6 +39,9 @@ class Event(BaseModel):
         return int(self.id) if self.id else 0
 
     def streams(self) -> list[StreamKey]:
+        if self.type == EventType.BATCH_PROGRESS:
+            # A batch's own log: its items' events stay in theirs (task and session).
+            return [StreamKey("batch", self.tenant_id, str(self.data["batch_id"]))]
         keys = []
         if self.task_id:
             keys.append(StreamKey("task", self.tenant_id, self.task_id))
@@ -49,9 +52,10 @@ class Event(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class StreamKey:
-    """A replay log: every event of one task, or of one session, of one tenant."""
+    """A replay log: every event of one task or one session, or the progress of one
+    batch, of one tenant."""
 
-    kind: str  # "task" | "session"
+    kind: str  # "task" | "session" | "batch"
     tenant_id: str
     resource_id: str
 
@@ -65,6 +69,15 @@ _TERMINAL_VALUES = frozenset(status.value for status in TERMINAL)
 def ends_task_stream(event: Event) -> bool:
     """A task's terminal status: the last event its stream will ever hold."""
     return event.type == EventType.TASK_STATUS and event.data.get("status") in _TERMINAL_VALUES
+
+
+#: A batch's statuses once every item has ended (models/batch.py).
+BATCH_FINAL = frozenset({"completed", "cancelled"})
+
+
+def ends_batch_stream(event: Event) -> bool:
+    """A batch's final progress: the last event its stream will ever hold."""
+    return event.type == EventType.BATCH_PROGRESS and event.data.get("status") in BATCH_FINAL
 
 
 #: What a client's cursor may be, as the OpenAPI document states it: empty (none), or the

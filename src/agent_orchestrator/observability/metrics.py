@@ -66,6 +66,15 @@ def record_http_request(method: str, route: str, status: int, seconds: float) ->
 TASKS_FINISHED = Counter(
     f"{PREFIX}_tasks_finished_total", "Tasks that reached a terminal state", ["kind", "status"]
 )
+BATCHES_FINISHED = Counter(
+    f"{PREFIX}_batches_finished_total", "Batches whose every item ended", ["status"]
+)
+WEBHOOK_ATTEMPTS = Counter(
+    f"{PREFIX}_webhook_attempts_total",
+    "Webhook POSTs by outcome: accepted (2xx), rejected (an answer not retried), "
+    "retried (5xx, 408, 425, 429, or no answer), refused (an address callbacks may not reach)",
+    ["outcome"],
+)
 TASK_DURATION = Histogram(
     f"{PREFIX}_task_processing_seconds", "Time from claim to the end of an attempt", ["kind"]
 )

@@ -23,7 +23,7 @@ from agent_orchestrator.queue.base import TaskQueue
 from agent_orchestrator.queue.consumer import TaskRunner, WorkerPool
 from agent_orchestrator.queue.memory import MemoryTaskQueue
 from agent_orchestrator.queue.producer import TaskProducer
-from agent_orchestrator.queue.reconciler import Reconciler
+from agent_orchestrator.queue.reconciler import Reconciler, Sweep
 from agent_orchestrator.queue.registry import HandlerRegistry, load_handler_modules
 from agent_orchestrator.services.task_ledger import TaskLedger
 
@@ -88,6 +88,8 @@ class WorkerEngine:
     registry: HandlerRegistry
     db_factory: async_sessionmaker[AsyncSession]
     services: dict[str, Any] = field(default_factory=dict)
+    #: the reconciler's sweeps beyond the ledger's own (a batch's end: services/batches.py)
+    sweeps: list[Sweep] = field(default_factory=list)
     worker_id: str = field(default_factory=new_worker_id)
 
     def __post_init__(self) -> None:
@@ -117,6 +119,7 @@ class WorkerEngine:
             self.queue,
             interval=self.settings.reconcile_interval,
             stale_after=self.settings.queued_stale_after,
+            sweeps=self.sweeps,
         )
         self._reconciling: asyncio.Task[None] | None = None
         self._stop_reconciling = asyncio.Event()

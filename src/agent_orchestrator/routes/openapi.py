@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from agent_orchestrator.config import Settings
 from agent_orchestrator.models.storable import VALUE_SCHEMA
 
 
@@ -86,8 +87,8 @@ SSE_CONTENT: dict[str, Any] = {
 API_ERRORS = errors(401, 403, 422, 429, 503)
 
 
-def refine_openapi(app: FastAPI, max_page_size: int) -> None:
-    """Three edits to the document FastAPI derives, made once when it is first built:
+def refine_openapi(app: FastAPI, settings: Settings) -> None:
+    """Four edits to the document FastAPI derives, made once when it is first built:
 
     - The component `StorableValue` that metadata's schema refers to (models/storable.py).
     - An optional query or header parameter is declared `str | None` in Python, which
@@ -96,6 +97,9 @@ def refine_openapi(app: FastAPI, max_page_size: int) -> None:
       text "null" to a client generator (schemathesis sent `Last-Event-ID: null`).
     - MAX_PAGE_SIZE becomes the `maximum` of every list's `limit`. The bound is a
       setting, read per request (routes/deps.py), so the declaration cannot carry it.
+    - The batch request's bounds that are settings (BATCH_MAX_ITEMS, BATCH_MAX_PARALLEL),
+      and its `callback_url` only where webhooks are enabled (WEBHOOK_SECRET set): this
+      instance refuses it otherwise, as it refuses any field the document does not name.
     """
     build = app.openapi
 
@@ -109,10 +113,21 @@ def refine_openapi(app: FastAPI, max_page_size: int) -> None:
                 for parameter in operation.get("parameters", []):
                     parameter["schema"] = _without_null(parameter["schema"])
                     if parameter["name"] == "limit" and parameter["in"] == "query":
-                        parameter["schema"]["maximum"] = max_page_size
+                        parameter["schema"]["maximum"] = settings.max_page_size
+        _refine_batch_request(schema["components"]["schemas"]["BatchRequest"], settings)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _refine_batch_request(schema: dict[str, Any], settings: Settings) -> None:
+    properties = schema["properties"]
+    properties["items"]["maxItems"] = settings.batch_max_items
+    for option in properties["max_parallel"]["anyOf"]:
+        if option.get("type") == "integer":
+            option["maximum"] = settings.batch_max_parallel
+    if settings.webhook_secret is None:
+        properties.pop("callback_url", None)  # idempotent: FastAPI hands back the same dict
 
 
 def _without_null(schema: dict[str, Any]) -> dict[str, Any]:

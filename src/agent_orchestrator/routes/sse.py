@@ -9,14 +9,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
+from datetime import datetime, timedelta
+from typing import Annotated
 
+from fastapi import Depends, Header, Query
 from fastapi.responses import StreamingResponse
 
 from agent_orchestrator.aio import cancel_and_wait
-from agent_orchestrator.events.bus import EventBus
-from agent_orchestrator.events.models import Event, StreamKey
+from agent_orchestrator.db.types import utcnow
+from agent_orchestrator.errors import ValidationFailed
+from agent_orchestrator.events.bus import REPLAY_PAGE, EventBus
+from agent_orchestrator.events.models import CURSOR_PATTERN, Event, StreamKey, parse_cursor
 
 KEEPALIVE = b": keep-alive\n\n"
+#: How long after a task or batch finished its final event may still be on its way to
+#: the log.
+FINAL_EVENT_GRACE = timedelta(seconds=5)
 _DONE = object()
 
 
@@ -73,3 +81,65 @@ def sse_response(frames: AsyncIterator[bytes]) -> StreamingResponse:
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+async def nothing_more_to_stream(
+    bus: EventBus,
+    stream: StreamKey,
+    is_last: Callable[[Event], bool],
+    finished_at: datetime | None,
+    cursor: int | None,
+) -> bool:
+    """A finished stream (`finished_at`: when its task or batch ended, None while it
+    runs) whose log holds nothing after the client's cursor, and never will: the client
+    already has the final event (an EventSource reconnects whenever a stream ends, with
+    the last id it saw), or the log no longer holds the events (EVENTS_TTL passed, or
+    Redis lost them). Streaming would only wait forever."""
+    if finished_at is None or await bus.replay(stream, cursor, 1):
+        return False
+    after = None
+    while True:
+        page = await bus.replay(stream, after, REPLAY_PAGE)
+        if any(is_last(event) for event in page):
+            return True  # and it is at or before the cursor, since nothing is after it
+        if len(page) < REPLAY_PAGE:
+            break
+        after = page[-1].cursor
+    # No final event in the log: gone, unless it ended a moment ago and its final event
+    # is being published right now (then the live stream delivers it).
+    return finished_at < utcnow() - FINAL_EVENT_GRACE
+
+
+def cursor_from(last_event_id: str | None, after: str | None) -> int | None:
+    """The client's cursor: `Last-Event-ID` (what an EventSource sends on reconnecting),
+    else `after`. Both are checked whenever they are sent: an empty header must not let
+    a bad `after` through unchecked."""
+    header = _cursor("Last-Event-ID", last_event_id)
+    return header if header is not None else _cursor("after", after)
+
+
+def _cursor(field: str, raw: str | None) -> int | None:
+    try:
+        return parse_cursor(raw)
+    except ValueError as error:
+        raise ValidationFailed(
+            f"{field} must be an event id",
+            details=[{"field": field, "message": str(error)}],
+        ) from error
+
+
+async def event_cursor(
+    # The pattern is documented, not enforced by FastAPI: cursor_from's 422 names the
+    # header as clients send it ("Last-Event-ID"), not as FastAPI spells its alias.
+    last_event_id: Annotated[
+        str | None, Header(json_schema_extra={"pattern": CURSOR_PATTERN})
+    ] = None,
+    after: Annotated[
+        str | None, Query(max_length=32, json_schema_extra={"pattern": CURSOR_PATTERN})
+    ] = None,
+) -> int | None:
+    return cursor_from(last_event_id, after)
+
+
+#: Where an events endpoint resumes: `Last-Event-ID`, else `after` (None: from the start).
+EventCursor = Annotated[int | None, Depends(event_cursor)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -17,7 +18,7 @@ from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.repositories.messages import MESSAGES
 from agent_orchestrator.db.repositories.tasks import TaskRepository
-from agent_orchestrator.db.tables import TaskRow
+from agent_orchestrator.db.tables import MessageRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import Conflict
 from agent_orchestrator.ids import new_id
@@ -150,6 +151,35 @@ def chat_plan(settings: Settings, *, remote_conversation: bool) -> Orchestration
     return OrchestrationPlan("chat", tuple(steps))
 
 
+def turn_input(message: str, agent_id: str, mode: str) -> dict[str, Any]:
+    """What a chat turn's task carries: its message and agent, and its request's context."""
+    return {
+        # The request's correlation id travels with the task, so the worker's logs and
+        # every downstream call carry the id the client saw.
+        "correlation_id": structlog.contextvars.get_contextvars().get("correlation_id"),
+        # The client's trace (or a new one), for every attempt of the task.
+        "traceparent": trace_for_task(),
+        "message": message,
+        "agent_id": agent_id,
+        "mode": mode,
+    }
+
+
+def user_message(task: TaskRow, content: str, metadata: dict[str, Any]) -> MessageRow:
+    """The user's message of a turn, stored with the turn's task."""
+    assert task.session_id is not None
+    return MESSAGES.new(
+        id=user_message_id(task.id),
+        session_id=task.session_id,
+        tenant_id=task.tenant_id,
+        role="user",
+        content=content,
+        task_id=task.id,
+        metadata_=metadata,
+        created_at=utcnow(),
+    )
+
+
 @dataclass
 class Submitted:
     task: TaskRow
@@ -189,16 +219,7 @@ class ChatOrchestrator:
             Submission(
                 kind=CHAT_KIND,
                 queue=self.settings.queue_interactive,
-                input={
-                    # The request's correlation id travels with the task, so the worker's
-                    # logs and every downstream call carry the id the client saw.
-                    "correlation_id": structlog.contextvars.get_contextvars().get("correlation_id"),
-                    # The client's trace (or a new one), for every attempt of the task.
-                    "traceparent": trace_for_task(),
-                    "message": request.message,
-                    "agent_id": agent_id,
-                    "mode": request.mode.value,
-                },
+                input=turn_input(request.message, agent_id, request.mode.value),
                 session_id=session_id,
                 idempotency_key=idempotency_key,
             ),
@@ -214,17 +235,7 @@ class ChatOrchestrator:
                 hot_copy=False,  # the worker writes it as it claims the turn
             )
         # Its id is the new task's: no earlier attempt can have stored it.
-        message = MESSAGES.new(
-            id=user_message_id(task.id),
-            session_id=session_id,
-            tenant_id=principal.tenant_id,
-            role="user",
-            content=request.message,
-            task_id=task.id,
-            metadata_=request.metadata,
-            created_at=utcnow(),
-        )
-        uow.insert_at_commit(MESSAGES, message)
+        uow.insert_at_commit(MESSAGES, user_message(task, request.message, request.metadata))
         CHAT_TURNS.labels(request.mode.value).inc()
         return Submitted(task, created=True)
 

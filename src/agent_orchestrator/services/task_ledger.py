@@ -170,33 +170,7 @@ class TaskLedger:
             existing = await repo.by_idempotency_key(principal.tenant_id, key)
             if existing is not None:
                 return existing, False
-        now = utcnow()
-        row = TASKS.new(
-            id=new_id(),
-            tenant_id=principal.tenant_id,
-            user_id=principal.user_id,
-            session_id=submission.session_id,
-            batch_id=submission.batch_id,
-            kind=submission.kind,
-            queue=submission.queue,
-            status=TaskStatus.QUEUED.value,
-            attempt=0,
-            max_attempts=submission.max_attempts or self.default_max_attempts,
-            delivery=1,
-            progress={},
-            input=submission.input,
-            result=None,
-            error=None,
-            idempotency_key=key,
-            cancel_requested=False,
-            lease_owner=None,
-            lease_expires_at=None,
-            not_before=None,
-            created_at=now,
-            updated_at=now,
-            started_at=None,
-            finished_at=None,
-        )
+        row = self._new_row(principal, submission)
         if key is None:
             uow.insert_at_commit(TASKS, row)  # nothing reads it back before the commit
         else:
@@ -219,6 +193,87 @@ class TaskLedger:
 
         uow.after_commit(announce_and_enqueue)
         return row, True
+
+    def _new_row(self, principal: Principal, submission: Submission) -> TaskRow:
+        now = utcnow()
+        return TASKS.new(
+            id=new_id(),
+            tenant_id=principal.tenant_id,
+            user_id=principal.user_id,
+            session_id=submission.session_id,
+            batch_id=submission.batch_id,
+            kind=submission.kind,
+            queue=submission.queue,
+            status=TaskStatus.QUEUED.value,
+            attempt=0,
+            max_attempts=submission.max_attempts or self.default_max_attempts,
+            delivery=1,
+            progress={},
+            input=submission.input,
+            result=None,
+            error=None,
+            idempotency_key=submission.idempotency_key,
+            cancel_requested=False,
+            lease_owner=None,
+            lease_expires_at=None,
+            not_before=None,
+            created_at=now,
+            updated_at=now,
+            started_at=None,
+            finished_at=None,
+        )
+
+    def add_batch_item(
+        self, uow: UnitOfWork, principal: Principal, submission: Submission
+    ) -> TaskRow:
+        """A `queued` item of a batch, written with the unit of work and neither announced
+        nor delivered: the batch delivers its items as its slots free
+        (`deliver_ready_in_batch`), so items waiting their turn cost no queue traffic."""
+        row = self._new_row(principal, submission)
+        uow.insert_at_commit(TASKS, row)
+        return row
+
+    async def deliver_ready_in_batch(self, tenant_id: str, batch_id: uuid.UUID, limit: int) -> int:
+        """Deliver the batch's items that may start now and have no delivery waiting."""
+        async with self.factory() as db:
+            ready = await TaskRepository(db).ready_in_batch(tenant_id, batch_id, limit)
+        delivered = 0
+        for row in ready:
+            if not await self.producer.is_pending(row):
+                delivered += await self._redeliver(row)
+        return delivered
+
+    async def cancel_batch_items(
+        self, uow: UnitOfWork, tenant_id: str, batch_id: uuid.UUID
+    ) -> list[TaskRow]:
+        """A batch's queued items end `cancelled` at once; its running ones are flagged and
+        their workers told, as `request_cancel` does for one task. Returns the items
+        cancelled now; their events go out after the commit."""
+        repo = TaskRepository(uow.session)
+        now = utcnow()
+        cancelled = await repo.transition_batch(
+            tenant_id,
+            batch_id,
+            sources=[TaskStatus.QUEUED.value],
+            values=_terminal_values(TaskStatus.CANCELLED, now),
+        )
+        flagged = await repo.transition_batch(
+            tenant_id,
+            batch_id,
+            sources=[TaskStatus.RUNNING.value],
+            values={"cancel_requested": True, "updated_at": now},
+        )
+
+        async def notify() -> None:
+            for row in cancelled:
+                _count_finished(row)
+            if cancelled:
+                await self.bus.publish_many([status_event(row) for row in cancelled])
+            for row in flagged:
+                await self.bus.publish_control({"action": "cancel", "task_id": str(row.id)})
+
+        uow.after_commit(notify)
+        return cancelled
 
     async def view(self, uow: UnitOfWork, principal: Principal, task_id: uuid.UUID) -> TaskView:
         row = await self.load_visible(uow.session, principal, task_id)
@@ -335,7 +390,7 @@ class TaskLedger:
                 "updated_at": now,
                 "not_before": None,
             },
-            Guard(not_cancelled=True, due_at=now, turn_free=True),
+            Guard(not_cancelled=True, due_at=now, turn_free=True, batch_slot=True),
         )
         async with self.factory() as db:
             if (
@@ -431,18 +486,8 @@ class TaskLedger:
         earlier deliveries were dropped while this turn held the session)."""
         async with self.factory() as db:
             nxt = await TaskRepository(db).next_in_session(tenant_id, session_id)
-        if nxt is None:
-            return
-        bumped = await self._write(
-            nxt.tenant_id,
-            nxt.id,
-            TaskStatus.QUEUED,
-            {"delivery": Add(1), "updated_at": utcnow()},
-            Guard(delivery=nxt.delivery),
-            same_state=[TaskStatus.QUEUED.value],
-        )
-        if bumped is not None:
-            await self.producer.deliver(bumped, delay=_seconds_until(bumped.not_before))
+        if nxt is not None:
+            await self._redeliver(nxt)
 
     async def retry_later(
         self, task: TaskRow, worker_id: str, error: TaskErrorInfo, delay: float
@@ -544,21 +589,28 @@ class TaskLedger:
         for row in stale:
             if await self.producer.is_pending(row):
                 continue
-            bumped = await self._write(
-                row.tenant_id,
-                row.id,
-                TaskStatus.QUEUED,
-                {"delivery": Add(1), "updated_at": now},
-                Guard(delivery=row.delivery),
-                same_state=[TaskStatus.QUEUED.value],  # a redelivery, not a transition
-            )
-            if bumped is not None:
+            if await self._redeliver(row):
                 redelivered += 1
-                log.warning("re-delivering queued task absent from the queue", task_id=str(row.id))
-                await self.producer.deliver(bumped)
+                log.warning("re-delivered queued task absent from the queue", task_id=str(row.id))
         return redelivered
 
     # --- helpers ----------------------------------------------------------------------
+    async def _redeliver(self, row: TaskRow) -> bool:
+        """A fresh delivery for a queued task, unless another one was given since `row`
+        was read (a redelivery, not a transition: the task stays `queued`)."""
+        bumped = await self._write(
+            row.tenant_id,
+            row.id,
+            TaskStatus.QUEUED,
+            {"delivery": Add(1), "updated_at": utcnow()},
+            Guard(delivery=row.delivery),
+            same_state=[TaskStatus.QUEUED.value],
+        )
+        if bumped is None:
+            return False
+        await self.producer.deliver(bumped, delay=_seconds_until(bumped.not_before))
+        return True
+
     async def _write(
         self,
         tenant_id: str,

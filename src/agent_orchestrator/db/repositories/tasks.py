@@ -22,6 +22,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     exists,
+    func,
     or_,
     select,
     update,
@@ -34,7 +35,7 @@ from sqlalchemy.orm import aliased
 from agent_orchestrator.db.prepared import Bound, fixed_in, hot
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.repositories.rows import RowCodec
-from agent_orchestrator.db.tables import ServiceCallRow, TaskRow
+from agent_orchestrator.db.tables import BatchRow, ServiceCallRow, TaskRow
 
 TASKS = RowCodec(TaskRow)
 CALLS = RowCodec(ServiceCallRow)
@@ -62,6 +63,8 @@ class Guard:
     due_at: datetime | None = None
     #: the session's earlier turns are done (see `_session_turn_is_free`)
     turn_free: bool = False
+    #: the task's batch runs fewer items than it may (see `batch_has_a_slot`)
+    batch_slot: bool = False
     lease_expired_before: datetime | None = None
     #: still the delivery the caller saw (nobody re-delivered it meanwhile)
     delivery: int | None = None
@@ -90,9 +93,34 @@ def _session_turn_is_free() -> ColumnElement[bool]:
     return or_(TaskRow.session_id.is_(None), ~earlier_or_running)
 
 
+def batch_has_a_slot() -> ColumnElement[bool]:
+    """Claim condition: a batch runs at most its `max_parallel` items at once, oldest
+    first. True when the task has no batch, or fewer than that many of its batch's other
+    items are running or queued before it. Concurrent claims cannot overshoot: a task
+    that becomes claimable counts every item that could run before it, running or not."""
+    other = aliased(TaskRow)
+    ahead = (
+        select(func.count())
+        .select_from(other)
+        .where(
+            other.batch_id == TaskRow.batch_id,
+            other.id != TaskRow.id,
+            or_(
+                other.status == "running",
+                and_(other.status == "queued", other.id < TaskRow.id),
+            ),
+        )
+        .scalar_subquery()
+    )
+    allowed = select(BatchRow.max_parallel).where(BatchRow.id == TaskRow.batch_id).scalar_subquery()
+    return or_(TaskRow.batch_id.is_(None), ahead < allowed)
+
+
 def _guard_condition(name: str) -> ColumnElement[bool]:
     if name == "turn_free":
         return _session_turn_is_free()
+    if name == "batch_slot":
+        return batch_has_a_slot()
     if name == "not_cancelled":
         return _T.cancel_requested.is_(False)
     if name == "due_at":
@@ -175,8 +203,21 @@ _QUEUED_BEFORE = (
         _T.status == "queued",
         _T.updated_at < _MOMENT,
         or_(_T.not_before.is_(None), _T.not_before < _MOMENT),
+        # A batch's item waiting for a slot is not lost: it is delivered when one frees.
+        batch_has_a_slot(),
     )
     .order_by(_T.updated_at)
+    .limit(bindparam("limit"))
+)
+_READY_IN_BATCH = (
+    select(TASKS.table)
+    .where(
+        _T.tenant_id == bindparam("tenant_id"),
+        _T.batch_id == bindparam("batch_id"),
+        _T.status == "queued",
+        batch_has_a_slot(),
+    )
+    .order_by(_T.id)
     .limit(bindparam("limit"))
 )
 _SERVICE_CALLS = hot(
@@ -279,6 +320,22 @@ class TaskRepository:
             self.db, *transition_call(tenant_id, task_id, sources, values, guard)
         )
 
+    async def transition_batch(
+        self, tenant_id: str, batch_id: uuid.UUID, *, sources: list[str], values: dict[str, Any]
+    ) -> list[TaskRow]:
+        """`transition` for every item of a batch in one of `sources`: the rows it moved."""
+        statement = (
+            update(TASKS.table)
+            .where(
+                _T.tenant_id == tenant_id,
+                _T.batch_id == batch_id,
+                fixed_in(_T.status, sources),
+            )
+            .values(values)
+            .returning(*_T)
+        )
+        return await TASKS.all(self.db, statement, {})
+
     async def unfinished_in_session(self, tenant_id: str, session_id: uuid.UUID) -> list[TaskRow]:
         params = {"tenant_id": tenant_id, "session_id": session_id}
         return await TASKS.all(self.db, _UNFINISHED_IN_SESSION, params)
@@ -287,6 +344,13 @@ class TaskRepository:
         """The session's oldest queued task: the turn that may run next."""
         params = {"tenant_id": tenant_id, "session_id": session_id}
         return await TASKS.one(self.db, _NEXT_IN_SESSION, params)
+
+    async def ready_in_batch(
+        self, tenant_id: str, batch_id: uuid.UUID, limit: int
+    ) -> list[TaskRow]:
+        """The batch's queued items that may start now, oldest first."""
+        params = {"tenant_id": tenant_id, "batch_id": batch_id, "limit": limit}
+        return await TASKS.all(self.db, _READY_IN_BATCH, params)
 
     async def expired_leases(self, now: datetime, limit: int) -> list[TaskRow]:
         """*System sweep*: running tasks whose worker stopped renewing its lease."""

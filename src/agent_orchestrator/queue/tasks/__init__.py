@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
 
 def register_builtin_kinds(registry: HandlerRegistry, state: AppState) -> None:
+    from agent_orchestrator.queue.tasks.batch_tasks import register_batch_kinds
     from agent_orchestrator.queue.tasks.chat_tasks import ChatTurn
     from agent_orchestrator.services.orchestrator import CHAT_KIND
 
@@ -28,3 +29,4 @@ def register_builtin_kinds(registry: HandlerRegistry, state: AppState) -> None:
         on_settled=turn.settled,
         on_claimed=SessionOnClaim(move=turn.processing, moved=turn.claimed),
     )
+    register_batch_kinds(registry, turn, state.batches, state.webhooks)

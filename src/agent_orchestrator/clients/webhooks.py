@@ -1,0 +1,171 @@
+"""Webhooks a client asked for (a batch's `callback_url`): signed, and never sent where a
+caller could use this service to reach inside the network (SSRF).
+
+A URL is checked twice. When it is given (`refusal`): http or https, a host, no user
+name or password in it, and, when its host is an address, an address callbacks may
+reach. When it is called: every address its host resolves to is checked, the request
+connects only to those that pass (the check and the connection use the same answer, so
+a name that resolves differently the second time gains nothing), redirects are not
+followed, and no proxy from the environment is used. An address may be reached when it
+is global unicast, or inside WEBHOOK_ALLOWED_NETWORKS.
+
+The signature follows the Standard Webhooks scheme: `webhook-id`, `webhook-timestamp`
+and `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`, keyed with the
+UTF-8 bytes of WEBHOOK_SECRET. The id is the same on every attempt of one delivery, so
+a receiver can drop repeats.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class CallbackRefused(OSError):
+    """The URL's host is, or resolves only to, addresses callbacks may not reach."""
+
+
+@dataclass(frozen=True)
+class Reach:
+    """Which addresses a callback may connect to."""
+
+    allowed_networks: tuple[Network, ...] = ()
+
+    def permits(self, address: Address) -> bool:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in network for network in self.allowed_networks):
+            return True
+        return address.is_global and not address.is_multicast
+
+
+def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(value, strict=False) for value in values)
+
+
+def refusal(url: str, reach: Reach) -> str | None:
+    """Why `url` cannot be a callback, or None. Host names are resolved only when the
+    callback is sent (a name's addresses may change meanwhile)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        return f"not a valid URL ({error})"
+    if parts.scheme not in ("http", "https"):
+        return "must be an http or https URL"
+    if not parts.hostname:
+        return "must name a host"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry a user name or password"
+    if port == 0:
+        return "must not name port 0"
+    address = _address(parts.hostname)
+    if address is not None and not reach.permits(address):
+        return f"{parts.hostname} is not an address callbacks may reach"
+    if address is None and parts.hostname.rstrip(".").lower().endswith("localhost"):
+        return f"{parts.hostname} is not a host callbacks may reach"
+    return None
+
+
+def _address(host: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def sign(secret: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret, signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+class _CheckedResolver(AbstractResolver):
+    """The system resolver, keeping only the addresses callbacks may reach."""
+
+    def __init__(self, reach: Reach) -> None:
+        self._reach = reach
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        kept = [
+            entry for entry in found if self._reach.permits(ipaddress.ip_address(entry["host"]))
+        ]
+        if not kept:
+            raise CallbackRefused(f"{host} resolves only to addresses callbacks may not reach")
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+@dataclass(frozen=True)
+class WebhookAnswer:
+    status: int
+
+
+class WebhookSender:
+    def __init__(self, secret: bytes, reach: Reach, *, timeout: float) -> None:
+        self._secret = secret
+        self._reach = reach
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                resolver=_CheckedResolver(self._reach), use_dns_cache=False, limit=20
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, trust_env=False
+            )
+        return self._session
+
+    async def send(self, url: str, webhook_id: str, payload: dict[str, Any]) -> WebhookAnswer:
+        """POST the signed payload once. Raises CallbackRefused for a URL it may not
+        reach, and aiohttp's errors (or TimeoutError) when the receiver cannot be reached;
+        any answer, whatever its status, is returned."""
+        reason = refusal(url, self._reach)
+        if reason is not None:  # checked again: the setting may have changed since
+            raise CallbackRefused(reason)
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "agent-orchestrator-webhooks",
+            "webhook-id": webhook_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self._secret, webhook_id, timestamp, body),
+        }
+        try:
+            async with self._client().post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as answer:
+                await answer.content.read(65_536)  # a little of it, to reuse the connection
+                return WebhookAnswer(answer.status)
+        except aiohttp.ClientConnectorError as error:
+            if isinstance(error.os_error, CallbackRefused):
+                raise error.os_error from None
+            raise
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()

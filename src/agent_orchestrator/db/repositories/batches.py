@@ -1,0 +1,167 @@
+"""Every query on batches and on a batch's items (tasks with its `batch_id`).
+
+Each method takes the tenant and filters by it, except the one marked *system sweep*.
+A batch's status is written by conditional updates only: `running` until every item has
+ended, then `completed` (or `cancelled`, when a cancel was asked) exactly once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, bindparam, case, exists, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from agent_orchestrator.db.repositories.paging import keyset_page, split_page
+from agent_orchestrator.db.repositories.rows import RowCodec
+from agent_orchestrator.db.repositories.tasks import TASKS
+from agent_orchestrator.db.tables import BatchRow, TaskRow
+
+BATCHES = RowCodec(BatchRow)
+_B = BATCHES.columns
+_T = TASKS.columns
+
+#: The kind of a batch's item tasks.
+BATCH_ITEM_KIND = "batch_item"
+
+_GET = select(BATCHES.table).where(
+    _B.tenant_id == bindparam("tenant_id"), _B.id == bindparam("batch_id")
+)
+_GET_FOR_UPDATE = _GET.with_for_update()
+_BY_IDEMPOTENCY_KEY = select(BATCHES.table).where(
+    _B.tenant_id == bindparam("tenant_id"), _B.idempotency_key == bindparam("key")
+)
+_COUNTS = (
+    select(_T.batch_id, _T.status, func.count())
+    .where(
+        _T.tenant_id == bindparam("tenant_id"),
+        _T.batch_id.in_(bindparam("batch_ids", expanding=True)),
+        _T.kind == BATCH_ITEM_KIND,
+    )
+    .group_by(_T.batch_id, _T.status)
+)
+_unfinished_item = exists().where(
+    _T.batch_id == _B.id, _T.kind == BATCH_ITEM_KIND, _T.status.in_(["queued", "running"])
+)
+#: The one batch an UPDATE below names, while it runs.
+_RUNNING_BATCH = (
+    _B.tenant_id == bindparam("w_tenant_id"),
+    _B.id == bindparam("w_batch_id"),
+    _B.status == "running",
+)
+_FINISH = (
+    update(BATCHES.table)
+    .where(*_RUNNING_BATCH, ~_unfinished_item)
+    .values(
+        status=case((_B.cancel_requested.is_(True), "cancelled"), else_="completed"),
+        finished_at=bindparam("v_now", type_=_B.finished_at.type),
+        updated_at=bindparam("v_now", type_=_B.updated_at.type),
+    )
+    .returning(*_B)
+)
+_REQUEST_CANCEL = (
+    update(BATCHES.table)
+    .where(*_RUNNING_BATCH)
+    .values(cancel_requested=True, updated_at=bindparam("v_now", type_=_B.updated_at.type))
+    .returning(*_B)
+)
+_DONE_BUT_RUNNING = (
+    select(_B.tenant_id, _B.id)
+    .where(_B.status == "running", ~_unfinished_item)
+    .limit(bindparam("limit"))
+)
+
+
+class BatchRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def add(self, row: BatchRow) -> BatchRow:
+        await BATCHES.add(self.db, row)
+        return row
+
+    async def get(
+        self, tenant_id: str, batch_id: uuid.UUID, *, for_update: bool = False
+    ) -> BatchRow | None:
+        statement = _GET_FOR_UPDATE if for_update else _GET
+        return await BATCHES.one(self.db, statement, {"tenant_id": tenant_id, "batch_id": batch_id})
+
+    async def by_idempotency_key(self, tenant_id: str, key: str) -> BatchRow | None:
+        params = {"tenant_id": tenant_id, "key": key}
+        return await BATCHES.one(self.db, _BY_IDEMPOTENCY_KEY, params)
+
+    async def page(
+        self, tenant_id: str, *, user_id: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[BatchRow], str | None]:
+        query = select(BatchRow).where(BatchRow.tenant_id == tenant_id)
+        if user_id is not None:
+            query = query.where(BatchRow.user_id == user_id)
+        query = keyset_page(query, BatchRow.created_at, BatchRow.id, limit=limit, cursor=cursor)
+        rows = list((await self.db.execute(query)).scalars())
+        return split_page(rows, limit, lambda row: (row.created_at, row.id))
+
+    async def counts(
+        self, tenant_id: str, batch_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, dict[str, int]]:
+        """Items by status, per batch: read from the ledger, one query for all."""
+        found: dict[uuid.UUID, dict[str, int]] = {batch_id: {} for batch_id in batch_ids}
+        if batch_ids:
+            params = {"tenant_id": tenant_id, "batch_ids": list(batch_ids)}
+            for batch_id, status, count in await self.db.execute(_COUNTS, params):
+                found[batch_id][status] = count
+        return found
+
+    async def items(
+        self,
+        tenant_id: str,
+        batch_id: uuid.UUID,
+        *,
+        status: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[TaskRow], str | None]:
+        """A page of the batch's items in the order they were given."""
+        query = select(TaskRow).where(
+            and_(
+                TaskRow.tenant_id == tenant_id,
+                TaskRow.batch_id == batch_id,
+                TaskRow.kind == BATCH_ITEM_KIND,
+            )
+        )
+        if status is not None:
+            query = query.where(TaskRow.status == status)
+        query = keyset_page(
+            query, TaskRow.created_at, TaskRow.id, limit=limit, cursor=cursor, newest_first=False
+        )
+        rows = list((await self.db.execute(query)).scalars())
+        return split_page(rows, limit, lambda row: (row.created_at, row.id))
+
+    async def request_cancel(
+        self, tenant_id: str, batch_id: uuid.UUID, now: datetime
+    ) -> BatchRow | None:
+        """Flag a running batch; None when it has already ended."""
+        params = {"w_tenant_id": tenant_id, "w_batch_id": batch_id, "v_now": now}
+        return await BATCHES.one(self.db, _REQUEST_CANCEL, params)
+
+    async def finish_if_done(
+        self, tenant_id: str, batch_id: uuid.UUID, now: datetime
+    ) -> BatchRow | None:
+        """`completed` (or `cancelled`) once no item is queued or running: exactly one
+        caller gets the row back, however many ask at once."""
+        params = {"w_tenant_id": tenant_id, "w_batch_id": batch_id, "v_now": now}
+        return await BATCHES.one(self.db, _FINISH, params)
+
+    async def done_but_running(self, limit: int) -> list[tuple[str, uuid.UUID]]:
+        """*System sweep*: batches whose items have all ended but whose end was not
+        written (the process that ended the last item stopped before it could)."""
+        result = await self.db.execute(_DONE_BUT_RUNNING, {"limit": limit})
+        return [(tenant_id, batch_id) for tenant_id, batch_id in result]
+
+
+def counts_of(found: dict[str, int]) -> dict[str, Any]:
+    """Every status named, zeros included, so a client need not guess the missing ones."""
+    statuses = ("queued", "running", "succeeded", "failed", "cancelled", "timed_out")
+    return {status: found.get(status, 0) for status in statuses}
