@@ -32,6 +32,7 @@ from tests.ws_helpers import Message, is_terminal, open_authed, recv, recv_until
 pytestmark = pytest.mark.e2e
 
 SECRET = "e2e-ws-secret-key-0123456789abcdef0123456789abcdef"
+SERVICE_TOKEN = "e2e-ws-service-token"
 
 
 @dataclass
@@ -57,6 +58,7 @@ async def stack(tmp_path: Path, pg_database: str, redis_namespace: str) -> Async
         REDIS_URI=REDIS_URL,
         REDIS_NAMESPACE=redis_namespace,
         SECRET_KEY=SECRET,
+        SERVICE_TOKEN=SERVICE_TOKEN,
         AUTO_MIGRATE="false",
         LOG_LEVEL="INFO",
         ECHO_CHUNK_DELAY="0.04",
@@ -121,6 +123,32 @@ async def test_a_turn_sent_on_instance_a_streams_to_a_subscriber_on_instance_b(
     assert [e["id"] for e in on_b if e["task_id"] == task_id] == [e["id"] for e in on_a]
     assert "across two instances we go" in content(on_b)[-1]["data"]["content"]
     await sender.close()
+    await watcher.close()
+
+
+async def test_an_event_a_service_publishes_on_instance_a_reaches_a_socket_on_instance_b(
+    stack: Stack,
+) -> None:
+    """`POST /internal/v1/sessions/{id}/events` (a workflow's progress, say) travels like
+    the service's own events: to the session's subscribers on every instance."""
+    session_id = await stack.new_session()
+    watcher, _ = await open_authed(stack.ws(stack.api_b), stack.token)
+    await send(watcher, type="subscribe", session_id=session_id)
+    assert (await recv(watcher))["data"]["for"] == "subscribe"
+    service = {"Authorization": f"Bearer {SERVICE_TOKEN}", "X-Tenant-ID": "tenant-ws"}
+    async with httpx.AsyncClient(base_url=stack.api_a) as http:
+        response = await http.post(
+            f"/internal/v1/sessions/{session_id}/events",
+            json={"type": "workflow.progress", "data": {"step": 1}},
+            headers=service,
+        )
+    assert response.status_code == 202, response.text
+    received = await recv(watcher, timeout=10)
+    assert received["id"] == response.json()["id"]
+    assert received["type"] == "workflow.progress"
+    assert received["session_id"] == session_id
+    assert received["tenant_id"] == "tenant-ws"
+    assert received["data"] == {"step": 1}
     await watcher.close()
 
 

@@ -25,8 +25,10 @@ from agent_orchestrator.queue.engine import WorkerEngine, build_bus, build_ledge
 from agent_orchestrator.queue.registry import HandlerRegistry
 from agent_orchestrator.queue.tasks import register_builtin_kinds
 from agent_orchestrator.services.batches import BatchManager
+from agent_orchestrator.services.once_keys import MemoryOnceKeys, RedisOnceKeys
 from agent_orchestrator.services.orchestrator import ChatOrchestrator
 from agent_orchestrator.services.service_coordinator import ResilienceSettings, ServiceCoordinator
+from agent_orchestrator.services.service_events import ServiceEvents
 from agent_orchestrator.services.session_cache import (
     MemorySessionCache,
     RedisSessionCache,
@@ -128,6 +130,12 @@ async def build_state(
         orchestrator=ChatOrchestrator(settings, sessions, ledger),
         batches=BatchManager(settings, sessions, ledger, bus, factory, reach),
         webhooks=webhooks,
+        service_events=ServiceEvents(
+            sessions,
+            bus,
+            RedisOnceKeys(redis, settings.redis_namespace) if redis else MemoryOnceKeys(),
+            ttl_seconds=settings.events_ttl,
+        ),
         closeable=[*closeable, webhooks],
     )
     register_builtin_kinds(registry, state)

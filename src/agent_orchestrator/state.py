@@ -21,6 +21,7 @@ from agent_orchestrator.services.batches import BatchManager
 from agent_orchestrator.services.orchestrator import ChatOrchestrator
 from agent_orchestrator.services.rate_limiter import RateLimiter
 from agent_orchestrator.services.service_coordinator import ServiceCoordinator
+from agent_orchestrator.services.service_events import ServiceEvents
 from agent_orchestrator.services.session_manager import SessionManager
 from agent_orchestrator.services.task_ledger import TaskLedger
 from agent_orchestrator.services.turn_results import TurnResults
@@ -45,6 +46,8 @@ class AppState:
     batches: BatchManager
     #: posts batches' callbacks (used by the worker side)
     webhooks: WebhookSender
+    #: events other services publish to sessions (/internal/v1)
+    service_events: ServiceEvents
     closeable: list[Any] = field(default_factory=list)
     worker: WorkerEngine | None = None
     #: the request rate limits, shared by the HTTP layer and the WebSocket gateway
