@@ -35,7 +35,8 @@ from agent_orchestrator.queue.registry import (
     TaskFailure,
     TaskKind,
 )
-from agent_orchestrator.services.task_ledger import Claim, Renewal, TaskLedger, status_event
+from agent_orchestrator.services.task_ledger import Claim, Renewal, TaskLedger
+from agent_orchestrator.services.task_views import status_event
 
 log = get_logger(__name__)
 

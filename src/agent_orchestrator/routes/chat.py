@@ -25,7 +25,7 @@ from agent_orchestrator.routes.openapi import API_ERRORS, SSE_CONTENT, errors
 from agent_orchestrator.routes.sse import event_frames, sse_response
 from agent_orchestrator.services.orchestrator import CHAT_KIND, reply_message_id
 from agent_orchestrator.services.session_manager import to_message
-from agent_orchestrator.services.task_ledger import to_view
+from agent_orchestrator.services.task_views import to_view
 from agent_orchestrator.state import AppState
 
 router = APIRouter(prefix="/api/v1/chat", tags=["chat"], responses=API_ERRORS)

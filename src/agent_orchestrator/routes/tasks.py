@@ -24,7 +24,7 @@ from agent_orchestrator.routes.sse import (
     nothing_more_to_stream,
     sse_response,
 )
-from agent_orchestrator.services.task_ledger import to_view
+from agent_orchestrator.services.task_views import to_view
 
 router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"], responses=API_ERRORS)
 

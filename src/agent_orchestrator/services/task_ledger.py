@@ -2,8 +2,10 @@
 
 Every write is a conditional update whose source states come from `models.task.TRANSITIONS`,
 so an illegal move cannot happen and concurrent claimants cannot both win. Each state
-change publishes a `task.status` event after its transaction commits; work that must
-follow a commit (enqueueing a delivery) runs then too, never before.
+change publishes a `task.status` event after its transaction commits (a batch's new
+items excepted: the batch's progress announces them); work that must follow a commit
+(enqueueing a delivery) runs then too, never before. How a row is shown, as a view or an
+event, is in task_views.py.
 """
 
 from __future__ import annotations
@@ -33,13 +35,12 @@ from agent_orchestrator.db.tables import ServiceCallRow, SessionRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.errors import Conflict, NotFound
 from agent_orchestrator.events.bus import EventBus
-from agent_orchestrator.events.models import Event, EventType
+from agent_orchestrator.events.models import Event
 from agent_orchestrator.ids import new_id
 from agent_orchestrator.models.pagination import Page
 from agent_orchestrator.models.principal import Principal
 from agent_orchestrator.models.task import (
     TERMINAL,
-    ServiceCallView,
     TaskErrorInfo,
     TaskStatus,
     TaskView,
@@ -50,6 +51,7 @@ from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import TASKS_FINISHED
 from agent_orchestrator.queue.producer import TaskProducer
 from agent_orchestrator.services.session_manager import sees_whole_tenant
+from agent_orchestrator.services.task_views import status_event, to_view
 
 log = get_logger(__name__)
 
@@ -78,62 +80,6 @@ class Submission:
     batch_id: uuid.UUID | None = None
     idempotency_key: str | None = None
     max_attempts: int | None = None
-
-
-def to_view(row: TaskRow, calls: list[ServiceCallRow] | None = None) -> TaskView:
-    return TaskView(
-        id=row.id,
-        tenant_id=row.tenant_id,
-        session_id=row.session_id,
-        kind=row.kind,
-        status=TaskStatus(row.status),
-        attempt=row.attempt,
-        max_attempts=row.max_attempts,
-        progress=row.progress,
-        result=row.result,
-        error=TaskErrorInfo(**row.error) if row.error else None,
-        cancel_requested=row.cancel_requested,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        service_calls=None
-        if calls is None
-        else [
-            ServiceCallView(
-                step=call.step,
-                service=call.service,
-                operation=call.operation,
-                status=call.status,
-                attempts=call.attempts,
-                latency_ms=call.latency_ms,
-                error=call.error,
-                started_at=call.started_at,
-                finished_at=call.finished_at,
-            )
-            for call in calls
-        ],
-    )
-
-
-def status_event(row: TaskRow) -> Event:
-    data: dict[str, Any] = {
-        "status": row.status,
-        "attempt": row.attempt,
-        "max_attempts": row.max_attempts,
-        "progress": row.progress,
-    }
-    if row.error:
-        data["error"] = row.error
-    if row.status == TaskStatus.SUCCEEDED and row.result is not None:
-        data["result"] = row.result
-    return Event(
-        type=EventType.TASK_STATUS,
-        tenant_id=row.tenant_id,
-        session_id=str(row.session_id) if row.session_id else None,
-        task_id=str(row.id),
-        data=data,
-    )
 
 
 def _not_found(task_id: uuid.UUID) -> NotFound:

@@ -46,7 +46,8 @@ from agent_orchestrator.services.service_coordinator import (
     StreamedReply,
 )
 from agent_orchestrator.services.session_manager import SessionManager, to_message, to_session
-from agent_orchestrator.services.task_ledger import TaskLedger, to_view
+from agent_orchestrator.services.task_ledger import TaskLedger
+from agent_orchestrator.services.task_views import to_view
 
 
 @dataclass
