@@ -232,6 +232,33 @@ async def test_the_sweep_ends_a_batch_whose_end_was_not_written(
     assert await state.batches.sweep() == 0
 
 
+async def test_the_sweep_delivers_items_whose_deliveries_were_lost(
+    make_backend_settings: Callable[..., Settings],
+    make_token: TokenFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As when the API process stopped between the batch's commit and its first
+    deliveries: the items wait, and the reconciler's sweep starts them."""
+    settings = make_backend_settings(queued_stale_after=0.1, reconcile_interval=300)
+    async with running_app(settings) as client:  # this test sweeps, not the reconciler
+        state = client.app.state.core  # type: ignore[attr-defined]
+        ledger = state.ledger
+        original = ledger.deliver_ready_in_batch
+
+        async def lost(*args: Any) -> int:
+            return 0
+
+        monkeypatch.setattr(ledger, "deliver_ready_in_batch", lost)
+        headers = auth(make_token())
+        created = await submit(client, headers, items=items("a", "b", "c"), max_parallel=2)
+        await asyncio.sleep(0.3)
+        assert (await batch_view(client, headers, created["id"]))["counts"]["queued"] == 3
+        monkeypatch.setattr(ledger, "deliver_ready_in_batch", original)
+        assert await state.batches.sweep() == 2  # the two that may start
+        view = await ended(client, headers, created["id"])
+    assert view["counts"]["succeeded"] == 3
+
+
 async def test_idempotency_key_returns_the_same_batch(
     client: httpx.AsyncClient, make_token: TokenFactory
 ) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -371,13 +372,22 @@ class BatchManager:
         )
 
     async def sweep(self, limit: int = 100) -> int:
-        """*System sweep* (the reconciler's): end the batches whose last item ended in a
-        process that stopped before it could settle the batch."""
+        """*System sweep* (the reconciler's), for what a process that stopped left undone:
+        end the batches whose last item has ended, and deliver the items that may start
+        in batches whose items have waited QUEUED_STALE_AFTER (their slot's hand-over, or
+        the submission's first deliveries, did not happen; a delivery still in the queue
+        is left alone). Returns how many batches it ended and items it delivered."""
+        stale = utcnow() - timedelta(seconds=self.settings.queued_stale_after)
         async with self.ledger.factory() as db:
-            found = await BatchRepository(db).done_but_running(limit)
-        for tenant_id, batch_id in found:
+            repo = BatchRepository(db)
+            done = await repo.done_but_running(limit)
+            waiting = await repo.waiting_since(stale, limit)
+        for tenant_id, batch_id in done:
             await self.settle(tenant_id, batch_id)
-        return len(found)
+        delivered = 0
+        for tenant_id, batch_id, max_parallel in waiting:
+            delivered += await self.ledger.deliver_ready_in_batch(tenant_id, batch_id, max_parallel)
+        return len(done) + delivered
 
     async def callback_payload(self, tenant_id: str, batch_id: uuid.UUID) -> dict[str, Any] | None:
         """What the webhook carries: the batch as `GET /api/v1/batch/{id}` shows it."""

@@ -179,10 +179,12 @@ class TaskLedger:
         uow.insert_at_commit(TASKS, row)
         return row
 
-    async def deliver_ready_in_batch(self, tenant_id: str, batch_id: uuid.UUID, limit: int) -> int:
+    async def deliver_ready_in_batch(
+        self, tenant_id: str, batch_id: uuid.UUID, max_parallel: int
+    ) -> int:
         """Deliver the batch's items that may start now and have no delivery waiting."""
         async with self.factory() as db:
-            ready = await TaskRepository(db).ready_in_batch(tenant_id, batch_id, limit)
+            ready = await TaskRepository(db).ready_in_batch(tenant_id, batch_id, max_parallel)
         delivered = 0
         for row in ready:
             if not await self.producer.is_pending(row):

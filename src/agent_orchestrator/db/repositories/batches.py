@@ -68,6 +68,18 @@ _REQUEST_CANCEL = (
     .values(cancel_requested=True, updated_at=bindparam("v_now", type_=_B.updated_at.type))
     .returning(*_B)
 )
+_WAITING_SINCE = (
+    select(_T.tenant_id, _T.batch_id, _B.max_parallel)
+    .distinct()
+    .join_from(TASKS.table, BATCHES.table, _B.id == _T.batch_id)
+    .where(
+        _T.status == "queued",
+        _T.kind == BATCH_ITEM_KIND,
+        _T.updated_at < bindparam("moment", type_=_T.updated_at.type),
+        _B.status == "running",
+    )
+    .limit(bindparam("limit"))
+)
 _DONE_BUT_RUNNING = (
     select(_B.tenant_id, _B.id)
     .where(_B.status == "running", ~_unfinished_item)
@@ -153,6 +165,12 @@ class BatchRepository:
         caller gets the row back, however many ask at once."""
         params = {"w_tenant_id": tenant_id, "w_batch_id": batch_id, "v_now": now}
         return await BATCHES.one(self.db, _FINISH, params)
+
+    async def waiting_since(self, moment: datetime, limit: int) -> list[tuple[str, uuid.UUID, int]]:
+        """*System sweep*: running batches with items queued since before `moment`, and
+        how many items each may run at once."""
+        result = await self.db.execute(_WAITING_SINCE, {"moment": moment, "limit": limit})
+        return [(tenant_id, batch_id, most) for tenant_id, batch_id, most in result]
 
     async def done_but_running(self, limit: int) -> list[tuple[str, uuid.UUID]]:
         """*System sweep*: batches whose items have all ended but whose end was not

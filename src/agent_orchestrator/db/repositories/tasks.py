@@ -203,20 +203,17 @@ _QUEUED_BEFORE = (
         _T.status == "queued",
         _T.updated_at < _MOMENT,
         or_(_T.not_before.is_(None), _T.not_before < _MOMENT),
-        # A batch's item waiting for a slot is not lost: it is delivered when one frees.
-        batch_has_a_slot(),
+        # A batch's items wait for slots; the batches' own sweep delivers them (batches.py).
+        _T.batch_id.is_(None),
     )
     .order_by(_T.updated_at)
     .limit(bindparam("limit"))
 )
-_READY_IN_BATCH = (
+_IN_BATCH = (_T.tenant_id == bindparam("tenant_id"), _T.batch_id == bindparam("batch_id"))
+_RUNNING_IN_BATCH = select(func.count()).where(*_IN_BATCH, _T.status == "running")
+_FIRST_QUEUED_IN_BATCH = (
     select(TASKS.table)
-    .where(
-        _T.tenant_id == bindparam("tenant_id"),
-        _T.batch_id == bindparam("batch_id"),
-        _T.status == "queued",
-        batch_has_a_slot(),
-    )
+    .where(*_IN_BATCH, _T.status == "queued")
     .order_by(_T.id)
     .limit(bindparam("limit"))
 )
@@ -346,11 +343,18 @@ class TaskRepository:
         return await TASKS.one(self.db, _NEXT_IN_SESSION, params)
 
     async def ready_in_batch(
-        self, tenant_id: str, batch_id: uuid.UUID, limit: int
+        self, tenant_id: str, batch_id: uuid.UUID, max_parallel: int
     ) -> list[TaskRow]:
-        """The batch's queued items that may start now, oldest first."""
-        params = {"tenant_id": tenant_id, "batch_id": batch_id, "limit": limit}
-        return await TASKS.all(self.db, _READY_IN_BATCH, params)
+        """The batch's queued items that may start now, oldest first: as many of the
+        oldest as there are free slots, the items `batch_has_a_slot` admits (asked of each
+        queued item, that condition would cost a count per item, so this reads the two
+        numbers it rests on instead)."""
+        params: dict[str, Any] = {"tenant_id": tenant_id, "batch_id": batch_id}
+        running = (await self.db.execute(_RUNNING_IN_BATCH, params)).scalar_one()
+        free = max_parallel - running
+        if free <= 0:
+            return []
+        return await TASKS.all(self.db, _FIRST_QUEUED_IN_BATCH, {**params, "limit": free})
 
     async def expired_leases(self, now: datetime, limit: int) -> list[TaskRow]:
         """*System sweep*: running tasks whose worker stopped renewing its lease."""
