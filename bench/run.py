@@ -6,6 +6,7 @@
     .venv/bin/python -m bench.run chat --quick     # the same, shorter phases
     .venv/bin/python -m bench.run websocket        # memory per connection, fan-out latency (~2 min)
     .venv/bin/python -m bench.run instructions --baseline REF   # callgrind count per turn (~2 min)
+    .venv/bin/python -m bench.run batch            # a batch against client-sent chats (~1 min)
     .venv/bin/python -m bench.run all              # every benchmark with its defaults
 
 Each benchmark is a module with `NAME`, `add_arguments(parser)` and
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from bench import chat, instructions, queue_bench, websocket
+from bench import batch, chat, instructions, queue_bench, websocket
 from bench.common import RESULTS, append_results
 
 BENCHMARKS: dict[str, ModuleType] = {
@@ -29,6 +30,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     chat.NAME: chat,
     websocket.NAME: websocket,
     instructions.NAME: instructions,
+    batch.NAME: batch,
 }
 
 

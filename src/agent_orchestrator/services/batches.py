@@ -263,7 +263,7 @@ class BatchManager:
         return row
 
     async def _response(self, db: AsyncSession, row: BatchRow) -> BatchResponse:
-        counts = await BatchRepository(db).counts(row.tenant_id, [row.id])
+        counts = await BatchRepository(db).counts([row])
         return to_response(row, counts[row.id])
 
     async def page(
@@ -276,7 +276,7 @@ class BatchManager:
             limit=limit,
             cursor=cursor,
         )
-        counts = await repo.counts(principal.tenant_id, [row.id for row in rows])
+        counts = await repo.counts(rows)
         items = [to_response(row, counts[row.id]) for row in rows]
         return Page(items=items, next_cursor=next_cursor)
 
@@ -343,7 +343,7 @@ class BatchManager:
             ended = await repo.finish_if_done(tenant_id, batch_id, utcnow())
             if ended is not None and ended.callback_url:
                 await self._queue_callback(uow, ended)
-            counts = (await repo.counts(tenant_id, [batch_id]))[batch_id]
+            counts = (await repo.counts([row]))[batch_id]
             if ended is None:
                 await self.bus.publish(progress_event(row, counts))
             else:
