@@ -271,9 +271,14 @@ async def test_idempotency_key_returns_the_same_batch(
     listed = (await client.get(BATCH, headers=headers)).json()["items"]
     assert len(listed) == 1
 
-    other = await client.post(BATCH, json={"items": items("one")}, headers=headers)
-    assert other.status_code == 409
-    assert other.json()["error"]["details"] == {"header": "Idempotency-Key"}
+    for different in (items("one"), items("one", "three")):  # fewer, or other, items
+        other = await client.post(BATCH, json={"items": different}, headers=headers)
+        assert other.status_code == 409
+        assert other.json()["error"]["details"] == {"header": "Idempotency-Key"}
+    elsewhere = {**auth(make_token(user="user-2")), "Idempotency-Key": "batch-key-1"}
+    assert (
+        await client.post(BATCH, json={"items": items("one", "two")}, headers=elsewhere)
+    ).status_code == 409
 
 
 @pytest.mark.parametrize(

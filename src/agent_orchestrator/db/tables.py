@@ -154,6 +154,8 @@ class BatchRow(Base):
     max_parallel: Mapped[int] = mapped_column(Integer)
     callback_url: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    #: SHA-256 of the request: a repeated Idempotency-Key must come with the same one
+    request_digest: Mapped[str] = mapped_column(String(64))
     cancel_requested: Mapped[bool] = mapped_column(Boolean)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonColumn)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -12,6 +12,8 @@ has one, is queued as a task of its own (queue/tasks/batch_tasks.py), retried li
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -90,6 +92,12 @@ def to_result(row: TaskRow) -> BatchItemResult:
     )
 
 
+def request_digest(request: BatchRequest) -> str:
+    """The request as canonical JSON (keys sorted), hashed."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def progress_event(row: BatchRow, counts: dict[str, int]) -> Event:
     done = sum(n for status, n in counts.items() if status not in ("queued", "running"))
     return Event(
@@ -155,6 +163,7 @@ class BatchManager:
             max_parallel=max_parallel,
             callback_url=request.callback_url,
             idempotency_key=idempotency_key,
+            request_digest=request_digest(request),
             cancel_requested=False,
             metadata_=request.metadata,
             created_at=now,
@@ -182,14 +191,18 @@ class BatchManager:
         )
 
         async def start() -> None:
-            await self.bus.publish(progress_event(row, {"queued": row.total}))
+            try:  # first: the batch's log opens with it, before any item's end
+                await self.bus.publish(progress_event(row, {"queued": row.total}))
+            except Exception as error:  # the items need not wait for it
+                log.warning("could not announce the batch", error=str(error))
             await self.ledger.deliver_ready_in_batch(row.tenant_id, row.id, row.max_parallel)
 
         uow.after_commit(start)
         return to_response(row, {"queued": row.total}), True
 
     def _check(self, request: BatchRequest) -> int:
-        """The limits that are settings (the model checks the rest): the parallelism."""
+        """What depends on settings (the model checks the rest): the item count, the
+        parallelism, and whether the callback URL may be called. Returns the parallelism."""
         problems = []
         if len(request.items) > self.settings.batch_max_items:
             limit = self.settings.batch_max_items
@@ -240,8 +253,8 @@ class BatchManager:
         self, uow: UnitOfWork, principal: Principal, row: BatchRow, request: BatchRequest
     ) -> BatchResponse:
         """A repeated Idempotency-Key answers with its batch only for the same caller and
-        the same items; anything else is a conflict that reveals nothing."""
-        if row.user_id != principal.user_id or row.total != len(request.items):
+        the same request; anything else is a conflict that reveals nothing."""
+        if row.user_id != principal.user_id or row.request_digest != request_digest(request):
             raise Conflict(
                 "this Idempotency-Key was already used for a different request",
                 details={"header": "Idempotency-Key"},
@@ -306,11 +319,14 @@ class BatchManager:
         """Queued items end `cancelled` at once, running ones are stopped; the batch ends
         `cancelled` when the last of them has. An ended batch is a 409."""
         row = await self.load_visible(uow.session, principal, batch_id)
-        flagged = await BatchRepository(uow.session).request_cancel(row.tenant_id, row.id, utcnow())
+        repo = BatchRepository(uow.session)
+        flagged = await repo.request_cancel(row.tenant_id, row.id, utcnow())
         if flagged is None:
+            current = await repo.get(row.tenant_id, row.id)  # it may have ended meanwhile
+            status = current.status if current is not None else row.status
             raise Conflict(
-                f"batch is {row.status}; only a running batch can be cancelled",
-                details={"status": row.status},
+                f"batch is {status}; only a running batch can be cancelled",
+                details={"status": status},
             )
         await self.ledger.cancel_batch_items(uow, row.tenant_id, row.id)
         audit.record(uow, principal, "batch.cancel", "batch", str(row.id))

@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("max_parallel", sa.Integer(), nullable=False),
         sa.Column("callback_url", sa.Text(), nullable=True),
         sa.Column("idempotency_key", sa.String(255), nullable=True),
+        sa.Column("request_digest", sa.String(64), nullable=False),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("metadata", JsonColumn, nullable=False),
         sa.Column("created_at", UtcDateTime(), nullable=False),
