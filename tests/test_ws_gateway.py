@@ -215,6 +215,51 @@ async def test_another_tenant_or_user_cannot_subscribe_or_cancel(
         await owner.close()
 
 
+async def test_a_socket_follows_a_batch_to_its_final_progress(
+    make_backend_settings: SettingsFactory, make_token: TokenFactory
+) -> None:
+    """`subscribe` with `batch_id`: the batch's log from its first event (as for a task),
+    live `batch.progress` after it, and the subscription ends with the final one. It
+    needs `batch:read`, and another user's batch is not found."""
+    with ServerThread(make_backend_settings(echo_chunk_delay=0.02)) as server:
+        owner = make_token()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+            body = {"items": [{"message": f"item {i} a b c d"} for i in range(4)]}
+            created = await http.post(
+                "/api/v1/batch", json=body, headers={"Authorization": f"Bearer {owner}"}
+            )
+        assert created.status_code == 202, created.text
+        batch_id = created.json()["id"]
+        ws, _ = await open_authed(server.url, owner)
+        await send(ws, type="subscribe", batch_id=batch_id, request_id="b-1")
+        ack = await recv(ws)
+        assert ack["type"] == "system.ack"
+        assert ack["data"]["stream"] == "batch"
+        assert ack["data"]["batch_id"] == batch_id
+
+        def final(message: dict[str, object]) -> bool:
+            data = message.get("data")
+            return isinstance(data, dict) and data.get("status") == "completed"
+
+        progress = await recv_until(ws, final, timeout=20)
+        assert {message["type"] for message in progress} == {"batch.progress"}
+        assert progress[0]["data"]["counts"]["queued"] == 4  # replayed from the first
+        assert progress[-1]["data"]["counts"]["succeeded"] == 4
+        await wait_for(server.counts, lambda c: c["subscriptions"] == 0, timeout=5)
+        await ws.close()
+
+        for token, code in (
+            (make_token(user="user-2"), "not_found"),
+            (make_token(tenant="tenant-b"), "not_found"),
+            (make_token(scopes=["tasks:read", "sessions:read"]), "forbidden"),
+        ):
+            other, _ = await open_authed(server.url, token)
+            await send(other, type="subscribe", batch_id=batch_id)
+            answer = await recv(other)
+            assert (answer["type"], answer["data"]["code"]) == ("system.error", code)
+            await other.close()
+
+
 BAD_MESSAGES: list[tuple[str | bytes, str, str | None]] = [
     ("{not json", "bad_request", None),
     ("[1, 2]", "bad_request", None),
@@ -226,6 +271,16 @@ BAD_MESSAGES: list[tuple[str | bytes, str, str | None]] = [
     ('{"type": "chat.send", "message": ""}', "validation_error", "message"),
     ('{"type": "chat.send", "message": "hi", "mode": "loud"}', "validation_error", "mode"),
     ('{"type": "chat.send", "message": "hi", "surprise": 1}', "validation_error", "surprise"),
+    ('{"type": "subscribe"}', "validation_error", None),
+    (
+        '{"type": "subscribe", "task_id": "'
+        + str(uuid.UUID(int=1))
+        + '", "batch_id": "'
+        + str(uuid.UUID(int=2))
+        + '"}',
+        "validation_error",
+        None,
+    ),
     (
         '{"type": "chat.send", "message": "hi", "session_id": "nope"}',
         "validation_error",

@@ -80,6 +80,11 @@ def ends_batch_stream(event: Event) -> bool:
     return event.type == EventType.BATCH_PROGRESS and event.data.get("status") in BATCH_FINAL
 
 
+def ends_stream(event: Event) -> bool:
+    """The last event of a task's or a batch's stream (each holds only its own kind)."""
+    return ends_task_stream(event) or ends_batch_stream(event)
+
+
 #: What a client's cursor may be, as the OpenAPI document states it: empty (none), or the
 #: decimal id of an event it received.
 CURSOR_PATTERN = r"^[0-9]{0,20}$"

@@ -57,11 +57,13 @@ class ChatCancel(_ClientMessage):
 class _Target(_ClientMessage):
     session_id: uuid.UUID | None = None
     task_id: uuid.UUID | None = None
+    batch_id: uuid.UUID | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> _Target:
-        if (self.session_id is None) == (self.task_id is None):
-            raise ValueError("give exactly one of session_id and task_id")
+        named = [self.session_id, self.task_id, self.batch_id]
+        if sum(value is not None for value in named) != 1:
+            raise ValueError("give exactly one of session_id, task_id and batch_id")
         return self
 
 

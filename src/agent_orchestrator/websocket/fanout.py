@@ -21,7 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from agent_orchestrator.events.bus import EventBus, SubscriberOverflow
-from agent_orchestrator.events.models import Event, StreamKey, ends_task_stream
+from agent_orchestrator.events.models import Event, StreamKey, ends_stream
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.websocket.events import EventEncoder, error_message
 from agent_orchestrator.websocket.metrics import SUBSCRIPTIONS
@@ -61,13 +61,14 @@ class Member:
 
     def deliver(self, event: Event) -> bool:
         """Queue `event` on the socket unless already delivered; False when this member
-        is done (socket closing, or its task's terminal status was delivered)."""
+        is done (socket closing, or its task's terminal status, or its batch's final
+        progress, was delivered)."""
         if event.cursor <= self.last_id:
             return True
         self.last_id = event.cursor
         if not self.conn.send(self.hub.fanout.encoder.encode(event)):
             return False
-        if self.until_terminal and ends_task_stream(event):
+        if self.until_terminal and ends_stream(event):
             self.hub.fanout.leave(self.conn, self.hub.key)
             return False
         return True

@@ -42,7 +42,21 @@ def _require(principal: Principal, scope: Scope) -> None:
 def _target(message: Subscribe | Unsubscribe, tenant_id: str) -> StreamKey:
     if message.session_id is not None:
         return StreamKey("session", tenant_id, str(message.session_id))
+    if message.batch_id is not None:
+        return StreamKey("batch", tenant_id, str(message.batch_id))
     return StreamKey("task", tenant_id, str(message.task_id))
+
+
+def _named(key: StreamKey) -> dict[str, str | None]:
+    """How an ack names the stream: in the envelope's `session_id` or `task_id`, or, for
+    a batch (which the envelope has no field for), as `batch_id` in its data."""
+    if key.kind == "batch":
+        return {"batch_id": key.resource_id}
+    return {f"{key.kind}_id": key.resource_id}
+
+
+#: The scope a subscription to each kind of stream needs.
+_READ_SCOPE = {"session": Scope.SESSIONS_READ, "task": Scope.TASKS_READ, "batch": Scope.BATCH_READ}
 
 
 class MessageHandlers:
@@ -146,7 +160,7 @@ class MessageHandlers:
 
     async def subscribe(self, conn: Connection, principal: Principal, message: Subscribe) -> None:
         key = _target(message, principal.tenant_id)
-        _require(principal, Scope.SESSIONS_READ if key.kind == "session" else Scope.TASKS_READ)
+        _require(principal, _READ_SCOPE[key.kind])
         if (
             key not in conn.subscriptions
             and len(conn.subscriptions) >= conn.limits.max_subscriptions
@@ -163,6 +177,8 @@ class MessageHandlers:
         async with UnitOfWork(self.state.db_factory) as uow:
             if message.session_id is not None:
                 await self.state.sessions.get(uow, principal, message.session_id)
+            elif message.batch_id is not None:
+                await self.state.batches.load_visible(uow.session, principal, message.batch_id)
             else:
                 assert message.task_id is not None
                 await self.state.ledger.load_visible(uow.session, principal, message.task_id)
@@ -171,21 +187,20 @@ class MessageHandlers:
             "subscribe",
             message.request_id,
             tenant_id=principal.tenant_id,
-            session_id=key.resource_id if key.kind == "session" else None,
-            task_id=key.resource_id if key.kind == "task" else None,
             stream=key.kind,
             after=message.after,
+            **_named(key),
         )
-        # A task's log is short and finite: without `after`, from its first event, and the
-        # subscription ends with its terminal status. A session's is long-lived: without
-        # `after`, live events only.
-        is_task = key.kind == "task"
+        # A task's log and a batch's are finite: without `after`, from their first event,
+        # and the subscription ends with the last one (a terminal status, a final
+        # progress). A session's is long-lived: without `after`, live events only.
+        finite = key.kind in ("task", "batch")
         await conn.subscribe(
             key,
             after=after,
-            replay=is_task or after is not None,
+            replay=finite or after is not None,
             ack=ack,
-            until_terminal=is_task,
+            until_terminal=finite,
         )
 
     async def unsubscribe(
@@ -198,9 +213,8 @@ class MessageHandlers:
                 "unsubscribe",
                 message.request_id,
                 tenant_id=principal.tenant_id,
-                session_id=key.resource_id if key.kind == "session" else None,
-                task_id=key.resource_id if key.kind == "task" else None,
                 removed=removed,
+                **_named(key),
             )
         )
 
