@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 from prometheus_client import REGISTRY
 
 from agent_orchestrator.clients.webhooks import (
@@ -98,6 +101,55 @@ async def test_the_sender_checks_again_before_it_connects() -> None:
         finally:
             await sender.aclose()
     assert seen == []
+
+
+class RebindingDns(AbstractResolver):
+    """A name server as a DNS-rebinding attacker runs one, at the edge this machine has
+    no real one for: each lookup of the name answers the next address of `answers`."""
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = answers
+        self.lookups = 0
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        address = self.answers[min(self.lookups, len(self.answers) - 1)]
+        self.lookups += 1
+        entry: ResolveResult = {
+            "hostname": host,
+            "host": address,
+            "port": port,
+            "family": socket.AF_INET,
+            "proto": 0,
+            "flags": socket.AI_NUMERICHOST,
+        }
+        return [entry]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_rebinding_name_reaches_only_the_address_that_was_checked() -> None:
+    """The name first answers an address callbacks may reach (127.0.0.2, allowed here),
+    then the receiver's own (127.0.0.1, not allowed). The connection goes to the checked
+    answer, which nothing listens on: the receiver is never reached, and the name was
+    looked up once."""
+    dns = RebindingDns(["127.0.0.2", "127.0.0.1"])
+    reach = Reach(parse_networks(["127.0.0.2/32"]))
+    with receiver([200]) as (url, seen):
+        port = url.split(":")[2].split("/")[0]
+        sender = WebhookSender(SECRET.encode(), reach, timeout=2, resolver=dns)
+        try:
+            with pytest.raises(aiohttp.ClientConnectorError):
+                await sender.send(f"http://hooks.rebind.test:{port}/hooks", "msg_1", {"x": 1})
+            # Looked up again, the name now answers the receiver's address: refused.
+            with pytest.raises(CallbackRefused):
+                await sender.send(f"http://hooks.rebind.test:{port}/hooks", "msg_2", {"x": 2})
+        finally:
+            await sender.aclose()
+    assert seen == []
+    assert dns.lookups == 2  # once per POST: the connection used the answer checked
 
 
 @contextmanager

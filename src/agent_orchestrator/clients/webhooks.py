@@ -98,9 +98,9 @@ def sign(secret: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
 class _CheckedResolver(AbstractResolver):
     """The system resolver, keeping only the addresses callbacks may reach."""
 
-    def __init__(self, reach: Reach) -> None:
+    def __init__(self, reach: Reach, inner: AbstractResolver | None = None) -> None:
         self._reach = reach
-        self._inner = aiohttp.ThreadedResolver()
+        self._inner = inner or aiohttp.ThreadedResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
@@ -123,17 +123,26 @@ class WebhookAnswer:
 
 
 class WebhookSender:
-    def __init__(self, secret: bytes, reach: Reach, *, timeout: float) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        reach: Reach,
+        *,
+        timeout: float,
+        resolver: AbstractResolver | None = None,
+    ) -> None:
+        """`resolver`: where names are looked up (the system's, by default); whatever it
+        answers is checked before any connection."""
         self._secret = secret
         self._reach = reach
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                resolver=_CheckedResolver(self._reach), use_dns_cache=False, limit=20
-            )
+            checked = _CheckedResolver(self._reach, self._resolver)
+            connector = aiohttp.TCPConnector(resolver=checked, use_dns_cache=False, limit=20)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, trust_env=False
             )
