@@ -5,6 +5,7 @@ could use the service to reach inside the network (SSRF), by address or by name.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import socket
@@ -19,6 +20,7 @@ import httpx
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 from prometheus_client import REGISTRY
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from agent_orchestrator.clients.webhooks import (
     CallbackRefused,
@@ -27,6 +29,7 @@ from agent_orchestrator.clients.webhooks import (
     _CheckedResolver,
     parse_networks,
     refusal,
+    signing_key,
 )
 from agent_orchestrator.config import Settings
 from tests.batch_helpers import signature_of
@@ -206,6 +209,33 @@ def webhook_settings(make_backend_settings: Callable[..., Settings]) -> Settings
         retry_backoff_initial=0.05,
         retry_backoff_max=0.2,
     )
+
+
+@pytest.mark.parametrize(
+    ("secret", "receivers_key"),
+    [
+        # as the scheme writes secrets: the library takes the same string
+        ("whsec_" + base64.b64encode(b"0123456789abcdef0123").decode(), None),
+        # any other string: its UTF-8 bytes, handed to the library as bytes
+        (SECRET, SECRET.encode()),
+    ],
+)
+async def test_receivers_verify_the_signature_with_the_schemes_own_library(
+    secret: str, receivers_key: bytes | None
+) -> None:
+    with receiver([204]) as (url, seen):
+        reach = Reach(parse_networks(LOOPBACK))
+        sender = WebhookSender(signing_key(secret), reach, timeout=2)
+        try:
+            answer = await sender.send(url, "msg_2Lh9", {"type": "batch.completed", "n": 1})
+        finally:
+            await sender.aclose()
+    assert answer.status == 204
+    headers, body = seen[0]["headers"], seen[0]["body"]
+    verified = Webhook(receivers_key or secret).verify(body, headers)
+    assert verified == {"type": "batch.completed", "n": 1}
+    with pytest.raises(WebhookVerificationError):  # and a tampered body is caught
+        Webhook(receivers_key or secret).verify(body.replace(b"1", b"2"), headers)
 
 
 def attempts(outcome: str) -> float:

@@ -249,6 +249,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name}: {item!r} is not an IP address or network") from error
         return value
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from agent_orchestrator.clients.webhooks import signing_key
+
+            signing_key(value.get_secret_value())  # a whsec_ secret must decode
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:

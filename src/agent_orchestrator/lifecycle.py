@@ -9,7 +9,12 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agent_orchestrator.clients.directory import build_directory
-from agent_orchestrator.clients.webhooks import Reach, WebhookSender, parse_networks
+from agent_orchestrator.clients.webhooks import (
+    Reach,
+    WebhookSender,
+    parse_networks,
+    signing_key,
+)
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import (
     create_engine,
@@ -110,7 +115,7 @@ async def build_state(
     ledger = build_ledger(settings, single, bus, queue)
     reach = Reach(parse_networks(settings.webhook_allowed_networks))
     webhooks = WebhookSender(
-        settings.webhook_secret.get_secret_value().encode() if settings.webhook_secret else b"",
+        signing_key(settings.webhook_secret.get_secret_value()) if settings.webhook_secret else b"",
         reach,
         timeout=settings.webhook_timeout,
     )

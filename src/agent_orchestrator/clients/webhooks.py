@@ -10,9 +10,10 @@ followed, and no proxy from the environment is used. An address may be reached w
 is global unicast, or inside WEBHOOK_ALLOWED_NETWORKS.
 
 The signature follows the Standard Webhooks scheme: `webhook-id`, `webhook-timestamp`
-and `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`, keyed with the
-UTF-8 bytes of WEBHOOK_SECRET. The id is the same on every attempt of one delivery, so
-a receiver can drop repeats.
+and `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`. Its key is
+WEBHOOK_SECRET as the scheme writes secrets, `whsec_` and the key in base64 (what its
+libraries take as is), or else the secret's UTF-8 bytes. The id is the same on every
+attempt of one delivery, so a receiver can drop repeats.
 """
 
 from __future__ import annotations
@@ -87,6 +88,25 @@ def _address(host: str) -> Address | None:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None
+
+
+#: How the Standard Webhooks scheme marks a secret written in base64.
+SECRET_PREFIX = "whsec_"  # noqa: S105 - a marker of the format, not a secret
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of WEBHOOK_SECRET: `whsec_<base64>` decoded, else its UTF-8 bytes.
+    Raises ValueError for a `whsec_` secret that is not base64 of at least one byte."""
+    if not secret.startswith(SECRET_PREFIX):
+        return secret.encode()
+    encoded = secret[len(SECRET_PREFIX) :]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except ValueError as error:
+        raise ValueError(f"a {SECRET_PREFIX} secret must be base64 ({error})") from error
+    if not key:
+        raise ValueError(f"a {SECRET_PREFIX} secret must hold at least one byte")
+    return key
 
 
 def sign(secret: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
