@@ -181,6 +181,12 @@ class Settings(BaseSettings):
     service_concurrency: PositiveInt = 50
     service_retry_concurrency: Annotated[int, Field(ge=0, le=10_000)] = 3
 
+    # --- LLM token budgets per tenant (services/token_budget.py) ---------------------------
+    tenant_token_budget: Annotated[int, Field(ge=0)] = 0
+    tenant_token_budgets: Annotated[dict[str, Annotated[int, Field(ge=0)]], NoDecode] = Field(
+        default_factory=dict
+    )
+
     # --- batches and webhooks (docs/api.md#batches) ----------------------------------------
     batch_max_items: Annotated[int, Field(ge=1, le=100_000)] = 1000
     batch_default_parallel: PositiveInt = 4
@@ -226,7 +232,7 @@ class Settings(BaseSettings):
         # `NAME=` in an env file means unset, not the current directory.
         return None if value == "" else value
 
-    @field_validator("tenant_rate_limits", mode="before")
+    @field_validator("tenant_rate_limits", "tenant_token_budgets", mode="before")
     @classmethod
     def _tenant_tiers(cls, value: Any) -> Any:
         # Read here rather than by pydantic-settings, whose error for text that is not

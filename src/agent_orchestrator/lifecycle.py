@@ -40,6 +40,7 @@ from agent_orchestrator.services.session_cache import (
     SessionCache,
 )
 from agent_orchestrator.services.session_manager import SessionManager
+from agent_orchestrator.services.token_budget import MemoryUsage, RedisUsage, TokenBudget
 from agent_orchestrator.state import AppState
 
 
@@ -114,6 +115,11 @@ async def build_state(
     sessions = SessionManager(ttl_seconds=settings.session_ttl, cache=cache)
     ledger = build_ledger(settings, single, bus, queue)
     reach = Reach(parse_networks(settings.webhook_allowed_networks))
+    budget = TokenBudget(
+        RedisUsage(redis, settings.redis_namespace) if redis else MemoryUsage(),
+        settings.tenant_token_budget,
+        settings.tenant_token_budgets,
+    )
     webhooks = WebhookSender(
         signing_key(settings.webhook_secret.get_secret_value()) if settings.webhook_secret else b"",
         reach,
@@ -132,8 +138,9 @@ async def build_state(
         ledger=ledger,
         registry=registry,
         coordinator=ServiceCoordinator(services, resilience_of(settings)),
-        orchestrator=ChatOrchestrator(settings, sessions, ledger),
-        batches=BatchManager(settings, sessions, ledger, bus, factory, reach),
+        orchestrator=ChatOrchestrator(settings, sessions, ledger, budget),
+        batches=BatchManager(settings, sessions, ledger, bus, factory, reach, budget),
+        budget=budget,
         webhooks=webhooks,
         service_events=ServiceEvents(
             sessions,

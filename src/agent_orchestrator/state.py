@@ -24,6 +24,7 @@ from agent_orchestrator.services.service_coordinator import ServiceCoordinator
 from agent_orchestrator.services.service_events import ServiceEvents
 from agent_orchestrator.services.session_manager import SessionManager
 from agent_orchestrator.services.task_ledger import TaskLedger
+from agent_orchestrator.services.token_budget import TokenBudget
 from agent_orchestrator.services.turn_results import TurnResults
 
 
@@ -48,6 +49,8 @@ class AppState:
     webhooks: WebhookSender
     #: events other services publish to sessions (/internal/v1)
     service_events: ServiceEvents
+    #: the tenants' daily LLM token budgets
+    budget: TokenBudget
     closeable: list[Any] = field(default_factory=list)
     worker: WorkerEngine | None = None
     #: the request rate limits, shared by the HTTP layer and the WebSocket gateway

@@ -66,6 +66,21 @@ def record_http_request(method: str, route: str, status: int, seconds: float) ->
 TASKS_FINISHED = Counter(
     f"{PREFIX}_tasks_finished_total", "Tasks that reached a terminal state", ["kind", "status"]
 )
+LLM_TOKENS = Counter(
+    f"{PREFIX}_llm_tokens_total",
+    "Tokens of finished turns' replies, as the agent execution reported them",
+    ["kind"],
+)
+BUDGET_REFUSALS = Counter(
+    f"{PREFIX}_token_budget_refusals_total",
+    "Turns refused because their tenant's daily LLM token budget was spent, by where "
+    "(api: before queueing; worker: a queued turn, as it started)",
+    ["where"],
+)
+BUDGET_STORE_ERRORS = Counter(
+    f"{PREFIX}_token_budget_store_errors_total",
+    "Budget checks or usage records that failed (the turn was let through)",
+)
 BATCHES_FINISHED = Counter(
     f"{PREFIX}_batches_finished_total", "Batches whose every item ended", ["status"]
 )

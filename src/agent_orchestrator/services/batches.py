@@ -54,6 +54,7 @@ from agent_orchestrator.observability.metrics import BATCHES_FINISHED
 from agent_orchestrator.services.orchestrator import DEFAULT_AGENT, turn_input, user_message
 from agent_orchestrator.services.session_manager import SessionManager, sees_whole_tenant
 from agent_orchestrator.services.task_ledger import Submission, TaskLedger
+from agent_orchestrator.services.token_budget import TokenBudget
 
 log = get_logger(__name__)
 
@@ -126,6 +127,7 @@ class BatchManager:
         bus: EventBus,
         db_factory: async_sessionmaker[AsyncSession],
         reach: Reach,
+        budget: TokenBudget,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -133,6 +135,7 @@ class BatchManager:
         self.bus = bus
         self.db_factory = db_factory
         self.reach = reach
+        self.budget = budget
         # A batch's progress events leave in the order its states were read (see `settle`).
         self._settling = asyncio.Lock()
 
@@ -152,6 +155,7 @@ class BatchManager:
             existing = await repo.by_idempotency_key(principal.tenant_id, idempotency_key)
             if existing is not None:
                 return await self._same_request(uow, principal, existing, request), False
+        await self.budget.check(principal.tenant_id, "api")
         now = utcnow()
         row = BATCHES.new(
             id=new_id(),

@@ -35,6 +35,7 @@ from agent_orchestrator.observability.metrics import CHAT_TURNS
 from agent_orchestrator.observability.trace_context import trace_for_task
 from agent_orchestrator.services.session_manager import SessionManager
 from agent_orchestrator.services.task_ledger import Submission, TaskLedger
+from agent_orchestrator.services.token_budget import TokenBudget
 
 CHAT_KIND = "chat"
 DEFAULT_AGENT = "default"
@@ -187,10 +188,17 @@ class Submitted:
 
 
 class ChatOrchestrator:
-    def __init__(self, settings: Settings, sessions: SessionManager, ledger: TaskLedger) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: SessionManager,
+        ledger: TaskLedger,
+        budget: TokenBudget,
+    ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.ledger = ledger
+        self.budget = budget
 
     async def submit(
         self,
@@ -205,6 +213,7 @@ class ChatOrchestrator:
             )
             if existing is not None:
                 return Submitted(self._same_request(principal, existing, request), False)
+        await self.budget.check(principal.tenant_id, "api")
         if request.session_id is not None:
             session = await self.sessions.read_truth(uow, principal, request.session_id)
             ensure_editable(session.state)

@@ -22,6 +22,7 @@ def register_builtin_kinds(registry: HandlerRegistry, state: AppState) -> None:
         ledger=state.ledger,
         bus=state.bus,
         remote_conversation=bool(state.settings.conversation_service_url),
+        budget=state.budget,
     )
     registry.register(
         CHAT_KIND,

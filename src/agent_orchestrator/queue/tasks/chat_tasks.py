@@ -48,6 +48,7 @@ from agent_orchestrator.services.service_coordinator import (
 from agent_orchestrator.services.session_manager import SessionManager, to_message, to_session
 from agent_orchestrator.services.task_ledger import TaskLedger
 from agent_orchestrator.services.task_views import to_view
+from agent_orchestrator.services.token_budget import BudgetExceeded, TokenBudget
 
 
 @dataclass
@@ -58,6 +59,7 @@ class ChatTurn:
     ledger: TaskLedger
     bus: EventBus
     remote_conversation: bool
+    budget: TokenBudget
     #: turns whose session went back to `active` with their end (turn_end.py): `settled`
     #: need not write it again. An id outlives its turn only when the worker stops
     #: between that commit and the hook (shutdown), which leaves a few bytes behind.
@@ -74,6 +76,10 @@ class ChatTurn:
         task = ctx.task
         if task.session_id is None:
             raise TaskFailure("invalid_task", "a chat task needs a session")
+        try:  # queued before the budget ran out: it stops here, before any call
+            await self.budget.check(task.tenant_id, "worker")
+        except BudgetExceeded as spent:
+            raise TaskFailure(spent.code, spent.message) from spent
         started = time.perf_counter()
         degraded: list[dict[str, Any]] = []
         call_ctx = CallContext(
@@ -196,6 +202,9 @@ class ChatTurn:
             )
         if ended is None:  # the lease moved on: another worker owns this task now
             return
+        await self.budget.charge(
+            task.tenant_id, reply.usage.prompt_tokens, reply.usage.completion_tokens
+        )
         row, stored = ended.task, ended.reply
         session = None if ended.session is None else to_session(ended.session, now)
         handover = None
