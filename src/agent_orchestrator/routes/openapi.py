@@ -38,7 +38,8 @@ _MEANING = {
     409: "the resource's state does not allow it (`conflict`)",
     413: "the request body is over MAX_REQUEST_BYTES (`payload_too_large`)",
     422: "a field is missing or not valid; `details` names it (`validation_error`)",
-    429: "a rate limit is reached; `details` names it (`rate_limited`)",
+    429: "a rate limit is reached; `details` names it (`rate_limited`); or, for a new turn "
+    "or batch, the tenant's LLM token budget for the day is spent (`budget_exceeded`)",
     503: "a token of another issuer could not be checked now: the Identity Service or the "
     "issuer's JWKS did not answer (`service_unavailable`)",
 }
