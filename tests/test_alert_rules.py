@@ -14,10 +14,14 @@ import yaml
 from prometheus_client import REGISTRY
 
 import agent_orchestrator.app  # noqa: F401 - registers every metric the API exports
+from agent_orchestrator.db.repositories.batches import BATCH_ITEM_KIND
+from agent_orchestrator.services.batches import CALLBACK_KIND
 from agent_orchestrator.services.orchestrator import CHAT_KIND
 
 RULES_FILE = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+#: The task kinds built in: a `kind` label a rule names must be one of them.
+TASK_KINDS = {CHAT_KIND, BATCH_ITEM_KIND, CALLBACK_KIND}
 
 
 def rules() -> list[dict[str, Any]]:
@@ -57,7 +61,7 @@ def test_each_rule_is_valid_promql_on_exported_metrics(rule: dict[str, Any]) -> 
         assert selector.name in exported, f"{selector.name} is not a metric of the service"
         for matcher in selector.matchers.matchers:
             if matcher.name == "kind":
-                assert matcher.value == CHAT_KIND
+                assert matcher.value in TASK_KINDS
     assert rule["labels"]["severity"] in {"warning", "critical"}
     assert rule["annotations"]["summary"]
     assert rule["annotations"]["description"]
