@@ -164,6 +164,15 @@ async def test_replay_whole_stream_and_after_a_cursor(bus: EventBus) -> None:
     assert await bus.replay(task_stream(new_id()), None, 100) == []
 
 
+@pytest.mark.parametrize("cursor", [2**64 - 2, 2**64 - 1, 2**64, 10**20 - 1])
+async def test_a_cursor_past_any_id_replays_nothing(bus: EventBus, cursor: int) -> None:
+    """A client may send any 20-digit cursor; past the largest id a stream can hold
+    (Redis's are 64-bit) nothing follows it, and that is the answer, not an error."""
+    task_id = new_id()
+    await bus.publish(task_event(task_id, 1))
+    assert await bus.replay(task_stream(task_id), cursor, 100) == []
+
+
 async def test_an_event_of_a_task_and_session_is_in_both_streams(bus: EventBus) -> None:
     session_id, task_a, task_b = new_id(), new_id(), new_id()
     first = await bus.publish(task_event(task_a, 1, session_id=session_id))

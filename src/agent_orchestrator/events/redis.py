@@ -68,6 +68,10 @@ return ids
 """
 
 
+#: The largest id part of a Redis stream entry: a cursor past it has nothing after it.
+LARGEST_ID = 2**64 - 1
+
+
 class RedisEventBus(LocalFanoutBus):
     def __init__(self, redis: Redis, *, namespace: str, stream_cap: int, ttl_seconds: int) -> None:
         super().__init__()
@@ -127,6 +131,8 @@ class RedisEventBus(LocalFanoutBus):
         ]
 
     async def replay(self, stream: StreamKey, after: int | None, limit: int) -> list[Event]:
+        if after is not None and after > LARGEST_ID:
+            return []  # nothing can follow it; Redis would refuse the id
         start = f"({after}-0" if after else "-"
         entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(  # type: ignore[assignment]
             stream.name(self._ns), min=start, max="+", count=limit
