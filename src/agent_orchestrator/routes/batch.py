@@ -16,12 +16,7 @@ from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.models.task import TaskStatus
 from agent_orchestrator.routes.deps import Paging, State, UoW
 from agent_orchestrator.routes.openapi import API_ERRORS, SSE_CONTENT, errors
-from agent_orchestrator.routes.sse import (
-    EventCursor,
-    event_frames,
-    nothing_more_to_stream,
-    sse_response,
-)
+from agent_orchestrator.routes.sse import EventCursor, finite_stream
 
 router = APIRouter(prefix="/api/v1/batch", tags=["batch"], responses=API_ERRORS)
 
@@ -88,16 +83,13 @@ async def batch_events(
     `cancelled`); resumable with `Last-Event-ID` like a task's events."""
     row = await state.batches.load_visible(uow.session, principal, batch_id)
     stream = StreamKey("batch", row.tenant_id, str(row.id))
-    if await nothing_more_to_stream(state.bus, stream, ends_batch_stream, row.finished_at, cursor):
-        return Response(status_code=204)
-    return sse_response(
-        event_frames(
-            state.bus,
-            stream,
-            cursor,
-            is_last=ends_batch_stream,
-            keepalive_seconds=state.settings.sse_keepalive_seconds,
-        )
+    return await finite_stream(
+        state.bus,
+        stream,
+        is_last=ends_batch_stream,
+        finished_at=row.finished_at,
+        cursor=cursor,
+        keepalive_seconds=state.settings.sse_keepalive_seconds,
     )
 
 

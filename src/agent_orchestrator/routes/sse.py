@@ -12,7 +12,7 @@ from contextlib import suppress
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import Depends, Header, Query
+from fastapi import Depends, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
 from agent_orchestrator.aio import cancel_and_wait
@@ -108,6 +108,23 @@ async def nothing_more_to_stream(
     # No final event in the log: gone, unless it ended a moment ago and its final event
     # is being published right now (then the live stream delivers it).
     return finished_at < utcnow() - FINAL_EVENT_GRACE
+
+
+async def finite_stream(
+    bus: EventBus,
+    stream: StreamKey,
+    *,
+    is_last: Callable[[Event], bool],
+    finished_at: datetime | None,
+    cursor: int | None,
+    keepalive_seconds: float,
+) -> Response:
+    """A task's or a batch's events after `cursor` as SSE, ending with its last one; 204
+    when nothing more will come (which also tells an EventSource to stop reconnecting)."""
+    if await nothing_more_to_stream(bus, stream, is_last, finished_at, cursor):
+        return Response(status_code=204)
+    frames = event_frames(bus, stream, cursor, is_last=is_last, keepalive_seconds=keepalive_seconds)
+    return sse_response(frames)
 
 
 def cursor_from(last_event_id: str | None, after: str | None) -> int | None:

@@ -18,12 +18,7 @@ from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.models.task import TERMINAL, TaskStatus, TaskView
 from agent_orchestrator.routes.deps import Paging, State, UoW
 from agent_orchestrator.routes.openapi import API_ERRORS, SSE_CONTENT, errors
-from agent_orchestrator.routes.sse import (
-    EventCursor,
-    event_frames,
-    nothing_more_to_stream,
-    sse_response,
-)
+from agent_orchestrator.routes.sse import EventCursor, finite_stream
 from agent_orchestrator.services.task_views import to_view
 
 router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"], responses=API_ERRORS)
@@ -70,18 +65,13 @@ async def task_events(
 ) -> Response:
     row = await state.ledger.load_visible(uow.session, principal, task_id)
     stream = StreamKey("task", row.tenant_id, str(row.id))
-    finished_at = row.finished_at if row.status in TERMINAL else None
-    if await nothing_more_to_stream(state.bus, stream, ends_task_stream, finished_at, cursor):
-        # 204 also tells an EventSource to stop reconnecting.
-        return Response(status_code=204)
-    return sse_response(
-        event_frames(
-            state.bus,
-            stream,
-            cursor,
-            is_last=ends_task_stream,
-            keepalive_seconds=state.settings.sse_keepalive_seconds,
-        )
+    return await finite_stream(
+        state.bus,
+        stream,
+        is_last=ends_task_stream,
+        finished_at=row.finished_at if row.status in TERMINAL else None,
+        cursor=cursor,
+        keepalive_seconds=state.settings.sse_keepalive_seconds,
     )
 
 
