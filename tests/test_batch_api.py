@@ -9,14 +9,17 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
+from agent_orchestrator.app import create_app
 from agent_orchestrator.config import Settings
-from agent_orchestrator.db.tables import BatchRow
+from agent_orchestrator.db.tables import BatchRow, TaskRow
+from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.events.models import EventType, StreamKey
 from tests.batch_helpers import most_at_once
 from tests.chat_helpers import event_frames, get_json, messages, post_json, task_view
@@ -257,6 +260,39 @@ async def test_the_sweep_delivers_items_whose_deliveries_were_lost(
         assert await state.batches.sweep() == 2  # the two that may start
         view = await ended(client, headers, created["id"])
     assert view["counts"]["succeeded"] == 3
+
+
+async def test_an_item_the_reconciler_fails_hands_its_slot_on_at_once(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    """An item whose worker stopped renewing its lease, with its attempts spent, ends
+    `failed` by the reconciler, outside any worker's attempt: the next item is delivered
+    then, not at the batches' next sweep. (The API process alone: no worker to race.)"""
+    app = create_app(make_backend_settings(), run_worker=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            state = app.state.core
+            headers = auth(make_token())
+            created = await submit(client, headers, items=items("a", "b"), max_parallel=1)
+            first, second = (
+                uuid.UUID(item["task_id"]) for item in await results(client, headers, created["id"])
+            )
+            assert await state.ledger.claim("tenant-a", first, "a-worker-that-dies") is not None
+            async with state.db_factory() as db:
+                await db.execute(
+                    update(TaskRow)
+                    .where(TaskRow.id == first)
+                    .values(lease_expires_at=utcnow() - timedelta(seconds=1), max_attempts=1)
+                )
+                await db.commit()
+            assert await state.ledger.recover_expired_leases() == 1
+            view = await batch_view(client, headers, created["id"])
+            async with state.db_factory() as db:
+                query = select(TaskRow.delivery).where(TaskRow.id == second)
+                delivery = (await db.execute(query)).scalar_one()
+    assert view["counts"] == {**view["counts"], "failed": 1, "queued": 1}
+    assert delivery == 2  # its first delivery, made as the slot freed
 
 
 async def test_idempotency_key_returns_the_same_batch(

@@ -136,6 +136,9 @@ class BatchManager:
         self.db_factory = db_factory
         self.reach = reach
         self.budget = budget
+        # Items that end outside a worker's attempt (cancelled while queued, failed by the
+        # reconciler) settle their batch too: the runner's settled hook never sees them.
+        ledger.on_ended_elsewhere(self.item_settled)
         # A batch's progress events leave in the order its states were read (see `settle`).
         self._settling = asyncio.Lock()
 

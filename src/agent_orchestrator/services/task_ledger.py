@@ -11,6 +11,7 @@ event, is in task_views.py.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -54,6 +55,10 @@ from agent_orchestrator.services.session_manager import sees_whole_tenant
 from agent_orchestrator.services.task_views import status_event, to_view
 
 log = get_logger(__name__)
+
+
+#: Called with a task that ended outside a worker's attempt (`on_ended_elsewhere`).
+EndHook = Callable[[TaskRow], Awaitable[None]]
 
 
 class Renewal(StrEnum):
@@ -103,6 +108,7 @@ class TaskLedger:
         self.producer = producer
         self.default_max_attempts = default_max_attempts
         self.lease = timedelta(seconds=lease_ttl)
+        self._end_hooks: list[EndHook] = []
 
     # --- API side: runs in the request's unit of work ------------------------------------
     async def submit(
@@ -298,7 +304,7 @@ class TaskLedger:
             if cancelled.status == TaskStatus.CANCELLED:
                 _count_finished(cancelled)
                 await self.bus.publish(status_event(cancelled))
-                await self._wake_session_of(cancelled)  # it may have been next in line
+                await self._ended_elsewhere(cancelled)  # it may have been next in line
             else:
                 await self.bus.publish_control({"action": "cancel", "task_id": str(cancelled.id)})
 
@@ -517,13 +523,24 @@ class TaskLedger:
             await self.bus.publish(status_event(done))
             if done.status == TaskStatus.QUEUED:
                 await self.producer.deliver(done)
-            else:  # its worker is gone: nobody else frees the session's next turn
-                await self._wake_session_of(done)
+            else:  # its worker is gone: nobody else frees what it held
+                await self._ended_elsewhere(done)
         return recovered
 
-    async def _wake_session_of(self, row: TaskRow) -> None:
-        if row.session_id is not None:
+    def on_ended_elsewhere(self, hook: EndHook) -> None:
+        """`hook(row)` runs after a task ends outside a worker's attempt (a queued task
+        cancelled by the API, a task the reconciler fails or cancels), where the runner's
+        settled hooks never see it: a batch hands the item's slot on (services/batches.py)."""
+        self._end_hooks.append(hook)
+
+    async def _ended_elsewhere(self, row: TaskRow) -> None:
+        if row.session_id is not None:  # the session's next turn may run now
             await self.wake_next_in_session(row.tenant_id, row.session_id)
+        for hook in self._end_hooks:
+            try:
+                await hook(row)
+            except Exception:  # the reconciler's sweeps repair what a hook left undone
+                log.exception("task end hook failed", task_id=str(row.id))
 
     async def redeliver_lost(self, stale_after: float, batch: int = 100) -> int:
         """Queued tasks whose delivery the queue no longer holds (Redis lost it, or a
