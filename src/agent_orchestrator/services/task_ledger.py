@@ -4,8 +4,8 @@ Every write is a conditional update whose source states come from `models.task.T
 so an illegal move cannot happen and concurrent claimants cannot both win. Each state
 change publishes a `task.status` event after its transaction commits (a batch's new
 items excepted: the batch's progress announces them); work that must follow a commit
-(enqueueing a delivery) runs then too, never before. How a row is shown, as a view or an
-event, is in task_views.py.
+(enqueueing a delivery) runs then too, never before. The writes' statements and values are
+built in task_writes.py; how a row is shown, as a view or an event, is in task_views.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from agent_orchestrator.db.repositories.tasks import (
     Add,
     Guard,
     TaskRepository,
-    transition_call,
 )
 from agent_orchestrator.db.tables import ServiceCallRow, SessionRow, TaskRow
 from agent_orchestrator.db.types import utcnow
@@ -45,14 +44,20 @@ from agent_orchestrator.models.task import (
     TaskErrorInfo,
     TaskStatus,
     TaskView,
-    sources_of,
 )
 from agent_orchestrator.observability import audit
 from agent_orchestrator.observability.logging import get_logger
-from agent_orchestrator.observability.metrics import TASKS_FINISHED
 from agent_orchestrator.queue.producer import TaskProducer
 from agent_orchestrator.services.session_manager import sees_whole_tenant
 from agent_orchestrator.services.task_views import status_event, to_view
+from agent_orchestrator.services.task_writes import (
+    count_finished,
+    owned_write,
+    seconds_until,
+    status_write,
+    terminal_values,
+    unleased,
+)
 
 log = get_logger(__name__)
 
@@ -209,7 +214,7 @@ class TaskLedger:
             tenant_id,
             batch_id,
             sources=[TaskStatus.QUEUED.value],
-            values=_terminal_values(TaskStatus.CANCELLED, now),
+            values=terminal_values(TaskStatus.CANCELLED, now),
         )
         flagged = await repo.transition_batch(
             tenant_id,
@@ -220,7 +225,7 @@ class TaskLedger:
 
         async def notify() -> None:
             for row in cancelled:
-                _count_finished(row)
+                count_finished(row)
             if cancelled:
                 await self.bus.publish_many([status_event(row) for row in cancelled])
             for row in flagged:
@@ -282,7 +287,7 @@ class TaskLedger:
             row.tenant_id,
             row.id,
             sources=[TaskStatus.QUEUED.value],
-            values=_terminal_values(TaskStatus.CANCELLED, now),
+            values=terminal_values(TaskStatus.CANCELLED, now),
         )
         if cancelled is None:
             cancelled = await repo.transition(
@@ -302,7 +307,7 @@ class TaskLedger:
 
         async def notify() -> None:
             if cancelled.status == TaskStatus.CANCELLED:
-                _count_finished(cancelled)
+                count_finished(cancelled)
                 await self.bus.publish(status_event(cancelled))
                 await self._ended_elsewhere(cancelled)  # it may have been next in line
             else:
@@ -332,7 +337,7 @@ class TaskLedger:
         claim's transaction on SQLite; on PostgreSQL the ledger's sessions are
         autocommit, so the claim stands whatever happens to it)."""
         now = utcnow()
-        claim = _transition(
+        claim = status_write(
             tenant_id,
             task_id,
             TaskStatus.RUNNING,
@@ -419,11 +424,11 @@ class TaskLedger:
     ) -> Bound:
         """`finish`'s statement, for a handler that writes it with its own final writes
         (db/repositories/turn_end.py); it then calls `announce` itself."""
-        values = _terminal_values(status, utcnow())
+        values = terminal_values(status, utcnow())
         values.update(
             result=result, error=error.model_dump() if error else None, progress=task.progress
         )
-        return _owned(task, worker_id, status, values)
+        return owned_write(task, worker_id, status, values)
 
     async def announce(self, row: TaskRow) -> None:
         """Publish a committed state change (and count a finished task)."""
@@ -432,7 +437,7 @@ class TaskLedger:
     def announcement(self, row: TaskRow) -> Event:
         """`announce` for a caller that publishes the event together with others."""
         if row.status in TERMINAL:
-            _count_finished(row)
+            count_finished(row)
         return status_event(row)
 
     async def wake_next_in_session(self, tenant_id: str, session_id: uuid.UUID) -> None:
@@ -451,7 +456,7 @@ class TaskLedger:
             "error": error.model_dump(),
             "not_before": now + timedelta(seconds=delay),
             "delivery": Add(1),
-            **_unleased(now),
+            **unleased(now),
         }
         row = await self._write_owned(task, worker_id, TaskStatus.QUEUED, values)
         if row is not None:
@@ -463,7 +468,7 @@ class TaskLedger:
         """Give a task back on shutdown; the interrupted attempt is not counted."""
         now = utcnow()
         values: dict[str, Any] = {"attempt": Add(-1), "delivery": Add(1)}
-        values.update(_unleased(now))
+        values.update(unleased(now))
         row = await self._write_owned(task, worker_id, TaskStatus.QUEUED, values)
         if row is not None:
             await self.bus.publish(status_event(row))
@@ -489,7 +494,7 @@ class TaskLedger:
                     row.tenant_id,
                     row.id,
                     TaskStatus.CANCELLED,
-                    _terminal_values(TaskStatus.CANCELLED, now),
+                    terminal_values(TaskStatus.CANCELLED, now),
                     still_expired,
                 )
             elif row.attempt >= row.max_attempts:
@@ -499,13 +504,13 @@ class TaskLedger:
                     "stopped renewing its lease",
                     retryable=False,
                 )
-                values = _terminal_values(TaskStatus.FAILED, now)
+                values = terminal_values(TaskStatus.FAILED, now)
                 values["error"] = error.model_dump()
                 done = await self._write(
                     row.tenant_id, row.id, TaskStatus.FAILED, values, still_expired
                 )
             else:
-                values = {"delivery": Add(1), **_unleased(now)}
+                values = {"delivery": Add(1), **unleased(now)}
                 done = await self._write(
                     row.tenant_id, row.id, TaskStatus.QUEUED, values, still_expired
                 )
@@ -519,7 +524,7 @@ class TaskLedger:
                 status=done.status,
             )
             if done.status in TERMINAL:
-                _count_finished(done)
+                count_finished(done)
             await self.bus.publish(status_event(done))
             if done.status == TaskStatus.QUEUED:
                 await self.producer.deliver(done)
@@ -573,7 +578,7 @@ class TaskLedger:
         )
         if bumped is None:
             return False
-        await self.producer.deliver(bumped, delay=_seconds_until(bumped.not_before))
+        await self.producer.deliver(bumped, delay=seconds_until(bumped.not_before))
         return True
 
     async def _write(
@@ -585,7 +590,7 @@ class TaskLedger:
         guard: Guard = Guard(),
         same_state: list[str] | None = None,
     ) -> TaskRow | None:
-        transition = _transition(tenant_id, task_id, target, values, guard, same_state)
+        transition = status_write(tenant_id, task_id, target, values, guard, same_state)
         return await self._run(transition)
 
     async def _run(self, transition: Bound) -> TaskRow | None:
@@ -598,47 +603,4 @@ class TaskLedger:
     async def _write_owned(
         self, task: TaskRow, worker_id: str, target: TaskStatus, values: dict[str, Any]
     ) -> TaskRow | None:
-        return await self._run(_owned(task, worker_id, target, values))
-
-
-def _transition(
-    tenant_id: str,
-    task_id: uuid.UUID,
-    target: TaskStatus,
-    values: dict[str, Any],
-    guard: Guard = Guard(),
-    same_state: list[str] | None = None,
-) -> Bound:
-    """A move to `target` from its allowed source states (or, with `same_state`, a write
-    that keeps the state), as a statement."""
-    values = {"status": target.value, **values}
-    return transition_call(tenant_id, task_id, same_state or sources_of(target), values, guard)
-
-
-def _owned(task: TaskRow, worker_id: str, target: TaskStatus, values: dict[str, Any]) -> Bound:
-    """A transition only the lease holder may make, as a statement."""
-    return _transition(task.tenant_id, task.id, target, values, Guard(lease_owner=worker_id))
-
-
-def _terminal_values(status: TaskStatus, now: datetime) -> dict[str, Any]:
-    return {
-        "status": status.value,
-        "finished_at": now,
-        "updated_at": now,
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
-
-
-def _unleased(now: datetime) -> dict[str, Any]:
-    return {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
-
-
-def _seconds_until(moment: datetime | None) -> float:
-    if moment is None:
-        return 0.0
-    return max(0.0, (moment - utcnow()).total_seconds())
-
-
-def _count_finished(row: TaskRow) -> None:
-    TASKS_FINISHED.labels(row.kind, row.status).inc()
+        return await self._run(owned_write(task, worker_id, target, values))
