@@ -51,6 +51,8 @@ class BatchRequest(BaseModel):
 
 
 class BatchCounts(BaseModel):
+    """A batch's items by status: every status named, zeros included."""
+
     queued: int = 0
     running: int = 0
     succeeded: int = 0

@@ -28,7 +28,6 @@ from agent_orchestrator.db.repositories.batches import (
     BATCH_ITEM_KIND,
     BATCHES,
     BatchRepository,
-    counts_of,
 )
 from agent_orchestrator.db.repositories.messages import MESSAGES
 from agent_orchestrator.db.tables import BatchRow, TaskRow
@@ -47,7 +46,7 @@ from agent_orchestrator.models.batch import (
 from agent_orchestrator.models.pagination import Page
 from agent_orchestrator.models.principal import Principal
 from agent_orchestrator.models.session import SessionCreate
-from agent_orchestrator.models.task import TaskErrorInfo, TaskStatus
+from agent_orchestrator.models.task import TERMINAL, TaskErrorInfo, TaskStatus
 from agent_orchestrator.observability import audit
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import BATCHES_FINISHED
@@ -68,7 +67,7 @@ def to_response(row: BatchRow, counts: dict[str, int]) -> BatchResponse:
         operation=row.operation,
         status=BatchStatus(row.status),
         total=row.total,
-        counts=BatchCounts(**counts_of(counts)),
+        counts=BatchCounts(**counts),
         max_parallel=row.max_parallel,
         cancel_requested=row.cancel_requested,
         callback_url=row.callback_url,
@@ -100,7 +99,7 @@ def request_digest(request: BatchRequest) -> str:
 
 
 def progress_event(row: BatchRow, counts: dict[str, int]) -> Event:
-    done = sum(n for status, n in counts.items() if status not in ("queued", "running"))
+    done = sum(n for status, n in counts.items() if status in TERMINAL)
     return Event(
         type=EventType.BATCH_PROGRESS,
         tenant_id=row.tenant_id,
@@ -109,7 +108,7 @@ def progress_event(row: BatchRow, counts: dict[str, int]) -> Event:
             "status": row.status,
             "total": row.total,
             "completed": done,
-            "counts": counts_of(counts),
+            "counts": BatchCounts(**counts).model_dump(),  # every status, zeros included
         },
     )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import and_, bindparam, case, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -176,9 +175,3 @@ class BatchRepository:
         written (the process that ended the last item stopped before it could)."""
         result = await self.db.execute(_DONE_BUT_RUNNING, {"limit": limit})
         return [(tenant_id, batch_id) for tenant_id, batch_id in result]
-
-
-def counts_of(found: dict[str, int]) -> dict[str, Any]:
-    """Every status named, zeros included, so a client need not guess the missing ones."""
-    statuses = ("queued", "running", "succeeded", "failed", "cancelled", "timed_out")
-    return {status: found.get(status, 0) for status in statuses}
