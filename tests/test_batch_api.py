@@ -317,6 +317,22 @@ async def test_idempotency_key_returns_the_same_batch(
     ).status_code == 409
 
 
+async def test_concurrent_submissions_with_one_key_give_one_batch(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    headers = {**auth(make_token()), "Idempotency-Key": "raced-key"}
+    body = {"items": items("one", "two")}
+    answers = await asyncio.gather(
+        *(client.post(BATCH, json=body, headers=headers) for _ in range(5))
+    )
+    assert {answer.status_code for answer in answers} == {202}
+    assert len({answer.json()["id"] for answer in answers}) == 1
+    listed = (await client.get(BATCH, headers=headers)).json()["items"]
+    assert len(listed) == 1
+    await ended(client, headers, listed[0]["id"])
+    assert len(await results(client, headers, listed[0]["id"])) == 2  # its items, once
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -21,7 +22,7 @@ from agent_orchestrator.db.driver_session import DriverSession
 from agent_orchestrator.db.held_inserts import Group, hold, insert_held
 from agent_orchestrator.db.inline_session import InlineSessionMaker
 from agent_orchestrator.db.repositories.audit import ENTRIES
-from agent_orchestrator.db.repositories.rows import RowCodec
+from agent_orchestrator.db.repositories.rows import RowCodec, RowT
 from agent_orchestrator.db.tables import AuditEntryRow, Base
 from agent_orchestrator.observability.logging import get_logger
 
@@ -111,6 +112,23 @@ class UnitOfWork:
         do not see them before it commits, and an error they cause (a duplicate key)
         comes from the commit."""
         hold(self._held, codec, rows)
+
+    async def insert_unless_raced(
+        self, codec: RowCodec[RowT], row: RowT, winner: Callable[[], Awaitable[RowT | None]]
+    ) -> RowT | None:
+        """Insert `row` now, in a savepoint, so that a concurrent request that inserted the
+        same unique key first (an Idempotency-Key) does not poison this transaction.
+        Returns None when `row` went in, else the row that won (`winner()`); re-raises
+        when there is none."""
+        try:
+            async with self.session.begin_nested():
+                await codec.add(self.session, row)
+        except IntegrityError:
+            existing = await winner()
+            if existing is None:
+                raise
+            return existing
+        return None
 
     def audit(self, entry: AuditEntryRow) -> None:
         """An audit entry, written with the commit (so never without the change it

@@ -18,7 +18,6 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.clients.webhooks import Reach, refusal
@@ -176,16 +175,15 @@ class BatchManager:
             updated_at=now,
             finished_at=None,
         )
-        try:
-            async with uow.session.begin_nested():  # a racing twin must not poison us
-                await repo.add(row)
-        except IntegrityError:
-            existing = None
-            if idempotency_key is not None:
-                existing = await repo.by_idempotency_key(principal.tenant_id, idempotency_key)
-            if existing is None:
-                raise
-            return await self._same_request(uow, principal, existing, request), False
+        if idempotency_key is None:
+            uow.insert_at_commit(BATCHES, row)  # nothing reads it back before the commit
+        else:
+            key = idempotency_key
+            winner = await uow.insert_unless_raced(
+                BATCHES, row, lambda: repo.by_idempotency_key(principal.tenant_id, key)
+            )
+            if winner is not None:  # a request with the same key got there first
+                return await self._same_request(uow, principal, winner, request), False
         await self._add_items(uow, principal, row, request)
         audit.record(
             uow,

@@ -17,7 +17,6 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agent_orchestrator.db.driver_session import DriverSession
@@ -131,15 +130,12 @@ class TaskLedger:
         if key is None:
             uow.insert_at_commit(TASKS, row)  # nothing reads it back before the commit
         else:
-            try:
-                async with uow.session.begin_nested():  # a racing twin must not poison us
-                    await repo.add(row)
-            except IntegrityError:
-                # Another request with the same key won the race: answer with its task.
-                existing = await repo.by_idempotency_key(principal.tenant_id, key)
-                if existing is None:
-                    raise
-                return existing, False
+            # Another request with the same key may win the race: answer with its task.
+            winner = await uow.insert_unless_raced(
+                TASKS, row, lambda: repo.by_idempotency_key(principal.tenant_id, key)
+            )
+            if winner is not None:
+                return winner, False
         audit.record(uow, principal, "task.submit", "task", str(row.id), {"kind": row.kind})
 
         async def announce_and_enqueue() -> None:

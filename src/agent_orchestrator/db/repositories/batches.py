@@ -88,10 +88,6 @@ class BatchRepository:
     def __init__(self, db: AsyncSession) -> None:
         self.db = db
 
-    async def add(self, row: BatchRow) -> BatchRow:
-        await BATCHES.add(self.db, row)
-        return row
-
     async def get(
         self, tenant_id: str, batch_id: uuid.UUID, *, for_update: bool = False
     ) -> BatchRow | None:
