@@ -8,13 +8,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 
-from agent_orchestrator.db.repositories.messages import MessageRepository
 from agent_orchestrator.middleware.auth import require_service
 from agent_orchestrator.models.internal import ServiceEvent, ServiceEventAccepted, SessionContext
 from agent_orchestrator.models.principal import Principal
 from agent_orchestrator.routes.deps import State, UoW
 from agent_orchestrator.routes.openapi import errors
-from agent_orchestrator.services.session_manager import to_message
 
 router = APIRouter(prefix="/internal/v1", tags=["internal"], responses=errors(401))
 
@@ -35,9 +33,8 @@ async def session_context(
     last: Annotated[int, Query(ge=0, le=1000, description="how many of the last messages")] = 50,
 ) -> SessionContext:
     """The session and its `last` messages, oldest first."""
-    session = await state.sessions.get(uow, principal, session_id)
-    rows = await MessageRepository(uow.session).latest(principal.tenant_id, session_id, last)
-    return SessionContext(session=session, messages=[to_message(row) for row in rows])
+    session, messages = await state.sessions.context(uow, principal, session_id, last=last)
+    return SessionContext(session=session, messages=messages)
 
 
 @router.post(

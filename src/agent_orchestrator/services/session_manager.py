@@ -142,6 +142,15 @@ class SessionManager:
         )
         return Page(items=[to_message(row) for row in rows], next_cursor=next_cursor)
 
+    async def context(
+        self, uow: UnitOfWork, principal: Principal, session_id: uuid.UUID, *, last: int
+    ) -> tuple[Session, list[Message]]:
+        """The session and its `last` messages, oldest first (what another platform
+        service reads of it)."""
+        session = await self.get(uow, principal, session_id)
+        rows = await MessageRepository(uow.session).latest(principal.tenant_id, session_id, last)
+        return session, [to_message(row) for row in rows]
+
     # --- writes -----------------------------------------------------------------------
     async def create(
         self,
