@@ -327,3 +327,9 @@ async def test_internal_callback_urls_are_refused_at_submission(
     assert details == [
         {"field": "callback_url", "message": "127.0.0.1 is not an address callbacks may reach"}
     ]
+
+
+@pytest.mark.parametrize("secret", ["whsec_not*base64", "whsec_"])
+def test_a_whsec_secret_that_does_not_decode_stops_start_up(secret: str) -> None:
+    with pytest.raises(ValueError, match="WEBHOOK_SECRET"):
+        Settings(webhook_secret=secret, _env_file=None)  # type: ignore[call-arg]

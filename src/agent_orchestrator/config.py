@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from agent_orchestrator.clients.webhooks import signing_key
+
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 #: Requests per minute; 0 turns that limit off.
@@ -90,6 +92,7 @@ class Settings(BaseSettings):
 
     #: the issuer's key from JWT_PUBLIC_KEY_FILE, loaded by validation
     _public_key: Any = PrivateAttr(default=None)
+    _webhook_key: bytes | None = PrivateAttr(default=None)
 
     # --- spec section 4.1 -------------------------------------------------------------
     database_url: str | None = None
@@ -255,15 +258,6 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name}: {item!r} is not an IP address or network") from error
         return value
 
-    @field_validator("webhook_secret")
-    @classmethod
-    def _webhook_key(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            from agent_orchestrator.clients.webhooks import signing_key
-
-            signing_key(value.get_secret_value())  # a whsec_ secret must decode
-        return value
-
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
@@ -324,6 +318,12 @@ class Settings(BaseSettings):
         if self.jwt_public_key_file is not None:
             # Loaded once, here: a file that cannot serve stops start-up naming the variable.
             self._public_key = public_key(self.jwt_algorithm, self.jwt_public_key_file)
+        if self.webhook_secret is not None:
+            # Derived once, here, like the public key: a whsec_ secret must decode.
+            try:
+                self._webhook_key = signing_key(self.webhook_secret.get_secret_value())
+            except ValueError as error:
+                raise ValueError(f"WEBHOOK_SECRET: {error}") from error
         if self.queue_interactive == self.queue_bulk:
             raise ValueError("QUEUE_INTERACTIVE and QUEUE_BULK must differ")
         if self.default_page_size > self.max_page_size:
@@ -364,6 +364,10 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "sqlite+aiosqlite://" + url[len(prefix) :]
         return url
+
+    def webhook_key(self) -> bytes | None:
+        """The HMAC key of batch webhooks (None: WEBHOOK_SECRET unset, webhooks off)."""
+        return self._webhook_key
 
     def verification_key(self) -> Any:
         """What verifies tokens: the loaded public key for RS*/ES*, None when the keys come

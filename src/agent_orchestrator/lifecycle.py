@@ -13,7 +13,6 @@ from agent_orchestrator.clients.webhooks import (
     Reach,
     WebhookSender,
     parse_networks,
-    signing_key,
 )
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.engine import (
@@ -121,7 +120,7 @@ async def build_state(
         settings.tenant_token_budgets,
     )
     webhooks = WebhookSender(
-        signing_key(settings.webhook_secret.get_secret_value()) if settings.webhook_secret else b"",
+        settings.webhook_key() or b"",
         reach,
         timeout=settings.webhook_timeout,
     )
