@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from agent_orchestrator.config import Settings
@@ -127,6 +128,8 @@ async def test_an_unreachable_store_lets_turns_through(
         budget = client.app.state.core.budget  # type: ignore[attr-defined]
         broken = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
         budget.store = RedisUsage(broken, "nowhere")
+        errors = "nooble_orchestrator_token_budget_store_errors_total"
+        before = REGISTRY.get_sample_value(errors) or 0.0
         try:
             headers = auth(make_token())
             for _ in range(2):  # over a budget of 1, had the store answered
@@ -134,6 +137,8 @@ async def test_an_unreachable_store_lets_turns_through(
                 assert answer["task"]["status"] == "succeeded"
         finally:
             await broken.aclose()
+    # Each turn's check at the API and at its start, and its usage record, failed.
+    assert (REGISTRY.get_sample_value(errors) or 0.0) - before == 6
 
 
 async def test_no_budget_is_the_default(
