@@ -50,10 +50,18 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+#: One decoder for every call: `json.loads` with hooks builds a decoder and its scanner
+#: per call, which was half the cost of decoding a stream event (~5 us against ~3 us).
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
+
+
 def strict_json(raw: str | bytes) -> Any:
     """`json.loads`, without the numbers JSON does not have: Python's reader takes NaN,
-    Infinity and 1e400 (as infinity), and PostgreSQL's jsonb refuses them (ValueError)."""
-    return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+    Infinity and 1e400 (as infinity), and PostgreSQL's jsonb refuses them (ValueError).
+    Bytes are decoded as `json.loads` does (UTF-8, -16 or -32, told by their start)."""
+    if not isinstance(raw, str):
+        raw = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    return _STRICT_DECODER.decode(raw)
 
 
 #: How deep client JSON (metadata; a WebSocket message) may nest. Deeper metadata was
