@@ -78,6 +78,8 @@ TARGET_C1_P50_MS = 10.0
 TARGET_RATE = 300.0
 TARGET_OVERHEAD_P99_MS = 10.0
 EMBEDDED_HTTP = "embedded, HTTP downstream"
+PRODUCTION = "production-like"
+PRODUCTION_ONE_PROCESS = "production-like, worker in serve"
 MESSAGE = "What is the weather like on the benchmark planet today?"
 TENANT = "bench"
 #: A generator process using more than this share of one core may be holding the load back.
@@ -130,6 +132,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-out", type=Path, help="keep py-spy's raw stacks here")
     parser.add_argument("--skip-production", action="store_true", help="embedded setup only")
     parser.add_argument("--skip-embedded", action="store_true", help="no embedded setup")
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="also the production-like setup with the worker inside `serve` (one process)",
+    )
     parser.add_argument(
         "--skip-embedded-http",
         action="store_true",
@@ -681,22 +688,27 @@ class Production:
         )
 
 
-async def _production(args: argparse.Namespace, workdir: Path) -> Setup:
-    """PostgreSQL, Redis, `serve --no-worker` and one `worker`, downstream on the double."""
+async def _production(
+    args: argparse.Namespace, workdir: Path, *, separate_worker: bool = True
+) -> Setup:
+    """PostgreSQL, Redis, `serve --no-worker` and one `worker`, downstream on the double;
+    with `separate_worker=False`, one `serve` that runs its own worker (the turns still go
+    through the Redis queue and PostgreSQL, but cross no second process)."""
     infra = Production(args)
     await infra.create()
+    name = PRODUCTION if separate_worker else PRODUCTION_ONE_PROCESS
     try:
         return await _against_double(
             args,
-            Setup("production-like"),
-            workdir / "production",
+            Setup(name),
+            workdir / ("production" if separate_worker else "production-one-process"),
             {
                 "DATABASE_URL": infra.database_url,
                 "REDIS_URI": args.redis_url,
                 "REDIS_NAMESPACE": infra.namespace,
                 "AUTO_MIGRATE": "false",
             },
-            separate_worker=True,
+            separate_worker=separate_worker,
         )
     finally:
         await infra.drop()
@@ -734,7 +746,7 @@ async def _against_double(
                 **stores,
                 **service_env(double),
             )
-            if separate_worker:
+            if "DATABASE_URL" in stores:
                 subprocess.run(_cli("migrate"), env=env, cwd=home, check=True, capture_output=True)
             token = _token(env, home)
             port = _free_port()
@@ -1063,6 +1075,8 @@ async def _main(args: argparse.Namespace, workdir: Path) -> list[Setup]:
         setups.append(await _embedded_http(args, workdir))
     if not args.skip_production:
         setups.append(await _production(args, workdir))
+        if args.one_process:
+            setups.append(await _production(args, workdir, separate_worker=False))
     return setups
 
 
