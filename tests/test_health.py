@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from structlog.testing import capture_logs
 
 from agent_orchestrator.config import Settings
-from tests.conftest import TcpProxy, redis_url, running_app
+from tests.conftest import REDIS_URL, TcpProxy, redis_url, running_app
 
 
 async def test_liveness(client: httpx.AsyncClient) -> None:
@@ -61,3 +62,37 @@ async def test_readiness_is_503_while_redis_is_down(
             await redis_proxy.start()
             recovered = await _ready_again(client)
             assert recovered.json()["dependencies"]["redis"] == {"status": "ok"}
+
+
+async def test_readiness_is_503_while_postgresql_is_down(
+    make_settings: Callable[..., Settings], pg_database: str, redis_namespace: str
+) -> None:
+    # The service reaches its (migrated) database through a proxy that the test cuts.
+    target = urlsplit(pg_database)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    through_proxy = target._replace(netloc=f"{target.username}@127.0.0.1:{proxy.port}")
+    settings = make_settings(
+        database_url=urlunsplit(through_proxy),
+        redis_uri=REDIS_URL,
+        redis_namespace=redis_namespace,
+    )
+    try:
+        with capture_logs():  # the outage's warnings, kept off the console
+            async with running_app(settings) as client:
+                assert (await client.get("/health/ready")).status_code == 200
+
+                await proxy.cut()
+                response = await client.get("/health/ready")
+                assert response.status_code == 503, response.text
+                body = response.json()
+                assert body["status"] == "down"
+                assert body["dependencies"]["database"]["status"] == "down"
+                assert body["dependencies"]["redis"] == {"status": "ok"}
+                assert (await client.get("/health")).status_code == 200, "liveness stays cheap"
+
+                await proxy.start()
+                recovered = await _ready_again(client)
+                assert recovered.json()["dependencies"]["database"] == {"status": "ok"}
+    finally:
+        await proxy.close()
