@@ -31,6 +31,7 @@ from agent_orchestrator.events.models import Event, StreamKey
 from agent_orchestrator.lifecycle import build_state, close_state
 from agent_orchestrator.models.principal import USER_SCOPES, Principal
 from agent_orchestrator.models.task import TERMINAL
+from agent_orchestrator.queue.producer import delivery_of
 from agent_orchestrator.services.task_ledger import Submission
 from agent_orchestrator.state import AppState, build_verifier
 from tests import engine_handlers
@@ -481,9 +482,13 @@ async def test_cancel_through_api_process_stops_work_on_worker_process(drill: Dr
         assert view["finished_at"] is not None
 
         # The queued task's delivery was ahead of the running one's, so the worker has
-        # seen it by now and dropped it.
+        # taken it by now; it is pending until the worker is done with it (dropped it).
         assert await drill.state.queue.depth(drill.settings.queue_interactive) == 0
-        await asyncio.sleep(0.5)
+        dropped = (await drill.tasks([queued]))[queued]
+        deadline = time.monotonic() + 5
+        while await drill.state.queue.is_pending(delivery_of(dropped)):
+            assert time.monotonic() < deadline, "the worker never finished the delivery"
+            await asyncio.sleep(0.02)
     rows = await drill.tasks([queued, running])
     assert rows[running].status == "cancelled"
     assert rows[running].attempt == 1

@@ -523,11 +523,14 @@ async def test_control_messages_reach_every_process(make_bus: BusFactory, bus_ki
     there.on_control(on_there)
     message = {"action": "cancel", "task_id": new_id()}
     await here.publish_control(message)
+    # A second message marks the end: control messages arrive in order, so a repeat of
+    # the first would come before it.
+    marker = {"action": "cancel", "task_id": new_id()}
+    await here.publish_control(marker)
 
-    await wait_until(lambda: bool(got_here) and bool(got_there))
-    await asyncio.sleep(0.05)  # and nothing more arrives
-    assert got_here == [message]
-    assert got_there == [message]
+    await wait_until(lambda: len(got_here) >= 2 and len(got_there) >= 2)
+    assert got_here == [message, marker]
+    assert got_there == [message, marker]
 
 
 # --- Redis only: the live feed survives losing its connection ---------------------------
