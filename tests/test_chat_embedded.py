@@ -409,6 +409,34 @@ async def test_on_busy_enqueue_runs_turns_one_at_a_time_in_order(
         assert "I can see 4 earlier messages" in replies[2]
 
 
+async def test_on_busy_neither_shows_nor_cancels_a_turn_someone_else_sent(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    """An admin may send a turn into a user's session; the user's `reject` does not name
+    that turn, and `interrupt` does not cancel it on the user's say: both are a 409."""
+    alice = auth(make_token(user="alice"))
+    admin = auth(make_token(user="ops", scopes=["admin"]))
+    async with running_app(make_backend_settings(echo_chunk_delay=0.05)) as client:
+        session_id = (await chat(client, alice, expect=200, message="hi", mode="wait"))["task"][
+            "session_id"
+        ]
+        theirs = await chat(client, admin, message=LONG, session_id=session_id)
+        await first_chunk(client, "tenant-a", theirs["task_id"])
+        for policy in ("reject", "interrupt"):
+            refused = await client.post(
+                CHAT,
+                json={"message": "me", "session_id": session_id, "on_busy": policy},
+                headers=alice,
+            )
+            assert refused.status_code == 409, (policy, refused.text)
+            assert refused.json()["error"]["details"] == {
+                "session_id": session_id,
+                "task_ids": [],
+            }
+        assert (await settled(client, admin, theirs["task_id"]))["status"] == "succeeded"
+        assert await count(client, TaskRow) == 2  # the refused turns wrote nothing
+
+
 async def test_on_busy_interrupt_cancels_the_running_turn(
     make_backend_settings: Callable[..., Settings], make_token: TokenFactory
 ) -> None:

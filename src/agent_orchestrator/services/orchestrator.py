@@ -33,7 +33,7 @@ from agent_orchestrator.models.principal import Principal
 from agent_orchestrator.models.session import SessionCreate, ensure_editable
 from agent_orchestrator.observability.metrics import CHAT_TURNS
 from agent_orchestrator.observability.trace_context import trace_for_task
-from agent_orchestrator.services.session_manager import SessionManager
+from agent_orchestrator.services.session_manager import SessionManager, may_see
 from agent_orchestrator.services.task_ledger import Submission, TaskLedger
 from agent_orchestrator.services.token_budget import TokenBudget
 
@@ -274,13 +274,16 @@ class ChatOrchestrator:
         )
         if not unfinished:
             return
-        if policy is BusyPolicy.REJECT:
+        # A turn someone else sent into this session (an admin can) is neither shown to
+        # the caller nor cancelled on their say: the session stays busy with it.
+        visible = [task for task in unfinished if may_see(principal, task.user_id)]
+        if policy is BusyPolicy.REJECT or len(visible) < len(unfinished):
             raise Conflict(
                 "the session is still answering an earlier message",
                 details={
                     "session_id": str(session_id),
-                    "task_ids": [str(task.id) for task in unfinished],
+                    "task_ids": [str(task.id) for task in visible],
                 },
             )
-        for task in unfinished:  # INTERRUPT
+        for task in visible:  # INTERRUPT
             await self.ledger.request_cancel(uow, principal, task.id)

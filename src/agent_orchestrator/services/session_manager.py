@@ -49,6 +49,12 @@ def sees_whole_tenant(principal: Principal) -> bool:
     return principal.kind is PrincipalKind.SERVICE or Scope.ADMIN.value in principal.scopes
 
 
+def may_see(principal: Principal, owner_id: str) -> bool:
+    """Whether a row of the principal's tenant owned by `owner_id` (a session, a task, a
+    batch) is visible to it: its owner's, and the whole tenant's for an admin or a service."""
+    return owner_id == principal.user_id or sees_whole_tenant(principal)
+
+
 def to_session(row: SessionRow, now: datetime) -> Session:
     return Session(
         id=row.id,
@@ -262,7 +268,7 @@ class SessionManager:
         return row
 
     def _check_visible(self, principal: Principal, owner: str, session_id: uuid.UUID) -> None:
-        if owner != principal.user_id and not sees_whole_tenant(principal):
+        if not may_see(principal, owner):
             raise _not_found(session_id)
 
     def _after_write(self, uow: UnitOfWork, row: SessionRow, now: datetime) -> Session:

@@ -47,7 +47,7 @@ from agent_orchestrator.models.task import (
 from agent_orchestrator.observability import audit
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.queue.producer import TaskProducer
-from agent_orchestrator.services.session_manager import sees_whole_tenant
+from agent_orchestrator.services.session_manager import may_see, sees_whole_tenant
 from agent_orchestrator.services.task_views import status_event, to_view
 from agent_orchestrator.services.task_writes import (
     count_finished,
@@ -239,7 +239,7 @@ class TaskLedger:
         self, db: AsyncSession, principal: Principal, task_id: uuid.UUID
     ) -> TaskRow:
         row = await TaskRepository(db).get(principal.tenant_id, task_id)
-        if row is None or (row.user_id != principal.user_id and not sees_whole_tenant(principal)):
+        if row is None or not may_see(principal, row.user_id):
             raise _not_found(task_id)
         return row
 
