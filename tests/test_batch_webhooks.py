@@ -322,11 +322,25 @@ async def test_internal_callback_urls_are_refused_at_submission(
     async with running_app(settings) as client:
         body = {"items": [{"message": "a"}], "callback_url": "http://127.0.0.1:9/hook"}
         response = await client.post("/api/v1/batch", json=body, headers=auth(make_token()))
-    assert response.status_code == 422
-    details = response.json()["error"]["details"]
-    assert details == [
-        {"field": "callback_url", "message": "127.0.0.1 is not an address callbacks may reach"}
-    ]
+        assert response.status_code == 422
+        details = response.json()["error"]["details"]
+        assert details == [
+            {
+                "field": "callback_url",
+                "in": "body",
+                "message": "127.0.0.1 is not an address callbacks may reach",
+            }
+        ]
+        # A public name with a NUL, a space or a control character in it is no URL (the
+        # NUL once went on to the database: a 500 on PostgreSQL).
+        for url in ("https://example.com/a\x00b", "https://example.com/a b", "https://e.com/\x7f"):
+            body = {"items": [{"message": "a"}], "callback_url": url}
+            response = await client.post("/api/v1/batch", json=body, headers=auth(make_token()))
+            assert response.status_code == 422, (url, response.text)
+            [detail] = response.json()["error"]["details"]
+            assert detail["field"] == "callback_url", detail
+        listed = await client.get("/api/v1/batch", headers=auth(make_token()))
+        assert listed.json()["items"] == []
 
 
 @pytest.mark.parametrize("secret", ["whsec_not*base64", "whsec_"])

@@ -40,3 +40,19 @@ async def test_a_key_answers_only_its_own_request(
     assert task_id not in stolen.text
     bobs_sessions = await client.get("/api/v1/sessions", headers=bob)
     assert bobs_sessions.json()["items"] == []
+
+
+async def test_an_empty_key_is_refused_naming_the_header(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    """Sent empty, the header would be one key that every such request shares."""
+    headers = {**auth(make_token()), "Idempotency-Key": ""}
+    for url, body in (
+        ("/api/v1/chat", {"message": "hello"}),
+        ("/api/v1/batch", {"items": [{"message": "hello"}]}),
+    ):
+        response = await client.post(url, json=body, headers=headers)
+        assert response.status_code == 422, response.text
+        [detail] = response.json()["error"]["details"]
+        assert (detail["field"], detail["in"]) == ("idempotency-key", "header"), detail
+    assert (await client.get("/api/v1/tasks", headers=auth(make_token()))).json()["items"] == []

@@ -100,6 +100,49 @@ async def test_a_repeated_idempotency_key_publishes_nothing(
     ]
 
 
+async def test_a_call_must_name_its_tenant(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    task = await a_turn(client, make_token)
+    url = f"/internal/v1/sessions/{task['session_id']}/context"
+    token_only = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+    for headers in (token_only, service(""), service("t" * 129)):
+        response = await client.get(url, headers=headers)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "validation_error"
+        assert error["details"] == [
+            {"field": "X-Tenant-ID", "in": "header", "message": "required, 1-128 characters"}
+        ]
+    # The token is checked first: a wrong one is a 401 whatever the header.
+    response = await client.get(url, headers={"Authorization": "Bearer not-the-token"})
+    assert response.status_code == 401
+    assert (await client.get(url, headers=service("t" * 128))).status_code == 404
+
+
+async def test_idempotency_keys_of_two_tenants_never_meet(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    """Tenant ids may hold ':'. Joined without their length, tenant `a`, session S1 and key
+    `S2:k` made the same once-key as tenant `a:S1`, session S2 and key `k`."""
+    first = await chat(client, auth(make_token(tenant="a")), expect=200, message="hi", mode="wait")
+    s1 = first["task"]["session_id"]
+    other = f"a:{s1}"
+    second = await chat(
+        client, auth(make_token(tenant=other)), expect=200, message="hi", mode="wait"
+    )
+    s2 = second["task"]["session_id"]
+    body = {"type": "tool.result", "data": {"ok": True}}
+    for tenant, session_id, key in ((other, s2, "k"), ("a", s1, f"{s2}:k")):
+        response = await client.post(
+            f"/internal/v1/sessions/{session_id}/events",
+            json=body,
+            headers=service(tenant, **{"Idempotency-Key": key}),
+        )
+        assert response.status_code == 202, (tenant, response.text)
+        assert response.json()["duplicate"] is False
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -143,14 +144,33 @@ async def test_paging_default_size_max_size_and_cursor(
         assert "limit" in _fields_named(zero)
 
 
+def _forged_cursor(stamp: str) -> str:
+    raw = f"{stamp}|{uuid.uuid4()}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 async def test_bad_cursor_is_422(client: httpx.AsyncClient, make_token: TokenFactory) -> None:
-    headers = auth(make_token())
+    headers = auth(make_token(scopes=["admin"]))
     await _create(client, headers)
-    for cursor in ("garbage!!", "bm90LWEtY3Vyc29y", "MjAyNC0wMS0wMXxub3QtYS11dWlk", "x" * 600):
-        response = await client.get(SESSIONS, params={"cursor": cursor}, headers=headers)
-        assert response.status_code == 422, (cursor, response.text)
-        assert response.json()["error"]["code"] == "validation_error"
-        assert "cursor" in _fields_named(response)
+    # The last two are well-formed but name a moment with no UTC time (before year 1,
+    # after 9999): they once got as far as the database layer and came back as a 500.
+    cursors = [
+        "garbage!!",
+        "bm90LWEtY3Vyc29y",
+        "MjAyNC0wMS0wMXxub3QtYS11dWlk",
+        "x" * 600,
+        _forged_cursor("0001-01-01T00:00:00+14:00"),
+        _forged_cursor("9999-12-31T23:59:59-14:00"),
+    ]
+    for listing in (SESSIONS, "/api/v1/tasks", "/api/v1/batch"):
+        for cursor in cursors:
+            response = await client.get(listing, params={"cursor": cursor}, headers=headers)
+            assert response.status_code == 422, (listing, cursor, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "validation_error"
+            [detail] = error["details"]
+            assert (detail["field"], detail["in"]) == ("cursor", "query"), detail
+            assert detail["message"]
 
 
 async def test_state_filter_and_expiry(

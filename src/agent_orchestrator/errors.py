@@ -39,6 +39,13 @@ class ValidationFailed(ServiceError):
     code = "validation_error"
 
 
+def field_problem(field: str, where: str, message: str) -> dict[str, str]:
+    """One entry of a validation error's `details`, as the request validator writes them:
+    the field, where the request carries it (`body`, `query`, `header`, `path`), and what
+    is wrong with it."""
+    return {"field": field, "in": where, "message": message}
+
+
 class Unauthorized(ServiceError):
     status_code = 401
     code = "unauthorized"

@@ -29,7 +29,14 @@ from structlog.contextvars import get_contextvars
 
 from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.clients.identity import IdentityClient
-from agent_orchestrator.errors import Forbidden, ServiceError, ServiceUnavailable, Unauthorized
+from agent_orchestrator.errors import (
+    Forbidden,
+    ServiceError,
+    ServiceUnavailable,
+    Unauthorized,
+    ValidationFailed,
+    field_problem,
+)
 from agent_orchestrator.middleware.jwks import JwksKeys, KeyNotHeld
 from agent_orchestrator.models.principal import Principal, PrincipalKind
 from agent_orchestrator.models.storable import storable_text
@@ -339,8 +346,12 @@ async def _require_service(request: Request) -> Principal:
     if expected is None or not token or not hmac.compare_digest(token.encode(), expected):
         raise Unauthorized("a valid service token is required")
     tenant = request.headers.get("x-tenant-id", "")
-    if len(tenant) > _MAX_ID:
-        raise Unauthorized("X-Tenant-ID is too long")
+    if not tenant or len(tenant) > _MAX_ID:
+        # Every internal call acts for one tenant; none for "" (a missing header).
+        raise ValidationFailed(
+            "X-Tenant-ID must name the tenant the call acts for",
+            details=[field_problem("X-Tenant-ID", "header", f"required, 1-{_MAX_ID} characters")],
+        )
     return Principal(
         tenant_id=tenant,
         user_id="service",

@@ -12,6 +12,7 @@ import os
 import re
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import Scope, Send
 
 from agent_orchestrator.errors import error_body
@@ -89,12 +90,21 @@ async def send_error(
     await send({"type": "http.response.body", "body": encoded})
 
 
+def _too_large(max_bytes: int) -> tuple[str, dict[str, int]]:
+    return f"request body exceeds {max_bytes} bytes", {"max_bytes": max_bytes}
+
+
 async def send_too_large(send: Send, max_bytes: int, correlation_id: str) -> None:
     """413, sent before the app runs (the Content-Length said it)."""
-    body = error_body(
-        "payload_too_large",
-        f"request body exceeds {max_bytes} bytes",
-        {"max_bytes": max_bytes},
-        correlation_id,
-    )
-    await send_error(send, 413, body)
+    message, details = _too_large(max_bytes)
+    await send_error(send, 413, error_body("payload_too_large", message, details, correlation_id))
+
+
+class BodyTooLarge(HTTPException):
+    """413 for a chunked body found too large while the app reads it. An HTTPException,
+    since FastAPI turns any other exception raised while it reads a body into a 400; it
+    carries the same `details` as the 413 sent by Content-Length."""
+
+    def __init__(self, max_bytes: int) -> None:
+        message, self.details = _too_large(max_bytes)
+        super().__init__(413, message)

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from agent_orchestrator.errors import STATUS_CODES, ServiceError, error_body, validation_message
-from agent_orchestrator.middleware.context import HEADER, correlation_id_of
+from agent_orchestrator.middleware.context import HEADER, BodyTooLarge, correlation_id_of
 from agent_orchestrator.observability.logging import get_logger
 
 log = get_logger(__name__)
@@ -71,7 +71,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 405:
         message = f"method {request.method} is not allowed here"
         headers = {**(headers or {}), "Allow": _allowed_methods(request)}
-    return _response(request, exc.status_code, code, message, None, headers)
+    details = exc.details if isinstance(exc, BodyTooLarge) else None
+    return _response(request, exc.status_code, code, message, details, headers)
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")

@@ -24,13 +24,13 @@ from __future__ import annotations
 import time
 
 from opentelemetry.trace import Span, SpanKind, StatusCode
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from agent_orchestrator.middleware.auth import Introspector, TokenVerifier, authenticate
 from agent_orchestrator.middleware.context import (
     HEADER_BYTES,
+    BodyTooLarge,
     incoming_id,
     new_id,
     peer_address,
@@ -137,14 +137,14 @@ class RequestMiddleware:
             await send(message)
 
         async def counting_receive() -> Message:
-            # Chunked bodies carry no Content-Length: count while the app reads. Raised as
-            # an HTTPException so the framework's body parsing passes it through as a 413.
+            # Chunked bodies carry no Content-Length: count while the app reads (a 413 the
+            # framework's body parsing passes through: BodyTooLarge).
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise HTTPException(413, f"request body exceeds {limit} bytes")
+                    raise BodyTooLarge(limit)
             return message
 
         tokens = bind_contextvars(correlation_id=correlation_id)

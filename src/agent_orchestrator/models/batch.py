@@ -43,9 +43,10 @@ class BatchRequest(BaseModel):
     #: items run at once; BATCH_DEFAULT_PARALLEL when absent, at most BATCH_MAX_PARALLEL
     max_parallel: int | None = Field(default=None, ge=1)
     #: POSTed, signed, once every item has ended (needs WEBHOOK_SECRET); an address
-    #: inside the network is refused (clients/webhooks.py)
+    #: inside the network is refused (clients/webhooks.py). No spaces or control
+    #: characters: NUL would reach the database, the others have no place in a URL.
     callback_url: str | None = Field(
-        default=None, min_length=1, max_length=2048, pattern=r"^https?://"
+        default=None, min_length=1, max_length=2048, pattern=r"^https?://[^\x00-\x20\x7f]+$"
     )
     metadata: StorableJson = Field(default_factory=dict)
 

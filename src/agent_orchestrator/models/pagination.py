@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
-from agent_orchestrator.errors import ValidationFailed
+from agent_orchestrator.errors import ValidationFailed, field_problem
 
 T = TypeVar("T")
 
@@ -31,9 +31,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         moment = datetime.fromisoformat(stamp)
         if moment.tzinfo is None:
             raise ValueError("naive timestamp")
-        return moment, uuid.UUID(row_id)
-    except ValueError as exc:
+        # In UTC, as the columns hold it: a forged offset at either end of the calendar
+        # (0001-01-01T00:00+14:00) has no UTC time and must be refused here, not overflow
+        # in the database layer.
+        return moment.astimezone(UTC), uuid.UUID(row_id)
+    except (ValueError, OverflowError) as exc:
         raise ValidationFailed(
             "cursor is not valid",
-            details=[{"field": "cursor", "message": "not a cursor returned by this API"}],
+            details=[field_problem("cursor", "query", "not a cursor returned by this API")],
         ) from exc

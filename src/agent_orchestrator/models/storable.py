@@ -70,20 +70,29 @@ def strict_json(raw: str | bytes) -> Any:
 MAX_JSON_DEPTH = 32
 
 
+class UnstorableJson(ValueError):
+    """A value `storable_json` refuses: `path` is where (`tags[2]`, `a.b`; empty for the
+    object itself), `reason` what is wrong; the text is both (`tags[2]: must not ...`)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.path = path
+        self.reason = reason
+
+
 def storable_json(value: dict[str, Any]) -> dict[str, Any]:
     """Every key, string and number of a JSON object, at any depth, and the depth itself;
     the error says where (`tags[2]: must not contain ...`, `a.b: key 'x\\x00' ...`)."""
     pending: list[tuple[Any, str, int]] = [(value, "", 1)]
     while pending:
         item, path, depth = pending.pop()
-        where = f"{path}: " if path else ""
         if depth > MAX_JSON_DEPTH:
-            raise ValueError(f"{where}nesting deeper than {MAX_JSON_DEPTH} levels")
+            raise UnstorableJson(path, f"nesting deeper than {MAX_JSON_DEPTH} levels")
         if isinstance(item, str):
-            _stored_as_is(item, where)
+            _stored_as_is(item, path)
         elif isinstance(item, dict):
             for key, inner in item.items():
-                _stored_as_is(key, f"{where}key {key[:40]!r} ")
+                _stored_as_is(key, path, f"key {key[:40]!r} ")
                 pending.append((inner, f"{path}.{key}" if path else key, depth + 1))
         elif isinstance(item, list):
             pending.extend(
@@ -92,15 +101,15 @@ def storable_json(value: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(item, float) and not math.isfinite(item):
             # Python's JSON reader takes NaN, Infinity and 1e400 (read as infinity); JSON
             # has no such numbers, and PostgreSQL's jsonb refuses them.
-            raise ValueError(f"{where}must be a finite number (JSON has no NaN or Infinity)")
+            raise UnstorableJson(path, "must be a finite number (JSON has no NaN or Infinity)")
     return value
 
 
-def _stored_as_is(text: str, where: str) -> None:
+def _stored_as_is(text: str, path: str, what: str = "") -> None:
     try:
         storable_text(text)
     except ValueError as error:
-        raise ValueError(f"{where}{error}") from None
+        raise UnstorableJson(path, f"{what}{error}") from None
 
 
 _TEXT_SCHEMA = {"type": "string", "pattern": NO_NUL}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import StreamingResponse
 
 from agent_orchestrator.events.models import StreamKey, ends_batch_stream
@@ -14,7 +14,7 @@ from agent_orchestrator.models.batch import BatchItemResult, BatchRequest, Batch
 from agent_orchestrator.models.pagination import Page
 from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.models.task import TaskStatus
-from agent_orchestrator.routes.deps import Paging, State, UoW
+from agent_orchestrator.routes.deps import IdempotencyKey, Paging, State, UoW
 from agent_orchestrator.routes.openapi import API_ERRORS, SSE_CONTENT, errors
 from agent_orchestrator.routes.sse import EventCursor, finite_stream
 
@@ -30,7 +30,7 @@ async def submit_batch(
     principal: BatchWriter,
     state: State,
     uow: UoW,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> BatchResponse:
     """Queue one task per item; they run `max_parallel` at a time. A repeated
     `Idempotency-Key` answers with the batch it created."""

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel
 
 from agent_orchestrator.db.engine import UnitOfWork
@@ -20,7 +20,7 @@ from agent_orchestrator.models.chat import ChatAccepted, ChatMode, ChatRequest, 
 from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.models.task import TERMINAL, TaskView
 from agent_orchestrator.observability.metrics import CHAT_WAIT_ANSWERS
-from agent_orchestrator.routes.deps import State, UoW
+from agent_orchestrator.routes.deps import IdempotencyKey, State, UoW
 from agent_orchestrator.routes.openapi import API_ERRORS, SSE_CONTENT, errors
 from agent_orchestrator.routes.sse import event_frames, sse_response
 from agent_orchestrator.services.orchestrator import CHAT_KIND, reply_message_id
@@ -51,7 +51,7 @@ async def chat(
     body: ChatRequest,
     principal: ChatWriter,
     state: State,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     # The unit of work is opened here rather than taken as the `UoW` dependency: FastAPI's
     # generator dependencies (exit stack, cancel scope, context manager) cost more than

@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Header, Query, Request
 
 from agent_orchestrator.db.engine import UnitOfWork
-from agent_orchestrator.errors import ValidationFailed
+from agent_orchestrator.errors import ValidationFailed, field_problem
 from agent_orchestrator.middleware.auth import require_scope
 from agent_orchestrator.models.principal import Principal, Scope
 from agent_orchestrator.state import AppState
@@ -56,15 +56,13 @@ async def page_params(
     if limit is not None and limit > settings.max_page_size:
         raise ValidationFailed(
             f"limit must be at most {settings.max_page_size}",
-            details=[
-                {
-                    "field": "limit",
-                    "in": "query",
-                    "message": f"at most {settings.max_page_size}",
-                }
-            ],
+            details=[field_problem("limit", "query", f"at most {settings.max_page_size}")],
         )
     return PageParams(limit or settings.default_page_size, cursor)
 
 
 Paging = Annotated[PageParams, Depends(page_params)]
+
+#: The `Idempotency-Key` request header: 1-255 characters (an empty one is a 422, not a
+#: key that every keyless-looking request would share).
+IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=255)]

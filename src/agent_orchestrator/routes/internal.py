@@ -6,15 +6,16 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 
 from agent_orchestrator.middleware.auth import require_service
 from agent_orchestrator.models.internal import ServiceEvent, ServiceEventAccepted, SessionContext
 from agent_orchestrator.models.principal import Principal
-from agent_orchestrator.routes.deps import State, UoW
+from agent_orchestrator.routes.deps import IdempotencyKey, State, UoW
 from agent_orchestrator.routes.openapi import errors
 
-router = APIRouter(prefix="/internal/v1", tags=["internal"], responses=errors(401))
+# 422 on every route: a missing or over-long X-Tenant-ID (middleware/auth.py).
+router = APIRouter(prefix="/internal/v1", tags=["internal"], responses=errors(401, 422))
 
 ServicePrincipal = Annotated[Principal, Depends(require_service)]
 
@@ -52,7 +53,7 @@ async def publish_event(
     state: State,
     uow: UoW,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> ServiceEventAccepted:
     """Publish an event to the session's subscribers (and the task's, with `task_id`)."""
     accepted = await state.service_events.publish(uow, principal, session_id, body, idempotency_key)

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from agent_orchestrator.aio import cancel_and_wait
 from agent_orchestrator.db.types import utcnow
-from agent_orchestrator.errors import ValidationFailed
+from agent_orchestrator.errors import ValidationFailed, field_problem
 from agent_orchestrator.events.bus import REPLAY_PAGE, EventBus
 from agent_orchestrator.events.models import CURSOR_PATTERN, Event, StreamKey, parse_cursor
 
@@ -139,9 +139,9 @@ def _cursor(field: str, raw: str | None) -> int | None:
     try:
         return parse_cursor(raw)
     except ValueError as error:
+        where = "header" if field == "Last-Event-ID" else "query"
         raise ValidationFailed(
-            f"{field} must be an event id",
-            details=[{"field": field, "message": str(error)}],
+            f"{field} must be an event id", details=[field_problem(field, where, str(error))]
         ) from error
 
 

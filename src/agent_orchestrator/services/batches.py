@@ -31,7 +31,7 @@ from agent_orchestrator.db.repositories.batches import (
 from agent_orchestrator.db.repositories.messages import MESSAGES
 from agent_orchestrator.db.tables import BatchRow, TaskRow
 from agent_orchestrator.db.types import utcnow
-from agent_orchestrator.errors import Conflict, NotFound, ValidationFailed
+from agent_orchestrator.errors import Conflict, NotFound, ValidationFailed, field_problem
 from agent_orchestrator.events.bus import EventBus
 from agent_orchestrator.events.models import Event, EventType
 from agent_orchestrator.ids import new_id
@@ -50,7 +50,7 @@ from agent_orchestrator.observability import audit
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.observability.metrics import BATCHES_FINISHED
 from agent_orchestrator.services.orchestrator import DEFAULT_AGENT, turn_input, user_message
-from agent_orchestrator.services.session_manager import SessionManager, sees_whole_tenant
+from agent_orchestrator.services.session_manager import SessionManager, may_see, sees_whole_tenant
 from agent_orchestrator.services.task_ledger import Submission, TaskLedger
 from agent_orchestrator.services.token_budget import TokenBudget
 
@@ -210,17 +210,17 @@ class BatchManager:
         problems = []
         if len(request.items) > self.settings.batch_max_items:
             limit = self.settings.batch_max_items
-            problems.append({"field": "items", "message": f"at most {limit} items"})
+            problems.append(field_problem("items", "body", f"at most {limit} items"))
         max_parallel = request.max_parallel or self.settings.batch_default_parallel
         if max_parallel > self.settings.batch_max_parallel:
             limit = self.settings.batch_max_parallel
-            problems.append({"field": "max_parallel", "message": f"at most {limit}"})
+            problems.append(field_problem("max_parallel", "body", f"at most {limit}"))
         if request.callback_url is not None:
             reason = refusal(request.callback_url, self.reach)
             if reason is None and self.settings.webhook_secret is None:
                 reason = "webhooks are not enabled on this service (WEBHOOK_SECRET is unset)"
             if reason is not None:
-                problems.append({"field": "callback_url", "message": reason})
+                problems.append(field_problem("callback_url", "body", reason))
         if problems:
             raise ValidationFailed("the batch request is not valid", details=problems)
         return max_parallel
@@ -275,7 +275,7 @@ class BatchManager:
         self, db: AsyncSession, principal: Principal, batch_id: uuid.UUID
     ) -> BatchRow:
         row = await BatchRepository(db).get(principal.tenant_id, batch_id)
-        if row is None or (row.user_id != principal.user_id and not sees_whole_tenant(principal)):
+        if row is None or not may_see(principal, row.user_id):
             raise _not_found(batch_id)
         return row
 

@@ -47,7 +47,10 @@ class ServiceEvents:
                 )
         key = None
         if idempotency_key is not None:
-            key = f"event:{principal.tenant_id}:{session_id}:{idempotency_key}"
+            # The tenant length-prefixed, as the rate limiter's keys: a tenant id may hold
+            # ':', and must not make another tenant's key.
+            tenant = principal.tenant_id
+            key = f"event:{len(tenant)}:{tenant}:{session_id}:{idempotency_key}"
             if not await self.once.claim(key, self.ttl_seconds):
                 return ServiceEventAccepted(id=None, duplicate=True)
         event = Event(

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from agent_orchestrator.errors import validation_message
 from agent_orchestrator.events.models import Event
 from agent_orchestrator.models.chat import ChatRequest
-from agent_orchestrator.models.storable import storable_json, strict_json
+from agent_orchestrator.models.storable import UnstorableJson, storable_json, strict_json
 
 #: Codes of a `system.error` that a client may simply retry.
 RETRYABLE = frozenset({"rate_limited", "service_unavailable", "timeout", "internal_error"})
@@ -141,9 +141,12 @@ def parse_client_message(text: str) -> ClientMessage:
         # Every message type at once: nesting, and text no database here can store. A bad
         # string is then a validation error instead of a failed transaction.
         storable_json(data)
-    except ValueError as error:
+    except UnstorableJson as error:
         raise ProtocolError(
-            "validation_error", f"invalid {kind}: {error}", request_id=request_id
+            "validation_error",
+            f"invalid {kind}: {error}",
+            details=[{"field": error.path or "(message)", "message": error.reason}],
+            request_id=request_id,
         ) from None
     try:
         return _ADAPTER.validate_python(data)
