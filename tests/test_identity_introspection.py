@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +19,7 @@ from agent_orchestrator.middleware.auth import Introspector
 from agent_orchestrator.models.principal import Principal, PrincipalKind
 from agent_orchestrator.state import build_verifier
 from tests.conftest import TokenFactory, auth, token_factory
-from tests.ws_helpers import ServerThread, close_code, recv, send
+from tests.ws_helpers import ServerThread, close_code, recv, recv_until, send
 
 OPAQUE = "tok:acme:alice:sessions:read,chat:write"
 
@@ -215,3 +216,44 @@ async def test_a_revoked_token_closes_its_open_socket(
             await send(kept, type="system.ping", request_id="still")
             pong = await recv(kept)
             assert (pong["type"], pong["data"]["request_id"]) == ("system.pong", "still")
+
+
+async def test_scopes_taken_away_end_the_subscriptions_that_needed_them(
+    make_settings: Callable[..., Settings], double_url: str
+) -> None:
+    from websockets.asyncio.client import connect
+
+    settings = make_settings(identity_service_url=double_url, identity_cache_seconds=1)
+    token = "tok:acme:erin:sessions:read,chat:write"
+    with ServerThread(settings) as running:
+        async with connect(running.url) as ws:
+            await send(ws, type="auth", token=token)
+            assert (await recv(ws))["data"]["for"] == "auth"
+            await send(ws, type="chat.send", message="hi", subscribe=False)
+            session_id = (await recv(ws))["session_id"]
+            await send(ws, type="subscribe", session_id=session_id, request_id="s")
+            assert (await recv_until(ws, _answer_to("s")))[-1]["data"]["for"] == "subscribe"
+
+            async with httpx.AsyncClient(base_url=double_url) as control:
+                answer = await control.post(
+                    "/_control/scopes", json={"token": token, "scopes": ["chat:write"]}
+                )
+                assert answer.status_code == 200, answer.text
+            # Asked again once the answer is IDENTITY_CACHE_SECONDS old: the socket is
+            # still open (the token is active), the subscription is over.
+            ended = (await recv_until(ws, lambda m: m["type"] == "system.error", timeout=5))[-1]
+            assert ended["data"]["code"] == "forbidden"
+            assert ended["data"]["details"] == {
+                "session_id": session_id,
+                "scope": "sessions:read",
+            }
+            await send(ws, type="subscribe", session_id=session_id, request_id="again")
+            refused = (await recv_until(ws, _answer_to("again")))[-1]
+            assert refused["data"]["code"] == "forbidden"
+            await send(ws, type="system.ping", request_id="open")
+            assert (await recv_until(ws, _answer_to("open")))[-1]["type"] == "system.pong"
+
+
+def _answer_to(request_id: str) -> Callable[[dict[str, Any]], bool]:
+    # The session's own events (the turn's state changes) may come in between.
+    return lambda m: m["type"].startswith("system.") and m["data"].get("request_id") == request_id

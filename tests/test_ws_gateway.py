@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -137,6 +138,45 @@ async def test_token_expiry_closes_the_socket_unless_refreshed(
         await send(refreshed, type="auth", token=token(tenant="tenant-b"))
         assert (await recv(refreshed))["data"]["code"] == "unauthorized"
         assert await close_code(refreshed) == 1008
+
+
+async def test_a_refreshed_token_without_a_scope_ends_the_subscriptions_it_needed(
+    make_settings: SettingsFactory, token: TokenFactory
+) -> None:
+    with ServerThread(make_settings()) as server:
+        ws, _ = await open_authed(server.url, token())
+        await send(ws, type="chat.send", message="hi", subscribe=False)
+        session_id = (await recv(ws))["session_id"]
+        await send(ws, type="subscribe", session_id=session_id, request_id="s")
+        assert (await recv(ws))["data"]["for"] == "subscribe"
+
+        def answer_to(request_id: str) -> Callable[[dict[str, Any]], bool]:
+            # The session's own events (the turn's state changes) may come in between.
+            return lambda m: (
+                m["type"].startswith("system.") and (m["data"].get("request_id") == request_id)
+            )
+
+        # The same scopes again: the subscription stays.
+        await send(ws, type="auth", token=token(), request_id="same")
+        seen = await recv_until(ws, answer_to("same"))
+        assert not [m for m in seen if m["type"] == "system.error"], seen
+        assert (await server.counts())["subscriptions"] == 1
+
+        narrower = token(scopes=["chat:write", "tasks:read"])
+        await send(ws, type="auth", token=narrower, request_id="narrower")
+        seen = await recv_until(ws, answer_to("narrower"))
+        ended = [m for m in seen if m["type"] == "system.error"]
+        assert len(ended) == 1, seen
+        assert ended[0]["data"]["code"] == "forbidden"
+        assert ended[0]["data"]["details"] == {"session_id": session_id, "scope": "sessions:read"}
+        ack = seen[-1]
+        assert (ack["data"]["for"], ack["data"]["refreshed"]) == ("auth", True)
+        assert ack["data"]["scopes"] == ["chat:write", "tasks:read"]
+        assert (await server.counts())["subscriptions"] == 0
+        await send(ws, type="subscribe", session_id=session_id, request_id="again")
+        refused = (await recv_until(ws, answer_to("again")))[-1]
+        assert refused["data"]["code"] == "forbidden"
+        await ws.close()
 
 
 async def test_chat_send_streams_the_turn_on_the_same_socket(

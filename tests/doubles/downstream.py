@@ -336,10 +336,13 @@ class DoubleState:
     idempotency: dict[tuple[str, str, str], str] = field(default_factory=dict)
     #: tokens the identity service answers inactive from now on (a logout, a revocation)
     revoked: set[str] = field(default_factory=set)
+    #: tokens the identity service answers with other scopes than they spell, from now on
+    scopes: dict[str, list[str]] = field(default_factory=dict)
     counter: int = 0
 
     def reset(self) -> None:
         self.revoked.clear()
+        self.scopes.clear()
         self.faults.clear()
         self.records.clear()
         self.streams.clear()
@@ -748,6 +751,11 @@ class IntrospectIn(_Body):
     token: str
 
 
+class ScopesIn(_Body):
+    token: str
+    scopes: list[str]
+
+
 class ChatCompletionIn(_Body):
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -1032,6 +1040,7 @@ def create_app(
         revoked = body.token in state.revoked
         if not revoked and len(parts) in (3, 4) and parts[0] == "tok" and parts[1] and parts[2]:
             scopes = [s for s in parts[3].split(",") if s] if len(parts) == 4 else []
+            scopes = state.scopes.get(body.token, scopes)
             return {
                 "active": True,
                 "sub": parts[2],
@@ -1179,6 +1188,11 @@ def create_app(
     async def revoke(body: IntrospectIn) -> Any:
         state.revoked.add(body.token)
         return {"revoked": len(state.revoked)}
+
+    @app.post("/_control/scopes")
+    async def rescope(body: ScopesIn) -> Any:
+        state.scopes[body.token] = body.scopes
+        return {"rescoped": len(state.scopes)}
 
     @app.get("/_control/streams")
     async def streams(service: str | None = None) -> Any:

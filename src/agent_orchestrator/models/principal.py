@@ -37,3 +37,8 @@ class Principal:
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes or Scope.ADMIN.value in self.scopes
+
+    def same_caller(self, other: Principal) -> bool:
+        """The same tenant and user (scopes and expiry may differ): what a socket's new
+        token, or a new answer about its token, must keep."""
+        return (self.tenant_id, self.user_id) == (other.tenant_id, other.user_id)

@@ -41,7 +41,7 @@ from agent_orchestrator.websocket.events import (
     parse_client_message,
 )
 from agent_orchestrator.websocket.fanout import StreamFanout
-from agent_orchestrator.websocket.handlers import MessageHandlers
+from agent_orchestrator.websocket.handlers import MessageHandlers, end_unpermitted_subscriptions
 from agent_orchestrator.websocket.limits import Verdict
 from agent_orchestrator.websocket.metrics import RECEIVED, REFUSED
 from agent_orchestrator.websocket.revalidation import Revalidation
@@ -218,10 +218,7 @@ class WebSocketGateway:
             conn.close(1013, "the token could not be checked now")
             return
         previous = conn.principal
-        if previous is not None and (previous.tenant_id, previous.user_id) != (
-            principal.tenant_id,
-            principal.user_id,
-        ):
+        if previous is not None and not previous.same_caller(principal):
             self._refuse(conn, "a new token must be for the same tenant and user", request_id)
             return
         refusal = self.manager.authenticate(conn, principal)
@@ -229,6 +226,7 @@ class WebSocketGateway:
             REFUSED.labels(refusal.label).inc()
             conn.close(1013, refusal.reason)
             return
+        end_unpermitted_subscriptions(conn, principal)
         if self.revalidation is not None:
             introspector = self.state.introspector
             if introspector is not None and introspector.answered(token):

@@ -59,6 +59,23 @@ def _named(key: StreamKey) -> dict[str, str | None]:
 _READ_SCOPE = {"session": Scope.SESSIONS_READ, "task": Scope.TASKS_READ, "batch": Scope.BATCH_READ}
 
 
+def end_unpermitted_subscriptions(conn: Connection, principal: Principal) -> None:
+    """After the socket's token changed (a refreshed token, or the Identity Service's new
+    answer about it): each subscription whose scope the new principal lacks ends, told
+    with a `system.error` `forbidden` that names the stream and the scope."""
+    for key in list(conn.subscriptions):
+        scope = _READ_SCOPE[key.kind]
+        if not principal.has_scope(scope) and conn.unsubscribe(key):
+            conn.send(
+                error_message(
+                    "forbidden",
+                    f"subscription ended: the token no longer has the {scope.value!r} scope",
+                    tenant_id=principal.tenant_id,
+                    details={**_named(key), "scope": scope.value},
+                )
+            )
+
+
 class MessageHandlers:
     def __init__(self, state: AppState) -> None:
         self.state = state

@@ -1,7 +1,8 @@
 """Sockets whose token was introspected (middleware/auth.py, `Introspector`) are asked
 about again once their answer is `IDENTITY_CACHE_SECONDS` old: a token the Identity
 Service no longer holds active (a logout, a revocation, a suspended tenant) closes its
-socket with 1008, as an expired token does. So a revocation reaches an open socket within
+socket with 1008, as an expired token does; an answer with fewer scopes ends the
+subscriptions that needed them (handlers.end_unpermitted_subscriptions). So a revocation reaches an open socket within
 about that long (reliability S6). A JWT of ours needs none of this: its `exp` is the
 whole story, and the connection manager closes the socket at it.
 
@@ -20,6 +21,7 @@ from agent_orchestrator.errors import RateLimited, ServiceUnavailable, Unauthori
 from agent_orchestrator.middleware.auth import Introspector
 from agent_orchestrator.observability.logging import get_logger
 from agent_orchestrator.websocket.connection import Connection
+from agent_orchestrator.websocket.handlers import end_unpermitted_subscriptions
 
 log = get_logger(__name__)
 
@@ -60,12 +62,21 @@ class Revalidation:
 
     async def _ask(self, conn: Connection, token: str) -> None:
         try:
-            await self.introspector.principal(token)
+            principal = await self.introspector.principal(token)
         except Unauthorized:
             conn.close(1008, "token is no longer active")
             self.forget(conn)
             return
         except (ServiceUnavailable, RateLimited) as error:
             log.warning("socket token not revalidated", connection_id=conn.id, error=error.code)
+        else:
+            before = conn.principal
+            if before is not None and not before.same_caller(principal):
+                conn.close(1008, "the token now names another tenant or user")
+                self.forget(conn)
+                return
+            # Still active, perhaps with other scopes now: the socket acts with these.
+            conn.principal = principal
+            end_unpermitted_subscriptions(conn, principal)
         if conn.id in self._watched:
             self._watched[conn.id] = (conn, token, time.monotonic() + self.every)
