@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +18,7 @@ from agent_orchestrator.middleware.auth import Introspector
 from agent_orchestrator.models.principal import Principal, PrincipalKind
 from agent_orchestrator.state import build_verifier
 from tests.conftest import TokenFactory, auth, token_factory
-from tests.ws_helpers import ServerThread, close_code, recv, recv_until, send
+from tests.ws_helpers import ServerThread, answer_to, close_code, recv, recv_until, send
 
 OPAQUE = "tok:acme:alice:sessions:read,chat:write"
 
@@ -232,7 +231,7 @@ async def test_scopes_taken_away_end_the_subscriptions_that_needed_them(
             await send(ws, type="chat.send", message="hi", subscribe=False)
             session_id = (await recv(ws))["session_id"]
             await send(ws, type="subscribe", session_id=session_id, request_id="s")
-            assert (await recv_until(ws, _answer_to("s")))[-1]["data"]["for"] == "subscribe"
+            assert (await recv_until(ws, answer_to("s")))[-1]["data"]["for"] == "subscribe"
 
             async with httpx.AsyncClient(base_url=double_url) as control:
                 answer = await control.post(
@@ -248,12 +247,7 @@ async def test_scopes_taken_away_end_the_subscriptions_that_needed_them(
                 "scope": "sessions:read",
             }
             await send(ws, type="subscribe", session_id=session_id, request_id="again")
-            refused = (await recv_until(ws, _answer_to("again")))[-1]
+            refused = (await recv_until(ws, answer_to("again")))[-1]
             assert refused["data"]["code"] == "forbidden"
             await send(ws, type="system.ping", request_id="open")
-            assert (await recv_until(ws, _answer_to("open")))[-1]["type"] == "system.pong"
-
-
-def _answer_to(request_id: str) -> Callable[[dict[str, Any]], bool]:
-    # The session's own events (the turn's state changes) may come in between.
-    return lambda m: m["type"].startswith("system.") and m["data"].get("request_id") == request_id
+            assert (await recv_until(ws, answer_to("open")))[-1]["type"] == "system.pong"

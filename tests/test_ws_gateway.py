@@ -8,7 +8,6 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +18,7 @@ from agent_orchestrator.config import Settings
 from tests.conftest import TokenFactory
 from tests.ws_helpers import (
     ServerThread,
+    answer_to,
     close_code,
     connections_settled,
     is_terminal,
@@ -149,12 +149,6 @@ async def test_a_refreshed_token_without_a_scope_ends_the_subscriptions_it_neede
         session_id = (await recv(ws))["session_id"]
         await send(ws, type="subscribe", session_id=session_id, request_id="s")
         assert (await recv(ws))["data"]["for"] == "subscribe"
-
-        def answer_to(request_id: str) -> Callable[[dict[str, Any]], bool]:
-            # The session's own events (the turn's state changes) may come in between.
-            return lambda m: (
-                m["type"].startswith("system.") and (m["data"].get("request_id") == request_id)
-            )
 
         # The same scopes again: the subscription stays.
         await send(ws, type="auth", token=token(), request_id="same")

@@ -137,6 +137,12 @@ async def send(ws: ClientConnection, **message: Any) -> None:
     await ws.send(json.dumps(message))
 
 
+def answer_to(request_id: str) -> Callable[[Message], bool]:
+    """For `recv_until`: the server's answer to the message sent with `request_id` (a
+    subscription's events may come in between)."""
+    return lambda m: m["type"].startswith("system.") and m["data"].get("request_id") == request_id
+
+
 async def open_authed(url: str, token: str, **options: Any) -> tuple[ClientConnection, Message]:
     """A socket that sent `auth` and got its hello."""
     ws = await connect(url, open_timeout=10, **options)
