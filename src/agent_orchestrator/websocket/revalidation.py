@@ -2,9 +2,9 @@
 about again once their answer is `IDENTITY_CACHE_SECONDS` old: a token the Identity
 Service no longer holds active (a logout, a revocation, a suspended tenant) closes its
 socket with 1008, as an expired token does; an answer with fewer scopes ends the
-subscriptions that needed them (handlers.end_unpermitted_subscriptions). So a revocation reaches an open socket within
-about that long (reliability S6). A JWT of ours needs none of this: its `exp` is the
-whole story, and the connection manager closes the socket at it.
+subscriptions that needed them (handlers.end_unpermitted_subscriptions). So a revocation
+reaches an open socket within about that long (reliability S6). A JWT of ours needs none
+of this: its `exp` is the whole story, and the connection manager closes the socket at it.
 
 An Identity Service that cannot answer leaves the socket open (the token may be good),
 and is asked again at the next round. The questions go without the client's address:
