@@ -21,6 +21,7 @@ from agent_orchestrator.config import Settings
 from agent_orchestrator.db.tables import BatchRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.events.models import EventType, StreamKey
+from agent_orchestrator.models.task import TaskErrorInfo
 from tests.batch_helpers import most_at_once
 from tests.chat_helpers import event_frames, get_json, messages, post_json, task_view
 from tests.conftest import TokenFactory, auth, running_app
@@ -293,6 +294,48 @@ async def test_an_item_the_reconciler_fails_hands_its_slot_on_at_once(
                 delivery = (await db.execute(query)).scalar_one()
     assert view["counts"] == {**view["counts"], "failed": 1, "queued": 1}
     assert delivery == 2  # its first delivery, made as the slot freed
+
+
+@pytest.mark.parametrize("order", ["retry, then cancel", "cancel, then retry"])
+async def test_a_cancelled_batch_ends_however_its_running_item_retries(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory, order: str
+) -> None:
+    """A running item whose attempt fails retryably just as its batch is cancelled: put
+    back in the queue before the cancel, the cancel ends it; flagged first, its worker's
+    retry ends it. Either way no item is left to run and the batch ends `cancelled`.
+    (The API process alone: the test is the worker.)"""
+    app = create_app(make_backend_settings(), run_worker=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            state = app.state.core
+            headers = auth(make_token())
+            created = await submit(client, headers, items=items("a", "b"), max_parallel=1)
+            batch_id = created["id"]
+            first = uuid.UUID((await results(client, headers, batch_id))[0]["task_id"])
+            claimed = await state.ledger.claim("tenant-a", first, "w1")
+            assert claimed is not None
+            error = TaskErrorInfo(code="flaky", message="again", retryable=True)
+
+            async def cancel() -> None:
+                response = await client.post(f"{BATCH}/{batch_id}/cancel", headers=headers)
+                assert response.status_code == 202, response.text
+
+            if order == "retry, then cancel":
+                assert (await state.ledger.retry_later(claimed.task, "w1", error, 0.0)) is not None
+                await cancel()
+            else:
+                await cancel()
+                row = await state.ledger.retry_later(claimed.task, "w1", error, 0.0)
+                assert row is not None
+                assert row.status == "cancelled"
+            found = await results(client, headers, batch_id)
+            assert {item["status"] for item in found} == {"cancelled"}
+            assert await state.ledger.claim("tenant-a", first, "w2") is None
+            await state.batches.sweep()  # no worker here to settle the batch
+            view = await batch_view(client, headers, batch_id)
+    assert view["status"] == "cancelled"
+    assert view["counts"]["cancelled"] == 2
 
 
 async def test_idempotency_key_returns_the_same_batch(

@@ -345,6 +345,33 @@ async def test_an_expired_lease_with_cancel_requested_is_cancelled(core: AppStat
     assert (await statuses_published(core, task))[-1] == "cancelled"
 
 
+@pytest.mark.parametrize("how", ["retry", "release"])
+async def test_a_flagged_task_given_back_by_its_worker_ends_cancelled(
+    core: AppState, how: str
+) -> None:
+    """A cancel asked while the attempt failed (retry) or the worker stopped (release):
+    put back in the queue with its flag, every claim would refuse it and it would never
+    end (its batch neither)."""
+    task, _ = await submit(core)
+    claimed = await claim(core, task, "w1")
+    assert claimed is not None
+    async with UnitOfWork(core.db_factory) as uow:
+        await core.ledger.request_cancel(uow, ALICE, task.id)
+    if how == "retry":
+        error = TaskErrorInfo(code="flaky", message="try again", retryable=True)
+        row = await core.ledger.retry_later(claimed, "w1", error, 0.0)
+    else:
+        row = await core.ledger.release(claimed, "w1")
+
+    assert row is not None
+    assert row.status == TaskStatus.CANCELLED
+    stored = await load(core, task)
+    assert (stored.status, stored.lease_owner) == (TaskStatus.CANCELLED, None)
+    assert stored.finished_at is not None
+    assert stored.delivery == 1  # not re-delivered
+    assert (await statuses_published(core, task))[-1] == "cancelled"
+
+
 async def test_concurrent_lease_recovery_delivers_once(
     core: AppState, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -204,20 +204,9 @@ class TaskLedger:
         """A batch's queued items end `cancelled` at once; its running ones are flagged and
         their workers told, as `request_cancel` does for one task. Returns the items
         cancelled now; their events go out after the commit."""
-        repo = TaskRepository(uow.session)
-        now = utcnow()
-        cancelled = await repo.transition_batch(
-            tenant_id,
-            batch_id,
-            sources=[TaskStatus.QUEUED.value],
-            values=terminal_values(TaskStatus.CANCELLED, now),
-        )
-        flagged = await repo.transition_batch(
-            tenant_id,
-            batch_id,
-            sources=[TaskStatus.RUNNING.value],
-            values={"cancel_requested": True, "updated_at": now},
-        )
+        rows = await TaskRepository(uow.session).cancel_batch(tenant_id, batch_id, utcnow())
+        cancelled = [row for row in rows if row.status == TaskStatus.CANCELLED]
+        flagged = [row for row in rows if row.status == TaskStatus.RUNNING]
 
         async def notify() -> None:
             for row in cancelled:
@@ -454,21 +443,43 @@ class TaskLedger:
             "delivery": Add(1),
             **unleased(now),
         }
-        row = await self._write_owned(task, worker_id, TaskStatus.QUEUED, values)
-        if row is not None:
-            await self.bus.publish(status_event(row))
+        row = await self._requeue_owned(task, worker_id, values)
+        if row is not None and row.status == TaskStatus.QUEUED:
             await self.producer.deliver(row, delay=delay)
-        return row
+        return row  # cancelled instead: the runner's settled hooks follow, as for any end
 
     async def release(self, task: TaskRow, worker_id: str) -> TaskRow | None:
         """Give a task back on shutdown; the interrupted attempt is not counted."""
         now = utcnow()
         values: dict[str, Any] = {"attempt": Add(-1), "delivery": Add(1)}
         values.update(unleased(now))
-        row = await self._write_owned(task, worker_id, TaskStatus.QUEUED, values)
-        if row is not None:
-            await self.bus.publish(status_event(row))
+        row = await self._requeue_owned(task, worker_id, values)
+        if row is not None and row.status == TaskStatus.QUEUED:
             await self.producer.deliver(row)
+        elif row is not None:  # cancelled: no settled hook runs on shutdown
+            await self._ended_elsewhere(row)
+        return row
+
+    async def _requeue_owned(
+        self, task: TaskRow, worker_id: str, values: dict[str, Any]
+    ) -> TaskRow | None:
+        """Back to `queued` by its lease holder, unless a cancel was asked meanwhile: it
+        then ends `cancelled` (flagged and queued, every claim would refuse it and it would
+        never end). The flag is read by the statement itself, so a cancel racing the
+        requeue is seen either way."""
+        owned = Guard(lease_owner=worker_id)
+        unflagged = replace(owned, not_cancelled=True)
+        row = await self._write(task.tenant_id, task.id, TaskStatus.QUEUED, values, unflagged)
+        if row is None:
+            # Still running and ours, the flag is why (it is never taken back); not ours
+            # or not running any more, this write finds nothing either.
+            ended = {**terminal_values(TaskStatus.CANCELLED, utcnow()), "progress": task.progress}
+            running = [TaskStatus.RUNNING.value]
+            row = await self._write(
+                task.tenant_id, task.id, TaskStatus.CANCELLED, ended, owned, running
+            )
+        if row is not None:
+            await self.announce(row)
         return row
 
     async def save_service_calls(self, task: TaskRow, calls: list[ServiceCallRow]) -> None:
@@ -570,7 +581,7 @@ class TaskLedger:
             TaskStatus.QUEUED,
             {"delivery": Add(1), "updated_at": utcnow()},
             Guard(delivery=row.delivery),
-            same_state=[TaskStatus.QUEUED.value],
+            sources=[TaskStatus.QUEUED.value],
         )
         if bumped is None:
             return False
@@ -584,9 +595,9 @@ class TaskLedger:
         target: TaskStatus,
         values: dict[str, Any],
         guard: Guard = Guard(),
-        same_state: list[str] | None = None,
+        sources: list[str] | None = None,
     ) -> TaskRow | None:
-        transition = status_write(tenant_id, task_id, target, values, guard, same_state)
+        transition = status_write(tenant_id, task_id, target, values, guard, sources)
         return await self._run(transition)
 
     async def _run(self, transition: Bound) -> TaskRow | None:

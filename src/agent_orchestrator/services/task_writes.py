@@ -23,12 +23,12 @@ def status_write(
     target: TaskStatus,
     values: dict[str, Any],
     guard: Guard = Guard(),
-    same_state: list[str] | None = None,
+    sources: list[str] | None = None,
 ) -> Bound:
-    """A move to `target` from its allowed source states (or, with `same_state`, a write
-    that keeps the state), as a statement."""
+    """A move to `target` from its allowed source states, or only from `sources` (some of
+    them, or the target itself for a write that keeps the state), as a statement."""
     values = {"status": target.value, **values}
-    return transition_call(tenant_id, task_id, same_state or sources_of(target), values, guard)
+    return transition_call(tenant_id, task_id, sources or sources_of(target), values, guard)
 
 
 def owned_write(task: TaskRow, worker_id: str, target: TaskStatus, values: dict[str, Any]) -> Bound:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
+    case,
     exists,
     func,
     or_,
@@ -317,18 +318,28 @@ class TaskRepository:
             self.db, *transition_call(tenant_id, task_id, sources, values, guard)
         )
 
-    async def transition_batch(
-        self, tenant_id: str, batch_id: uuid.UUID, *, sources: list[str], values: dict[str, Any]
+    async def cancel_batch(
+        self, tenant_id: str, batch_id: uuid.UUID, now: datetime
     ) -> list[TaskRow]:
-        """`transition` for every item of a batch in one of `sources`: the rows it moved."""
+        """A batch's unfinished items in one statement: the queued ones end `cancelled`,
+        the running ones are flagged. One statement, because each row is then decided on
+        its latest version: as two, an item a worker put back in the queue between them
+        (a retry) was neither cancelled nor flagged, and ran after the batch's cancel."""
+        queued = _T.status == "queued"
+        at = bindparam("now", now, type_=_T.finished_at.type)
         statement = (
             update(TASKS.table)
             .where(
                 _T.tenant_id == tenant_id,
                 _T.batch_id == batch_id,
-                fixed_in(_T.status, sources),
+                fixed_in(_T.status, ["queued", "running"]),
             )
-            .values(values)
+            .values(
+                status=case((queued, "cancelled"), else_=_T.status),
+                finished_at=case((queued, at), else_=_T.finished_at),
+                cancel_requested=case((queued, _T.cancel_requested), else_=True),
+                updated_at=at,
+            )
             .returning(*_T)
         )
         return await TASKS.all(self.db, statement, {})
