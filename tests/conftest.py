@@ -221,8 +221,12 @@ async def factory(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncS
 
 
 @asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
+async def running_app(
+    settings: Settings, *, run_worker: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan, served in-process; `run_worker=False` for the API
+    process alone (nothing claims a task unless the test does)."""
+    app = create_app(settings, run_worker=run_worker)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

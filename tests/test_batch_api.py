@@ -16,7 +16,6 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-from agent_orchestrator.app import create_app
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.tables import BatchRow, TaskRow
 from agent_orchestrator.db.types import utcnow
@@ -269,29 +268,26 @@ async def test_an_item_the_reconciler_fails_hands_its_slot_on_at_once(
     """An item whose worker stopped renewing its lease, with its attempts spent, ends
     `failed` by the reconciler, outside any worker's attempt: the next item is delivered
     then, not at the batches' next sweep. (The API process alone: no worker to race.)"""
-    app = create_app(make_backend_settings(), run_worker=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            state = app.state.core
-            headers = auth(make_token())
-            created = await submit(client, headers, items=items("a", "b"), max_parallel=1)
-            first, second = (
-                uuid.UUID(item["task_id"]) for item in await results(client, headers, created["id"])
+    async with running_app(make_backend_settings(), run_worker=False) as client:
+        state = client.app.state.core  # type: ignore[attr-defined]
+        headers = auth(make_token())
+        created = await submit(client, headers, items=items("a", "b"), max_parallel=1)
+        first, second = (
+            uuid.UUID(item["task_id"]) for item in await results(client, headers, created["id"])
+        )
+        assert await state.ledger.claim("tenant-a", first, "a-worker-that-dies") is not None
+        async with state.db_factory() as db:
+            await db.execute(
+                update(TaskRow)
+                .where(TaskRow.id == first)
+                .values(lease_expires_at=utcnow() - timedelta(seconds=1), max_attempts=1)
             )
-            assert await state.ledger.claim("tenant-a", first, "a-worker-that-dies") is not None
-            async with state.db_factory() as db:
-                await db.execute(
-                    update(TaskRow)
-                    .where(TaskRow.id == first)
-                    .values(lease_expires_at=utcnow() - timedelta(seconds=1), max_attempts=1)
-                )
-                await db.commit()
-            assert await state.ledger.recover_expired_leases() == 1
-            view = await batch_view(client, headers, created["id"])
-            async with state.db_factory() as db:
-                query = select(TaskRow.delivery).where(TaskRow.id == second)
-                delivery = (await db.execute(query)).scalar_one()
+            await db.commit()
+        assert await state.ledger.recover_expired_leases() == 1
+        view = await batch_view(client, headers, created["id"])
+        async with state.db_factory() as db:
+            query = select(TaskRow.delivery).where(TaskRow.id == second)
+            delivery = (await db.execute(query)).scalar_one()
     assert view["counts"] == {**view["counts"], "failed": 1, "queued": 1}
     assert delivery == 2  # its first delivery, made as the slot freed
 
@@ -304,36 +300,33 @@ async def test_a_cancelled_batch_ends_however_its_running_item_retries(
     back in the queue before the cancel, the cancel ends it; flagged first, its worker's
     retry ends it. Either way no item is left to run and the batch ends `cancelled`.
     (The API process alone: the test is the worker.)"""
-    app = create_app(make_backend_settings(), run_worker=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            state = app.state.core
-            headers = auth(make_token())
-            created = await submit(client, headers, items=items("a", "b"), max_parallel=1)
-            batch_id = created["id"]
-            first = uuid.UUID((await results(client, headers, batch_id))[0]["task_id"])
-            claimed = await state.ledger.claim("tenant-a", first, "w1")
-            assert claimed is not None
-            error = TaskErrorInfo(code="flaky", message="again", retryable=True)
+    async with running_app(make_backend_settings(), run_worker=False) as client:
+        state = client.app.state.core  # type: ignore[attr-defined]
+        headers = auth(make_token())
+        created = await submit(client, headers, items=items("a", "b"), max_parallel=1)
+        batch_id = created["id"]
+        first = uuid.UUID((await results(client, headers, batch_id))[0]["task_id"])
+        claimed = await state.ledger.claim("tenant-a", first, "w1")
+        assert claimed is not None
+        error = TaskErrorInfo(code="flaky", message="again", retryable=True)
 
-            async def cancel() -> None:
-                response = await client.post(f"{BATCH}/{batch_id}/cancel", headers=headers)
-                assert response.status_code == 202, response.text
+        async def cancel() -> None:
+            response = await client.post(f"{BATCH}/{batch_id}/cancel", headers=headers)
+            assert response.status_code == 202, response.text
 
-            if order == "retry, then cancel":
-                assert (await state.ledger.retry_later(claimed.task, "w1", error, 0.0)) is not None
-                await cancel()
-            else:
-                await cancel()
-                row = await state.ledger.retry_later(claimed.task, "w1", error, 0.0)
-                assert row is not None
-                assert row.status == "cancelled"
-            found = await results(client, headers, batch_id)
-            assert {item["status"] for item in found} == {"cancelled"}
-            assert await state.ledger.claim("tenant-a", first, "w2") is None
-            await state.batches.sweep()  # no worker here to settle the batch
-            view = await batch_view(client, headers, batch_id)
+        if order == "retry, then cancel":
+            assert (await state.ledger.retry_later(claimed.task, "w1", error, 0.0)) is not None
+            await cancel()
+        else:
+            await cancel()
+            row = await state.ledger.retry_later(claimed.task, "w1", error, 0.0)
+            assert row is not None
+            assert row.status == "cancelled"
+        found = await results(client, headers, batch_id)
+        assert {item["status"] for item in found} == {"cancelled"}
+        assert await state.ledger.claim("tenant-a", first, "w2") is None
+        await state.batches.sweep()  # no worker here to settle the batch
+        view = await batch_view(client, headers, batch_id)
     assert view["status"] == "cancelled"
     assert view["counts"]["cancelled"] == 2
 
