@@ -52,13 +52,27 @@ LOOPBACK = ["127.0.0.1/32"]
         ("http://169.254.169.254/latest/meta-data", "169.254.169.254"),
         ("http://0.0.0.0/hook", "0.0.0.0"),
         ("http://[::1]/hook", "::1"),
-        ("http://[::ffff:127.0.0.1]/hook", "::ffff:127.0.0.1"),
+        ("http://[::ffff:127.0.0.1]/hook", "::ffff:7f00:1"),  # as the client reads it
         ("http://[fd00::1]/hook", "fd00::1"),
         ("http://224.0.0.1/hook", "224.0.0.1"),
         ("http://localhost:9000/hook", "localhost"),
         ("http://api.localhost./hook", "api.localhost."),
         ("http://example.com:0/hook", "port 0"),
         ("http://example.com:99999/hook", "valid URL"),
+        # Unicode digits and dots that the HTTP client folds into an IP address (IDNA):
+        # fullwidth, circled, the ideographic full stop.
+        ("http://\uff11\uff12\uff17.0.0.1:8080/hook", "127.0.0.1"),
+        ("http://127\u30020\u30020\u30021/hook", "127.0.0.1"),
+        ("http://\u2460\u2461\u2466.0.0.1/hook", "127.0.0.1"),
+        ("http://\uff11\uff16\uff19.\uff12\uff15\uff14.169.254/meta", "169.254.169.254"),
+        # IPv6 addresses that stand for an inside IPv4 one: NAT64, local NAT64, 6to4,
+        # SIIT, IPv4-compatible, Teredo (its client 10.0.0.1).
+        ("http://[64:ff9b::a00:1]/hook", "64:ff9b::a00:1"),
+        ("http://[64:ff9b:1::a00:1]/hook", "64:ff9b:1::a00:1"),
+        ("http://[2002:a00:1::]/hook", "2002:a00:1::"),
+        ("http://[::ffff:0:a00:1]/hook", "::ffff:0:a00:1"),
+        ("http://[::a00:1]/hook", "::a00:1"),
+        ("http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/hook", "2001:0:4136"),
     ],
 )
 def test_callback_urls_that_could_reach_inside_are_refused(url: str, reason: str) -> None:
@@ -74,6 +88,10 @@ def test_public_hosts_and_allowed_networks_pass() -> None:
     assert refusal("http://127.0.0.1:8080/hook", allowed) is None
     assert refusal("http://10.9.9.9/hook", allowed) is None
     assert refusal("http://127.0.0.2/hook", allowed) is not None  # outside the /32
+    # IPv6 forms of a public IPv4 address are as good as it; an IDN host is a name.
+    assert refusal("http://[64:ff9b::5db8:d822]/hook", Reach()) is None  # 93.184.216.34
+    assert refusal("http://[2002:5db8:d822::1]/hook", Reach()) is None
+    assert refusal("https://m\u00fcnchen.example/hook", Reach()) is None
 
 
 async def test_a_name_that_resolves_inside_is_refused_when_called() -> None:

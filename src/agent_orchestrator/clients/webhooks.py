@@ -28,9 +28,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -48,11 +48,39 @@ class Reach:
     allowed_networks: tuple[Network, ...] = ()
 
     def permits(self, address: Address) -> bool:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         if any(address in network for network in self.allowed_networks):
             return True
+        if isinstance(address, ipaddress.IPv6Address):
+            if address in _LOCAL_NAT64:  # its IPv4 address is wherever the network put it
+                return False
+            inner = _embedded_ipv4(address)
+            if inner is not None:
+                return self.permits(inner)
         return address.is_global and not address.is_multicast
+
+
+#: IPv6 prefixes whose last 32 bits are an IPv4 address a gateway or the host reaches:
+#: NAT64's well-known prefix, SIIT's ::ffff:0:0:0/96, the deprecated IPv4-compatible
+#: ::/96. Python counts them global, whatever IPv4 address they carry.
+_IPV4_IN_LAST_32 = tuple(
+    ipaddress.IPv6Network(prefix) for prefix in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96")
+)
+#: NAT64 prefixes for local use (RFC 8215), where the IPv4 address sits per the network.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (mapped, 6to4, Teredo's client, or the
+    last 32 bits of a translation prefix), which is what a connection would reach."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if any(address in prefix for prefix in _IPV4_IN_LAST_32) and int(address) > 1:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
@@ -60,26 +88,30 @@ def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
 
 
 def refusal(url: str, reach: Reach) -> str | None:
-    """Why `url` cannot be a callback, or None. Host names are resolved only when the
-    callback is sent (a name's addresses may change meanwhile)."""
+    """Why `url` cannot be a callback, or None. The URL is read as the HTTP client reads
+    it (yarl): the host checked is the one it connects to, after IDNA, which folds
+    Unicode digits and dots (fullwidth or circled digits, the ideographic full stop) into
+    an IP address a plain parse would take for a name. Host names are resolved only when
+    the callback is sent (a name's addresses may change meanwhile)."""
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as error:
+        parsed = yarl.URL(url)
+        port = parsed.explicit_port
+        host = parsed.raw_host
+    except (ValueError, UnicodeError) as error:
         return f"not a valid URL ({error})"
-    if parts.scheme not in ("http", "https"):
+    if parsed.scheme not in ("http", "https"):
         return "must be an http or https URL"
-    if not parts.hostname:
+    if not host:
         return "must name a host"
-    if parts.username is not None or parts.password is not None:
+    if parsed.raw_user is not None or parsed.raw_password is not None:
         return "must not carry a user name or password"
     if port == 0:
         return "must not name port 0"
-    address = _address(parts.hostname)
+    address = _address(host)
     if address is not None and not reach.permits(address):
-        return f"{parts.hostname} is not an address callbacks may reach"
-    if address is None and parts.hostname.rstrip(".").lower().endswith("localhost"):
-        return f"{parts.hostname} is not a host callbacks may reach"
+        return f"{host} is not an address callbacks may reach"
+    if address is None and host.rstrip(".").lower().endswith("localhost"):
+        return f"{host} is not a host callbacks may reach"
     return None
 
 
