@@ -262,6 +262,39 @@ async def test_the_sweep_delivers_items_whose_deliveries_were_lost(
     assert view["counts"]["succeeded"] == 3
 
 
+async def test_full_batches_do_not_keep_the_sweep_from_one_whose_deliveries_were_lost(
+    make_backend_settings: Callable[..., Settings],
+    make_token: TokenFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batches that are only full (every slot running, the rest waiting for one) are not
+    the sweep's business: with room for one batch a round, it finds the one whose first
+    deliveries were lost, however many full ones waited longer."""
+    settings = make_backend_settings(queued_stale_after=0.1, reconcile_interval=300)
+    async with running_app(settings, run_worker=False) as client:
+        state = client.app.state.core  # type: ignore[attr-defined]
+        headers = auth(make_token())
+        for _ in range(3):
+            full = await submit(client, headers, items=items("a", "b"), max_parallel=1)
+            first = (await results(client, headers, full["id"]))[0]["task_id"]
+            assert await state.ledger.claim("tenant-a", uuid.UUID(first), "w1") is not None
+        original = state.ledger.deliver_ready_in_batch
+
+        async def lost(*args: Any) -> int:
+            return 0
+
+        monkeypatch.setattr(state.ledger, "deliver_ready_in_batch", lost)
+        starved = await submit(client, headers, items=items("c", "d"), max_parallel=2)
+        monkeypatch.setattr(state.ledger, "deliver_ready_in_batch", original)
+        await asyncio.sleep(0.3)  # every waiting item is now older than QUEUED_STALE_AFTER
+
+        assert await state.batches.sweep(limit=1) == 2  # both of its items, delivered
+        async with state.db_factory() as db:
+            query = select(TaskRow.delivery).where(TaskRow.batch_id == uuid.UUID(starved["id"]))
+            deliveries = (await db.execute(query)).scalars().all()
+    assert deliveries == [2, 2]
+
+
 async def test_an_item_the_reconciler_fails_hands_its_slot_on_at_once(
     make_backend_settings: Callable[..., Settings], make_token: TokenFactory
 ) -> None:

@@ -13,6 +13,7 @@ from datetime import datetime
 
 from sqlalchemy import and_, bindparam, case, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from agent_orchestrator.db.repositories.paging import keyset_page, split_page
 from agent_orchestrator.db.repositories.rows import RowCodec
@@ -65,16 +66,28 @@ _REQUEST_CANCEL = (
     .values(cancel_requested=True, updated_at=bindparam("v_now", type_=_B.updated_at.type))
     .returning(*_B)
 )
+_running = aliased(TaskRow)
+_running_items = (
+    select(func.count())
+    .select_from(_running)
+    .where(_running.batch_id == _B.id, _running.status == "running")
+    .scalar_subquery()
+)
+#: Batches with an item waiting since `moment` and a free slot, longest waiting first. A
+#: batch that is merely full waits for a slot, not for the sweep: returned, it took the
+#: place of one whose hand-over was lost, round after round.
 _WAITING_SINCE = (
     select(_T.tenant_id, _T.batch_id, _B.max_parallel)
-    .distinct()
     .join_from(TASKS.table, BATCHES.table, _B.id == _T.batch_id)
     .where(
         _T.status == "queued",
         _T.kind == BATCH_ITEM_KIND,
         _T.updated_at < bindparam("moment", type_=_T.updated_at.type),
         _B.status == "running",
+        _running_items < _B.max_parallel,
     )
+    .group_by(_T.tenant_id, _T.batch_id, _B.max_parallel)
+    .order_by(func.min(_T.updated_at))
     .limit(bindparam("limit"))
 )
 _DONE_BUT_RUNNING = (
@@ -161,8 +174,8 @@ class BatchRepository:
         return await BATCHES.one(self.db, _FINISH, params)
 
     async def waiting_since(self, moment: datetime, limit: int) -> list[tuple[str, uuid.UUID, int]]:
-        """*System sweep*: running batches with items queued since before `moment`, and
-        how many items each may run at once."""
+        """*System sweep*: running batches with a free slot and items queued since before
+        `moment`, longest waiting first, and how many items each may run at once."""
         result = await self.db.execute(_WAITING_SINCE, {"moment": moment, "limit": limit})
         return [(tenant_id, batch_id, most) for tenant_id, batch_id, most in result]
 
