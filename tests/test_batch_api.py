@@ -21,6 +21,7 @@ from agent_orchestrator.db.tables import BatchRow, TaskRow
 from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.events.models import EventType, StreamKey
 from agent_orchestrator.models.task import TaskErrorInfo
+from agent_orchestrator.queue.tasks.chat_tasks import ChatTurn
 from tests.batch_helpers import most_at_once
 from tests.chat_helpers import event_frames, get_json, messages, post_json, task_view
 from tests.conftest import TokenFactory, auth, running_app
@@ -293,6 +294,26 @@ async def test_full_batches_do_not_keep_the_sweep_from_one_whose_deliveries_were
             query = select(TaskRow.delivery).where(TaskRow.batch_id == uuid.UUID(starved["id"]))
             deliveries = (await db.execute(query)).scalars().all()
     assert deliveries == [2, 2]
+
+
+async def test_a_failing_session_hook_still_hands_the_slot_on(
+    make_backend_settings: Callable[..., Settings],
+    make_token: TokenFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An item's end frees its session, then hands its slot on; the first failing (Redis
+    away as it publishes, say) must not cost the batch its next item until a sweep."""
+
+    async def failing(self: ChatTurn, task: TaskRow) -> None:
+        raise ConnectionError("the session's event could not be published")
+
+    monkeypatch.setattr(ChatTurn, "settled", failing)
+    settings = make_backend_settings(reconcile_interval=300)  # no sweep in this test
+    async with running_app(settings) as client:
+        headers = auth(make_token())
+        created = await submit(client, headers, items=items("a", "b", "c"), max_parallel=1)
+        view = await ended(client, headers, created["id"], timeout=10)
+    assert view["counts"]["succeeded"] == 3
 
 
 async def test_an_item_the_reconciler_fails_hands_its_slot_on_at_once(

@@ -25,6 +25,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from agent_orchestrator.clients.webhooks import (
     CallbackRefused,
     Reach,
+    WebhooksDisabled,
     WebhookSender,
     _CheckedResolver,
     parse_networks,
@@ -118,6 +119,18 @@ async def test_the_sender_checks_again_before_it_connects() -> None:
         sender = WebhookSender(SECRET.encode(), Reach(), timeout=2)
         try:
             with pytest.raises(CallbackRefused):
+                await sender.send(url, "msg_1", {"x": 1})
+        finally:
+            await sender.aclose()
+    assert seen == []
+
+
+async def test_a_process_without_the_secret_sends_nothing() -> None:
+    """A worker whose WEBHOOK_SECRET is unset signs nothing, not even with an empty key."""
+    with receiver([200]) as (url, seen):
+        sender = WebhookSender(None, Reach(parse_networks(LOOPBACK)), timeout=2)
+        try:
+            with pytest.raises(WebhooksDisabled):
                 await sender.send(url, "msg_1", {"x": 1})
         finally:
             await sender.aclose()

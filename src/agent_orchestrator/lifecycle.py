@@ -120,7 +120,7 @@ async def build_state(
         settings.tenant_token_budgets,
     )
     webhooks = WebhookSender(
-        settings.webhook_key() or b"",
+        settings.webhook_key(),
         reach,
         timeout=settings.webhook_timeout,
     )

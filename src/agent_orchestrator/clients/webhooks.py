@@ -41,6 +41,11 @@ class CallbackRefused(OSError):
     """The URL's host is, or resolves only to, addresses callbacks may not reach."""
 
 
+class WebhooksDisabled(Exception):
+    """This process has no WEBHOOK_SECRET: it sends nothing rather than an unsigned or
+    empty-key signature a receiver would have to reject."""
+
+
 @dataclass(frozen=True)
 class Reach:
     """Which addresses a callback may connect to."""
@@ -177,13 +182,14 @@ class WebhookAnswer:
 class WebhookSender:
     def __init__(
         self,
-        secret: bytes,
+        secret: bytes | None,
         reach: Reach,
         *,
         timeout: float,
         resolver: AbstractResolver | None = None,
     ) -> None:
-        """`resolver`: where names are looked up (the system's, by default); whatever it
+        """`secret`: the signing key (None: WEBHOOK_SECRET is unset, and `send` refuses).
+        `resolver`: where names are looked up (the system's, by default); whatever it
         answers is checked before any connection."""
         self._secret = secret
         self._reach = reach
@@ -204,6 +210,8 @@ class WebhookSender:
         """POST the signed payload once. Raises CallbackRefused for a URL it may not
         reach, and aiohttp's errors (or TimeoutError) when the receiver cannot be reached;
         any answer, whatever its status, is returned."""
+        if self._secret is None:
+            raise WebhooksDisabled("WEBHOOK_SECRET is not set in this process")
         reason = refusal(url, self._reach)
         if reason is not None:  # checked again: the setting may have changed since
             raise CallbackRefused(reason)

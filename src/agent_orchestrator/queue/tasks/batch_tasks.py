@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from agent_orchestrator.clients.webhooks import CallbackRefused, WebhookSender
+from agent_orchestrator.clients.webhooks import CallbackRefused, WebhooksDisabled, WebhookSender
 from agent_orchestrator.db.repositories.batches import BATCH_ITEM_KIND
 from agent_orchestrator.db.tables import TaskRow
 from agent_orchestrator.observability.metrics import WEBHOOK_ATTEMPTS
@@ -25,8 +25,10 @@ def register_batch_kinds(
     registry: HandlerRegistry, turn: ChatTurn, batches: BatchManager, sender: WebhookSender
 ) -> None:
     async def item_settled(task: TaskRow) -> None:
-        await turn.settled(task)  # the item's session is free again
-        await batches.item_settled(task)  # and its slot goes to the batch's next item
+        try:
+            await turn.settled(task)  # the item's session is free again
+        finally:  # and, whatever that did, its slot goes to the batch's next item
+            await batches.item_settled(task)
 
     registry.register(
         BATCH_ITEM_KIND,
@@ -59,6 +61,9 @@ class CallbackDelivery:
         except CallbackRefused as error:
             WEBHOOK_ATTEMPTS.labels("refused").inc()
             raise TaskFailure("callback_refused", str(error)) from error
+        except WebhooksDisabled as error:  # another worker, configured, may take it
+            WEBHOOK_ATTEMPTS.labels("retried").inc()
+            raise TaskFailure("webhooks_disabled", str(error), retryable=True) from error
         except (aiohttp.ClientError, TimeoutError) as error:
             WEBHOOK_ATTEMPTS.labels("retried").inc()
             reason = str(error) or type(error).__name__
