@@ -1,6 +1,7 @@
 """The once-keys (services/once_keys.py) behave alike in memory and in Redis: a key is
-claimed once within its time, a released claim can be made again, an expired one too;
-and a publish that fails releases its Idempotency-Key, so the service's retry goes out."""
+claimed once within its time, then holds its recorded outcome; a released claim can be
+made again, an expired one too. A publish that fails releases its Idempotency-Key, so the
+service's retry goes out; a repeat while the first still publishes is a 409."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ async def test_a_key_is_claimed_once(once: OnceKeys) -> None:
     assert await once.claim("a", 60) is True
     assert await once.claim("a", 60) is False
     assert await once.claim("b", 60) is True
+
+
+async def test_a_claim_holds_its_outcome_once_recorded(once: OnceKeys) -> None:
+    assert await once.claim("a", 60) is True
+    assert await once.outcome("a") is None  # its work is still under way
+    await once.record("a", "1732650000000-0", 60)
+    assert await once.outcome("a") == "1732650000000-0"
+    assert await once.claim("a", 60) is False  # still claimed
+    await once.record("never-claimed", "x", 60)  # a released claim is not brought back
+    assert await once.outcome("never-claimed") is None
+    assert await once.claim("never-claimed", 60) is True
 
 
 async def test_a_released_key_can_be_claimed_again(once: OnceKeys) -> None:
@@ -88,3 +100,38 @@ async def test_a_failed_publish_releases_its_idempotency_key(
     retried = await client.post(url, json={"type": "tool.result"}, headers=headers)
     assert retried.status_code == 202, retried.text
     assert retried.json()["duplicate"] is False
+
+
+async def test_a_repeat_while_the_first_publishes_is_a_conflict_not_a_duplicate(
+    client: httpx.AsyncClient, make_token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request may yet fail: answering the repeat "duplicate" then would lose
+    the event (the caller stops retrying). It is a 409 until the first has published."""
+    answer = await chat(client, auth(make_token()), expect=200, message="hi", mode="wait")
+    url = f"/internal/v1/sessions/{answer['task']['session_id']}/events"
+    headers = {
+        "Authorization": f"Bearer {SERVICE_TOKEN}",
+        "X-Tenant-ID": "tenant-a",
+        "Idempotency-Key": "cb-2",
+    }
+    bus = client.app.state.core.bus  # type: ignore[attr-defined]
+    original = bus.publish
+    publishing, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow(event: Any) -> Any:
+        publishing.set()
+        await go_on.wait()
+        return await original(event)
+
+    monkeypatch.setattr(bus, "publish", slow)
+    first = asyncio.create_task(client.post(url, json={"type": "tool.result"}, headers=headers))
+    await publishing.wait()
+    repeat = await client.post(url, json={"type": "tool.result"}, headers=headers)
+    assert repeat.status_code == 409, repeat.text
+    assert repeat.json()["error"]["details"] == {"header": "Idempotency-Key"}
+    go_on.set()
+    done = await first
+    assert done.status_code == 202, done.text
+    again = await client.post(url, json={"type": "tool.result"}, headers=headers)
+    assert again.status_code == 200
+    assert again.json() == {"id": done.json()["id"], "duplicate": True}

@@ -37,8 +37,9 @@ class ServiceEvent(BaseModel):
 
 
 class ServiceEventAccepted(BaseModel):
-    #: the event's id (its cursor); null when a repeated Idempotency-Key was dropped
-    id: str | None
+    #: the event's id (its cursor); for a repeated Idempotency-Key, the first request's
+    id: str
+    #: true when the request repeated an earlier one and published nothing
     duplicate: bool
 
 

@@ -43,7 +43,7 @@ async def session_context(
     status_code=202,
     responses={
         200: {"model": ServiceEventAccepted, "description": "a repeat, dropped"},
-        **errors(400, 404, 413, 422),
+        **errors(400, 404, 409, 413, 422),
     },
 )
 async def publish_event(

@@ -9,7 +9,7 @@ import uuid
 
 from agent_orchestrator.db.engine import UnitOfWork
 from agent_orchestrator.db.repositories.tasks import TaskRepository
-from agent_orchestrator.errors import NotFound
+from agent_orchestrator.errors import Conflict, NotFound
 from agent_orchestrator.events.bus import EventBus
 from agent_orchestrator.events.models import Event
 from agent_orchestrator.models.internal import ServiceEvent, ServiceEventAccepted
@@ -52,7 +52,14 @@ class ServiceEvents:
             tenant = principal.tenant_id
             key = f"event:{len(tenant)}:{tenant}:{session_id}:{idempotency_key}"
             if not await self.once.claim(key, self.ttl_seconds):
-                return ServiceEventAccepted(id=None, duplicate=True)
+                first = await self.once.outcome(key)
+                if first is None:  # it may yet fail: answering "done" could lose the event
+                    raise Conflict(
+                        "a request with this Idempotency-Key is still being handled; "
+                        "send it again shortly",
+                        details={"header": "Idempotency-Key"},
+                    )
+                return ServiceEventAccepted(id=first, duplicate=True)
         event = Event(
             type=body.type,
             tenant_id=principal.tenant_id,
@@ -66,4 +73,6 @@ class ServiceEvents:
             if key is not None:  # not published: a retry must not be taken for a repeat
                 await self.once.release(key)
             raise
+        if key is not None:
+            await self.once.record(key, published.id, self.ttl_seconds)
         return ServiceEventAccepted(id=published.id, duplicate=False)
