@@ -73,16 +73,24 @@ async def test_memory_keeps_its_newest_claims_within_capacity() -> None:
     assert await once.claim("d", 60) is False
 
 
-async def test_a_failed_publish_releases_its_idempotency_key(
-    client: httpx.AsyncClient, make_token: TokenFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def a_callback(
+    client: httpx.AsyncClient, make_token: TokenFactory, key: str
+) -> tuple[str, dict[str, str]]:
+    """The events URL of a new session, and a service's headers with `key`."""
     answer = await chat(client, auth(make_token()), expect=200, message="hi", mode="wait")
     url = f"/internal/v1/sessions/{answer['task']['session_id']}/events"
     headers = {
         "Authorization": f"Bearer {SERVICE_TOKEN}",
         "X-Tenant-ID": "tenant-a",
-        "Idempotency-Key": "cb-1",
+        "Idempotency-Key": key,
     }
+    return url, headers
+
+
+async def test_a_failed_publish_releases_its_idempotency_key(
+    client: httpx.AsyncClient, make_token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, headers = await a_callback(client, make_token, "cb-1")
     bus = client.app.state.core.bus  # type: ignore[attr-defined]
     original = bus.publish
 
@@ -107,13 +115,7 @@ async def test_a_repeat_while_the_first_publishes_is_a_conflict_not_a_duplicate(
 ) -> None:
     """The first request may yet fail: answering the repeat "duplicate" then would lose
     the event (the caller stops retrying). It is a 409 until the first has published."""
-    answer = await chat(client, auth(make_token()), expect=200, message="hi", mode="wait")
-    url = f"/internal/v1/sessions/{answer['task']['session_id']}/events"
-    headers = {
-        "Authorization": f"Bearer {SERVICE_TOKEN}",
-        "X-Tenant-ID": "tenant-a",
-        "Idempotency-Key": "cb-2",
-    }
+    url, headers = await a_callback(client, make_token, "cb-2")
     bus = client.app.state.core.bus  # type: ignore[attr-defined]
     original = bus.publish
     publishing, go_on = asyncio.Event(), asyncio.Event()
