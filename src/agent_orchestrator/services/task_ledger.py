@@ -606,8 +606,3 @@ class TaskLedger:
             row = await TASKS.one(session, *transition)
             await session.commit()
         return row
-
-    async def _write_owned(
-        self, task: TaskRow, worker_id: str, target: TaskStatus, values: dict[str, Any]
-    ) -> TaskRow | None:
-        return await self._run(owned_write(task, worker_id, target, values))
