@@ -4,9 +4,11 @@ Sessions survive a restart and so does the token."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -176,3 +178,34 @@ def test_postgresql_and_redis_after_migrate(
 
     with served(tmp_path, env) as (http, _output):
         _still_there(http, headers, session)
+
+
+def test_sigterm_ends_serve_while_a_stream_is_still_open(tmp_path: Path) -> None:
+    """An open SSE stream gets SHUTDOWN_GRACE to end, then is closed: it no longer holds
+    the process (and its worker, still claiming) up until the stream's own end."""
+    env = clean_env()
+    env.update(SHUTDOWN_GRACE="1", ECHO_CHUNK_DELAY="1")  # the turn streams for a minute
+    long_message = " ".join(f"word{i}" for i in range(60))
+    streaming = threading.Event()
+    with served(tmp_path, env) as (http, _output):
+        headers = _token(tmp_path, env)
+
+        def follow() -> None:
+            body = {"message": long_message, "mode": "stream"}
+            with (
+                httpx.Client(base_url=str(http.base_url), timeout=120) as client,
+                contextlib.suppress(httpx.HTTPError),
+                client.stream("POST", "/api/v1/chat", json=body, headers=headers) as stream,
+            ):
+                for line in stream.iter_lines():
+                    if line.startswith("event: chat.stream"):
+                        streaming.set()
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        assert streaming.wait(15), "the stream never started"
+        asked = time.monotonic()
+    # `served` sent SIGTERM and checked the shutdown was clean.
+    assert time.monotonic() - asked < 10
+    reader.join(5)
+    assert not reader.is_alive(), "the stream was not closed"

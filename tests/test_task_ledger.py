@@ -372,6 +372,58 @@ async def test_a_flagged_task_given_back_by_its_worker_ends_cancelled(
     assert (await statuses_published(core, task))[-1] == "cancelled"
 
 
+async def test_an_earlier_attempt_cannot_write_once_the_task_is_claimed_again(
+    core: AppState,
+) -> None:
+    """A worker cut off from the database past its lease: the task is recovered and
+    claimed again, by the same worker id even. The first attempt's renewals and end find
+    nothing to write; only the new attempt's count."""
+    task, _ = await submit(core)
+    first = await claim(core, task, "w1")
+    assert first is not None
+    await force(core, task, lease_expires_at=utcnow() - timedelta(seconds=1))
+    assert await core.ledger.recover_expired_leases() == 1
+    second = await claim(core, task, "w1")
+    assert second is not None
+    assert (first.attempt, second.attempt) == (1, 2)
+
+    assert await core.ledger.renew(first, "w1") is Renewal.LOST
+    assert await core.ledger.finish(first, "w1", TaskStatus.SUCCEEDED, result={"by": 1}) is None
+    error = TaskErrorInfo(code="flaky", message="again", retryable=True)
+    assert await core.ledger.retry_later(first, "w1", error, 0.0) is None
+    assert await core.ledger.renew(second, "w1") is Renewal.ALIVE
+    done = await core.ledger.finish(second, "w1", TaskStatus.SUCCEEDED, result={"by": 2})
+    assert done is not None
+    assert (await load(core, task)).result == {"by": 2}
+
+
+async def test_a_cancel_between_the_reconcilers_read_and_write_ends_the_task(
+    core: AppState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconciler read the expired lease before the cancel was asked: put back in the
+    queue then, with the flag, every claim would refuse the task and it would never end."""
+    task, _ = await submit(core)
+    assert await claim(core, task, "dead-worker") is not None
+    await force(core, task, lease_expires_at=utcnow() - timedelta(seconds=1))
+    read = TaskRepository.expired_leases
+
+    async def read_then_cancel(self: TaskRepository, *args: Any) -> Any:
+        rows = await read(self, *args)
+        # What request_cancel writes for a running task, on the reader's own session (an
+        # embedded database has one connection, which the reader holds).
+        flag = update(TaskRow).where(TaskRow.id == task.id).values(cancel_requested=True)
+        await self.db.execute(flag)
+        await self.db.commit()
+        return rows  # as read before the cancel
+
+    monkeypatch.setattr(TaskRepository, "expired_leases", read_then_cancel)
+    assert await core.ledger.recover_expired_leases() == 1
+    row = await load(core, task)
+    assert row.status == TaskStatus.CANCELLED
+    assert row.delivery == 1  # not re-delivered
+    assert (await statuses_published(core, task))[-1] == "cancelled"
+
+
 async def test_concurrent_lease_recovery_delivers_once(
     core: AppState, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -147,6 +147,15 @@ class TaskContext:
 
 #: How often a stopped handler that is still running is cancelled again.
 RECANCEL_EVERY = 0.2
+#: Tries at writing an attempt's end, and the first wait between them (then doubling):
+#: 0.25 + 0.5 + 1 s, well within the lease's time at its default.
+RECORD_TRIES = 4
+RECORD_FIRST_WAIT = 0.25
+
+
+def _record_failed(state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning("could not record the attempt's end; trying again", error=str(error))
 
 
 class _Attempt:
@@ -158,6 +167,8 @@ class _Attempt:
         self._insisting: asyncio.Task[None] | None = None
 
     def stop(self, reason: str) -> None:
+        if self.work.done():  # it ended first: its own end is what happened
+            return
         if self.reason is None:
             self.reason = reason
         self.work.cancel()
@@ -197,6 +208,7 @@ class TaskRunner:
         self.db_factory = db_factory
         self.worker_id = worker_id
         self.task_timeout = task_timeout
+        self.lease_ttl = lease_ttl
         self.renew_every = lease_ttl / 3
         self.services = services or {}
         # Jitter in proportion to the first delay: with tenacity's default of 1 s, a
@@ -334,12 +346,24 @@ class TaskRunner:
             # may swallow the cancellation; the keeper would then renew the lease forever
             # and this attempt would never record its end.
             await cancel_and_wait(keeper)
-            self._attempts.pop(task.id, None)
+            if self._attempts.get(task.id) is attempt:  # a later attempt may hold the id now
+                del self._attempts[task.id]
             TASK_DURATION.labels(task.kind).observe(time.perf_counter() - started)
         try:
             await announced  # the terminal event must follow `running`
             await context.settle()  # and the last progress
-            await self._record(task, attempt)
+            # Tried again through a database blip: given up, a finished result would be
+            # thrown away (the lease runs out and the task runs again, or fails on its last
+            # attempt). Each write is guarded by the attempt's lease, so a try that did
+            # commit makes the next one find nothing to do.
+            async for trying in tenacity.AsyncRetrying(
+                stop=tenacity.stop_after_attempt(RECORD_TRIES),
+                wait=tenacity.wait_exponential(multiplier=RECORD_FIRST_WAIT),
+                before_sleep=_record_failed,
+                reraise=True,
+            ):
+                with trying:
+                    await self._record(task, attempt)
         finally:
             # Even when recording failed (the database or Redis away): the session must
             # not stay busy for want of its hook.
@@ -401,16 +425,27 @@ class TaskRunner:
         return float(self._backoff(state))
 
     async def _keep_lease(self, task: TaskRow, attempt: _Attempt, received: Received) -> None:
+        renewed = time.monotonic()  # the claim took the lease
         while True:
             await asyncio.sleep(self.renew_every)
             if attempt.work.done():
                 return
             try:
                 renewal = await self.ledger.renew(task, self.worker_id)
-                await received.heartbeat()
             except Exception as error:  # the database may be briefly away: keep trying
                 log.warning("lease renewal failed", error=str(error))
+                # Until the lease may have run out: a reconciler may then give the task
+                # to another attempt, and this one must not run on beside it.
+                if time.monotonic() - renewed >= self.lease_ttl - self.renew_every:
+                    log.warning("lease not renewed in time; abandoning the attempt")
+                    attempt.stop("lease_lost")
+                    return
                 continue
+            renewed = time.monotonic()
+            try:  # SAQ's own bookkeeping: its failure must not hide what the renewal said
+                await received.heartbeat()
+            except Exception as error:
+                log.warning("queue heartbeat failed", error=str(error))
             if renewal is Renewal.LOST:
                 log.warning("lease lost; abandoning the attempt")
                 attempt.stop("lease_lost")

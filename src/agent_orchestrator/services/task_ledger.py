@@ -51,6 +51,7 @@ from agent_orchestrator.services.session_manager import may_see, sees_whole_tena
 from agent_orchestrator.services.task_views import status_event, to_view
 from agent_orchestrator.services.task_writes import (
     count_finished,
+    held_by,
     owned_write,
     seconds_until,
     status_write,
@@ -376,7 +377,7 @@ class TaskLedger:
                 task.id,
                 sources=[TaskStatus.RUNNING.value],
                 values={"lease_expires_at": now + self.lease, "progress": task.progress},
-                guard=Guard(lease_owner=worker_id),
+                guard=held_by(task, worker_id),
             )
             await db.commit()
         if row is None:
@@ -467,7 +468,7 @@ class TaskLedger:
         then ends `cancelled` (flagged and queued, every claim would refuse it and it would
         never end). The flag is read by the statement itself, so a cancel racing the
         requeue is seen either way."""
-        owned = Guard(lease_owner=worker_id)
+        owned = held_by(task, worker_id)
         unflagged = replace(owned, not_cancelled=True)
         row = await self._write(task.tenant_id, task.id, TaskStatus.QUEUED, values, unflagged)
         if row is None:
@@ -496,15 +497,9 @@ class TaskLedger:
         recovered = 0
         for row in expired:
             still_expired = Guard(lease_expired_before=now)
-            if row.cancel_requested:
-                done = await self._write(
-                    row.tenant_id,
-                    row.id,
-                    TaskStatus.CANCELLED,
-                    terminal_values(TaskStatus.CANCELLED, now),
-                    still_expired,
-                )
-            elif row.attempt >= row.max_attempts:
+            cancelled = row.cancel_requested
+            done: TaskRow | None = None
+            if not cancelled and row.attempt >= row.max_attempts:
                 error = TaskErrorInfo(
                     code="worker_lost",
                     message=f"the worker running attempt {row.attempt} of {row.max_attempts} "
@@ -516,10 +511,23 @@ class TaskLedger:
                 done = await self._write(
                     row.tenant_id, row.id, TaskStatus.FAILED, values, still_expired
                 )
-            else:
+            elif not cancelled:
                 values = {"delivery": Add(1), **unleased(now)}
+                unflagged = replace(still_expired, not_cancelled=True)
                 done = await self._write(
-                    row.tenant_id, row.id, TaskStatus.QUEUED, values, still_expired
+                    row.tenant_id, row.id, TaskStatus.QUEUED, values, unflagged
+                )
+                # Nothing written: a cancel asked after the read (the write below ends
+                # the task), or another hand came first (that write finds nothing either).
+                cancelled = done is None
+            if cancelled:
+                done = await self._write(
+                    row.tenant_id,
+                    row.id,
+                    TaskStatus.CANCELLED,
+                    terminal_values(TaskStatus.CANCELLED, now),
+                    still_expired,
+                    [TaskStatus.RUNNING.value],
                 )
             if done is None:
                 continue  # another reconciler, or the worker itself, got there first

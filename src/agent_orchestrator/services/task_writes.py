@@ -32,8 +32,14 @@ def status_write(
 
 
 def owned_write(task: TaskRow, worker_id: str, target: TaskStatus, values: dict[str, Any]) -> Bound:
-    """A transition only the lease holder may make, as a statement."""
-    return status_write(task.tenant_id, task.id, target, values, Guard(lease_owner=worker_id))
+    """A transition only the lease holder may make, in the attempt it claimed, as a
+    statement."""
+    return status_write(task.tenant_id, task.id, target, values, held_by(task, worker_id))
+
+
+def held_by(task: TaskRow, worker_id: str) -> Guard:
+    """The lease of `task`'s attempt (as claimed), held by `worker_id`."""
+    return Guard(lease_owner=worker_id, attempt=task.attempt)
 
 
 def terminal_values(status: TaskStatus, now: datetime) -> dict[str, Any]:

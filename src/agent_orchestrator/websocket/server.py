@@ -64,6 +64,10 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "proxy_headers": bool(settings.trusted_proxies),
         "forwarded_allow_ips": settings.trusted_proxies or None,
         "ws": GatewayWebSocketProtocol,
+        # On SIGTERM uvicorn waits for open responses before the lifespan's shutdown,
+        # which is where an in-process worker stops: an SSE stream left open would hold
+        # the process up (and its worker claiming) without end. It gets SHUTDOWN_GRACE.
+        "timeout_graceful_shutdown": settings.shutdown_grace,
     }
     return options
 

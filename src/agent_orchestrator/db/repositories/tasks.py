@@ -58,6 +58,9 @@ class Guard:
     adds nothing."""
 
     lease_owner: str | None = None
+    #: the attempt the caller runs: a worker's earlier attempt of a task that was taken
+    #: from it and claimed again (by the same worker id, even) must not write
+    attempt: int | None = None
     #: cancel has not been requested
     not_cancelled: bool = False
     #: due by this moment (no `not_before`, or one at or before it)
