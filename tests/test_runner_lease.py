@@ -12,7 +12,7 @@ from typing import Any
 
 from agent_orchestrator.db.tables import TaskRow
 from agent_orchestrator.models.task import TaskStatus
-from agent_orchestrator.queue.consumer import TaskContext, _Attempt
+from agent_orchestrator.queue.consumer import ALREADY_FINISHED, TaskContext, _Attempt
 from agent_orchestrator.services.task_ledger import Renewal
 from tests.test_runner_cancellation import Received, make_runner
 
@@ -83,3 +83,26 @@ async def test_a_stop_after_the_handler_ended_changes_nothing() -> None:
     await attempt.work
     attempt.stop("shutdown")
     assert attempt.reason is None  # its result stands: recorded, not released
+
+
+async def test_a_handler_that_wrote_its_end_is_not_stopped_by_the_next_renewal() -> None:
+    """A chat turn writes its end itself, then publishes its last events: the renewal
+    that comes meanwhile finds the task no longer `running`. That is not a lost lease."""
+    published: list[str] = []
+
+    async def handler(ctx: TaskContext) -> Any:
+        ctx.ended = True  # as ChatTurn does before its end's commit
+        await asyncio.sleep(0.35)  # the last publishes, over a renewal or three
+        published.append("chat.completed")
+        return ALREADY_FINISHED
+
+    runner, ledger, _bus, task = make_runner(handler)
+
+    async def gone(task: TaskRow, worker_id: str) -> Renewal:
+        ledger.renewals += 1
+        return Renewal.LOST  # what a renewal finds once the end is committed
+
+    ledger.renew = gone  # type: ignore[method-assign]
+    await asyncio.wait_for(runner.run(Received(task)), timeout=2)
+    assert published == ["chat.completed"]
+    assert ledger.renewals == 0

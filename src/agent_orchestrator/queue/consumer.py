@@ -58,6 +58,10 @@ class TaskContext:
     #: The `running` event, published while the handler already starts; anything the
     #: handler announces waits for it, so the stream keeps its order.
     announced: asyncio.Future[None] | None = None
+    #: Set by a handler as it writes its task's end itself (`ledger.finishing`): the
+    #: lease is no longer renewed (the task is about to leave `running`, and a renewal
+    #: would then find it "lost" and stop the handler in the middle of its last publishes).
+    ended: bool = field(default=False, init=False)
     #: Set while a progress change waits to be announced (see `progress`).
     _progress_due: asyncio.TimerHandle | None = field(default=None, init=False)
     _announcing: set[asyncio.Task[None]] = field(default_factory=set, init=False)
@@ -335,7 +339,7 @@ class TaskRunner:
         started = time.perf_counter()
         attempt = _Attempt(asyncio.create_task(kind.handler(context), name=f"task-{task.id}"))
         self._attempts[task.id] = attempt
-        keeper = asyncio.create_task(self._keep_lease(task, attempt, received))
+        keeper = asyncio.create_task(self._keep_lease(context, attempt, received))
         try:
             await asyncio.wait({attempt.work}, timeout=self.task_timeout)
             if not attempt.work.done():
@@ -424,11 +428,14 @@ class TaskRunner:
         state.attempt_number = attempt
         return float(self._backoff(state))
 
-    async def _keep_lease(self, task: TaskRow, attempt: _Attempt, received: Received) -> None:
+    async def _keep_lease(
+        self, context: TaskContext, attempt: _Attempt, received: Received
+    ) -> None:
+        task = context.task
         renewed = time.monotonic()  # the claim took the lease
         while True:
             await asyncio.sleep(self.renew_every)
-            if attempt.work.done():
+            if attempt.work.done() or context.ended:
                 return
             try:
                 renewal = await self.ledger.renew(task, self.worker_id)
@@ -446,6 +453,8 @@ class TaskRunner:
                 await received.heartbeat()
             except Exception as error:
                 log.warning("queue heartbeat failed", error=str(error))
+            if context.ended:  # it wrote its end while this renewal was under way
+                return
             if renewal is Renewal.LOST:
                 log.warning("lease lost; abandoning the attempt")
                 attempt.stop("lease_lost")

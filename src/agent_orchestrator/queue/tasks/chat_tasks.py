@@ -179,6 +179,10 @@ class ChatTurn:
             "degraded": degraded,
         }
         now = utcnow()
+        # The lease keeper stands down from here: a renewal racing the end's commit would
+        # find the task no longer `running`, take the lease for lost and stop this turn
+        # in the middle of its last publishes.
+        ctx.ended = True
         async with ctx.db_factory() as db:
             ended = await end_turn(
                 db,
