@@ -130,7 +130,9 @@ PLAN = OrchestrationPlan(
 )
 
 
-async def run_plan(execution: FakeExecution, publish: Publisher) -> tuple[Any, list[str]]:
+async def run_plan(
+    execution: FakeExecution, publish: Publisher, coordinator: ServiceCoordinator | None = None
+) -> tuple[Any, list[str]]:
     seen: list[str] = []
 
     async def on_progress(done: int, total: int) -> None:
@@ -151,7 +153,8 @@ async def run_plan(execution: FakeExecution, publish: Publisher) -> tuple[Any, l
         on_warning=ignore,
         on_step=ignore,
     )
-    coordinator = ServiceCoordinator({"agent_execution": execution}, ResilienceSettings())
+    if coordinator is None:
+        coordinator = ServiceCoordinator({"agent_execution": execution}, ResilienceSettings())
     try:
         outcomes: dict[str, StepOutcome] = await coordinator.run(PLAN, run)
     except PlanFailed as failure:
@@ -192,3 +195,22 @@ async def test_a_failed_chunk_publish_fails_the_step() -> None:
     with pytest.raises(ExceptionGroup) as caught:  # as any failure that is not a step's
         await run_plan(FakeExecution(["a ", "b ", "c "]), Publisher(fail_at=1))
     assert caught.group_contains(ConnectionError)
+
+
+async def test_a_failed_chunk_publish_gives_a_half_open_probe_back() -> None:
+    """Our own failure (Redis away while publishing a chunk) says nothing of the service:
+    the half-open breaker's probe slot comes back, or every later call would fail fast."""
+    execution = FakeExecution(["a ", "b "])
+    settings = ResilienceSettings(failure_threshold=1, open_seconds=0.05, half_open_probes=1)
+    coordinator = ServiceCoordinator({"agent_execution": execution}, settings)
+    breaker = coordinator.breaker("agent_execution")
+    opened = breaker.admit()
+    assert opened is not None
+    opened.failed()
+    assert breaker.admit() is None  # open
+    await asyncio.sleep(0.1)  # half-open: one probe may go
+    with pytest.raises(ExceptionGroup):
+        await run_plan(execution, Publisher(fail_at=0), coordinator)
+    probe = breaker.admit()
+    assert probe is not None, "the probe's slot was kept by the failed call"
+    probe.succeeded()

@@ -307,8 +307,8 @@ class ServiceCoordinator:
             except DownstreamError as error:
                 _judge(permit, error)
                 raise
-            except asyncio.CancelledError:
-                permit.released()
+            except BaseException:  # cancelled, or our own failure: no verdict on the service
+                permit.released()  # (kept, a half-open probe's slot would never come back)
                 raise
         permit.succeeded()
         return result
@@ -361,11 +361,8 @@ class ServiceCoordinator:
                 raise _stream_error(
                     call, error.code, error.message, error.retryable, pieces
                 ) from error
-            except asyncio.CancelledError:
-                permit.released()
-                forward.cancel()
-                raise
-            except BaseException:
+            except BaseException:  # cancelled, or our own failure (a chunk's publish, say)
+                permit.released()  # no verdict on the service; a probe's slot comes back
                 forward.cancel()
                 raise
         await forward.flush()
