@@ -22,10 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.repositories.audit import AuditRepository
+from agent_orchestrator.db.repositories.tasks import TaskRepository
 from agent_orchestrator.db.tables import MessageRow, SessionRow, TaskRow
 from agent_orchestrator.events.models import EventType, StreamKey
 from agent_orchestrator.queue import producer
@@ -435,6 +436,53 @@ async def test_on_busy_neither_shows_nor_cancels_a_turn_someone_else_sent(
             }
         assert (await settled(client, admin, theirs["task_id"]))["status"] == "succeeded"
         assert await count(client, TaskRow) == 2  # the refused turns wrote nothing
+
+
+async def test_on_busy_interrupt_of_a_turn_that_ended_meanwhile_goes_on(
+    client: httpx.AsyncClient, make_token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The running turn ends between the busy check's read and its cancel: there is
+    nothing left to interrupt, and the new turn is accepted (it was a 409)."""
+    headers = auth(make_token())
+    first = await chat(client, headers, expect=200, message="hi", mode="wait")
+    session_id = first["task"]["session_id"]
+    async with client.app.state.core.db_factory() as db:  # type: ignore[attr-defined]
+        ended = await TaskRepository(db).get("tenant-a", uuid.UUID(first["task"]["id"]))
+    assert ended is not None
+    ended.status = "running"  # as the busy check read it, just before it ended
+
+    async def read_before_it_ended(self: Any, *args: Any) -> list[TaskRow]:
+        return [ended]
+
+    monkeypatch.setattr(TaskRepository, "unfinished_in_session", read_before_it_ended)
+    newer = await chat(client, headers, message="next", session_id=session_id, on_busy="interrupt")
+    assert (await settled(client, headers, newer["task_id"]))["status"] == "succeeded"
+    assert (await task_view(client, headers, first["task"]["id"]))["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_turn_racing_the_close_of_its_session_is_refused(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    """A close not yet committed when a turn arrives: the turn waits for it, then finds
+    the session closed (409); it was accepted into the closed session."""
+    headers = auth(make_token())
+    async with running_app(make_backend_settings()) as client:
+        first = await chat(client, headers, expect=200, message="hi", mode="wait")
+        session_id = uuid.UUID(first["task"]["session_id"])
+        state = client.app.state.core  # type: ignore[attr-defined]
+        async with state.db_factory() as closing:
+            await closing.execute(
+                update(SessionRow).where(SessionRow.id == session_id).values(state="closed")
+            )
+            body = {"message": "late", "session_id": str(session_id)}
+            racing = asyncio.create_task(client.post(CHAT, json=body, headers=headers))
+            await asyncio.sleep(0.3)
+            assert not racing.done(), "the turn did not wait for the session's row"
+            await closing.commit()
+        answer = await racing
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["details"] == {"state": "closed"}
 
 
 async def test_on_busy_interrupt_cancels_the_running_turn(

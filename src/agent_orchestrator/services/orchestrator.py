@@ -215,7 +215,11 @@ class ChatOrchestrator:
                 return Submitted(self._same_request(principal, existing, request), False)
         await self.budget.check(principal.tenant_id, "api")
         if request.session_id is not None:
-            session = await self.sessions.read_truth(uow, principal, request.session_id)
+            # Locked until the turn is committed: a close racing it either sees the turn
+            # (and comes after it) or is seen (409), never closes around it.
+            session = await self.sessions.read_truth(
+                uow, principal, request.session_id, for_update=True
+            )
             ensure_editable(session.state)
             session_id, agent_id = session.id, request.agent_id or session.agent_id
             await self._apply_busy_policy(uow, principal, session_id, request.on_busy)
@@ -286,4 +290,7 @@ class ChatOrchestrator:
                 },
             )
         for task in visible:  # INTERRUPT
-            await self.ledger.request_cancel(uow, principal, task.id)
+            try:
+                await self.ledger.request_cancel(uow, principal, task.id)
+            except Conflict:  # it ended since it was read: nothing left to interrupt
+                continue

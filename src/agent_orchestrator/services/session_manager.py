@@ -100,11 +100,18 @@ class SessionManager:
         return session
 
     async def read_truth(
-        self, uow: UnitOfWork, principal: Principal, session_id: uuid.UUID
+        self,
+        uow: UnitOfWork,
+        principal: Principal,
+        session_id: uuid.UUID,
+        *,
+        for_update: bool = False,
     ) -> Session:
         """The session from the database, never from the hot copy: for decisions that
-        write (accepting a chat turn), where a stale copy must not be trusted."""
-        return to_session(await self._load(uow, principal, session_id), utcnow())
+        write (accepting a chat turn), where a stale copy must not be trusted; with
+        `for_update`, its row locked until the transaction ends (PostgreSQL)."""
+        row = await self._load(uow, principal, session_id, for_update=for_update)
+        return to_session(row, utcnow())
 
     async def page(
         self,
