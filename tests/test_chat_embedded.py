@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from agent_orchestrator.config import Settings
 from agent_orchestrator.db.repositories.audit import AuditRepository
 from agent_orchestrator.db.repositories.tasks import TaskRepository
 from agent_orchestrator.db.tables import MessageRow, SessionRow, TaskRow
+from agent_orchestrator.db.types import utcnow
 from agent_orchestrator.events.models import EventType, StreamKey
 from agent_orchestrator.queue import producer
 from agent_orchestrator.queue.base import Delivery
@@ -458,6 +459,35 @@ async def test_on_busy_interrupt_of_a_turn_that_ended_meanwhile_goes_on(
     newer = await chat(client, headers, message="next", session_id=session_id, on_busy="interrupt")
     assert (await settled(client, headers, newer["task_id"]))["status"] == "succeeded"
     assert (await task_view(client, headers, first["task"]["id"]))["status"] == "succeeded"
+
+
+async def test_a_turn_the_reconciler_ends_frees_its_session(
+    make_backend_settings: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    """A turn whose worker died is failed or cancelled by the reconciler, where no
+    settled hook runs: its session went on saying `processing` (shown by a review)."""
+    headers = auth(make_token())
+    async with running_app(make_backend_settings(), run_worker=False) as client:
+        state = client.app.state.core  # type: ignore[attr-defined]
+        accepted = await chat(client, headers, message="hi")
+        task_id, session_id = uuid.UUID(accepted["task_id"]), accepted["session_id"]
+        assert await state.ledger.claim("tenant-a", task_id, "a-worker-that-dies") is not None
+        async with state.db_factory() as db:  # what the claim's session move wrote
+            await db.execute(
+                update(SessionRow)
+                .where(SessionRow.id == uuid.UUID(session_id))
+                .values(state="processing")
+            )
+            await db.execute(
+                update(TaskRow)
+                .where(TaskRow.id == task_id)
+                .values(lease_expires_at=utcnow() - timedelta(seconds=1), max_attempts=1)
+            )
+            await db.commit()
+        assert await state.ledger.recover_expired_leases() == 1
+        assert (await task_view(client, headers, str(task_id)))["status"] == "failed"
+        session = await client.get(f"{SESSIONS}/{session_id}", headers=headers)
+    assert session.json()["state"] == "active"
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])

@@ -30,4 +30,6 @@ def register_builtin_kinds(registry: HandlerRegistry, state: AppState) -> None:
         on_settled=turn.settled,
         on_claimed=SessionOnClaim(move=turn.processing, moved=turn.claimed),
     )
+    turn.kinds.add(CHAT_KIND)
     register_batch_kinds(registry, turn, state.batches, state.webhooks)
+    state.ledger.on_ended_elsewhere(turn.ended_elsewhere)

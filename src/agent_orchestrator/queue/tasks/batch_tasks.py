@@ -36,6 +36,7 @@ def register_batch_kinds(
         on_settled=item_settled,
         on_claimed=SessionOnClaim(move=turn.processing, moved=turn.claimed),
     )
+    turn.kinds.add(BATCH_ITEM_KIND)
     registry.register(CALLBACK_KIND, CallbackDelivery(batches, sender).run)
 
 

@@ -18,7 +18,7 @@ from agent_orchestrator.clients.base import CallContext, DownstreamError
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.prepared import Bound
 from agent_orchestrator.db.repositories.messages import MESSAGES
-from agent_orchestrator.db.repositories.tasks import CALLS
+from agent_orchestrator.db.repositories.tasks import CALLS, TaskRepository
 from agent_orchestrator.db.repositories.turn_end import end_turn
 from agent_orchestrator.db.tables import MessageRow, ServiceCallRow, SessionRow, TaskRow
 from agent_orchestrator.db.types import utcnow
@@ -64,6 +64,8 @@ class ChatTurn:
     #: need not write it again. An id outlives its turn only when the worker stops
     #: between that commit and the hook (shutdown), which leaves a few bytes behind.
     _freed: set[uuid.UUID] = field(default_factory=set)
+    #: the task kinds registered to run as turns (a chat turn, a batch item)
+    kinds: set[str] = field(default_factory=set)
 
     async def run(self, ctx: TaskContext) -> Any:
         task = ctx.task
@@ -262,6 +264,20 @@ class ChatTurn:
         else:
             await self._mark_session(task, SessionState.ACTIVE)
         await self.ledger.wake_next_in_session(task.tenant_id, task.session_id)
+
+    async def ended_elsewhere(self, task: TaskRow) -> None:
+        """A turn ended outside its worker's attempt (the reconciler failed or cancelled
+        it, a flagged turn given back on shutdown): no settled hook ran, so its session
+        may still say `processing`. Freed unless another of its turns runs (the ledger
+        wakes the next one itself)."""
+        if task.session_id is None or task.kind not in self.kinds:
+            return
+        async with self.ledger.factory() as db:
+            unfinished = await TaskRepository(db).unfinished_in_session(
+                task.tenant_id, task.session_id
+            )
+        if not any(other.status == TaskStatus.RUNNING for other in unfinished):
+            await self._mark_session(task, SessionState.ACTIVE)
 
     async def _mark_session(self, task: TaskRow, target: SessionState) -> None:
         assert task.session_id is not None
