@@ -184,3 +184,28 @@ async def test_events_stay_within_the_tenant_and_the_session(
     assert response.json()["error"]["details"] == {"task_id": second["id"]}
     logged = await log_of(client, StreamKey("session", TENANT, first["session_id"]))
     assert [e for e in logged if e.type == "a.b"] == []
+
+
+async def test_an_event_posted_after_its_task_ended_does_not_hold_a_resumed_stream_open(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    """A service's late event for a finished task lands after the task's terminal event.
+    A client resuming from that terminal event (as an EventSource does) gets the late
+    event and the end of the stream; it waited for a terminal event that had gone by."""
+    task = await a_turn(client, make_token)
+    stream = StreamKey("task", TENANT, task["id"])
+    terminal = (await log_of(client, stream))[-1]
+    assert terminal.data["status"] == "succeeded"
+    body = {"type": "tool.result", "data": {"late": True}, "task_id": task["id"]}
+    url = f"/internal/v1/sessions/{task['session_id']}/events"
+    late = await client.post(url, json=body, headers=service())
+    assert late.status_code == 202, late.text
+    headers = {**auth(make_token()), "Last-Event-ID": terminal.id}
+    async with asyncio.timeout(5):  # it ends: no waiting for a final event
+        response = await client.get(f"/api/v1/tasks/{task['id']}/events", headers=headers)
+    assert response.status_code == 200, response.text
+    ids = [line[4:] for line in response.text.splitlines() if line.startswith("id: ")]
+    assert ids == [late.json()["id"]]
+    after_it = {**auth(make_token()), "Last-Event-ID": late.json()["id"]}
+    done = await client.get(f"/api/v1/tasks/{task['id']}/events", headers=after_it)
+    assert done.status_code == 204

@@ -83,6 +83,18 @@ def sse_response(frames: AsyncIterator[bytes]) -> StreamingResponse:
     )
 
 
+async def _final_event(
+    bus: EventBus, stream: StreamKey, is_last: Callable[[Event], bool]
+) -> Event | None:
+    after = None
+    while True:
+        page = await bus.replay(stream, after, REPLAY_PAGE)
+        found = next((event for event in page if is_last(event)), None)
+        if found is not None or len(page) < REPLAY_PAGE:
+            return found
+        after = page[-1].cursor
+
+
 async def nothing_more_to_stream(
     bus: EventBus,
     stream: StreamKey,
@@ -97,17 +109,29 @@ async def nothing_more_to_stream(
     Redis lost them). Streaming would only wait forever."""
     if finished_at is None or await bus.replay(stream, cursor, 1):
         return False
-    after = None
-    while True:
-        page = await bus.replay(stream, after, REPLAY_PAGE)
-        if any(is_last(event) for event in page):
-            return True  # and it is at or before the cursor, since nothing is after it
-        if len(page) < REPLAY_PAGE:
-            break
-        after = page[-1].cursor
+    if await _final_event(bus, stream, is_last) is not None:
+        return True  # and it is at or before the cursor, since nothing is after it
     # No final event in the log: gone, unless it ended a moment ago and its final event
     # is being published right now (then the live stream delivers it).
     return finished_at < utcnow() - FINAL_EVENT_GRACE
+
+
+async def _after_the_final_event(
+    bus: EventBus, stream: StreamKey, is_last: Callable[[Event], bool], cursor: int | None
+) -> list[Event] | None:
+    """What a client that already has the final event (it is at or before `cursor`) has
+    not seen: events a service posted for the task after it ended (internal API). None
+    when the client has not had the final event."""
+    final = await _final_event(bus, stream, is_last)
+    if final is None or cursor is None or final.cursor > cursor:
+        return None
+    return await bus.replay(stream, cursor, REPLAY_PAGE)
+
+
+async def _replayed(events: list[Event]) -> AsyncIterator[bytes]:
+    yield b"retry: 2000\n\n"
+    for event in events:
+        yield frame(event)
 
 
 async def finite_stream(
@@ -123,6 +147,12 @@ async def finite_stream(
     when nothing more will come (which also tells an EventSource to stop reconnecting)."""
     if await nothing_more_to_stream(bus, stream, is_last, finished_at, cursor):
         return Response(status_code=204)
+    if finished_at is not None:
+        # Past the final event, what came after it is replayed and the stream ends:
+        # followed live, it would wait for a final event that has already gone by.
+        trailing = await _after_the_final_event(bus, stream, is_last, cursor)
+        if trailing is not None:
+            return sse_response(_replayed(trailing))
     frames = event_frames(bus, stream, cursor, is_last=is_last, keepalive_seconds=keepalive_seconds)
     return sse_response(frames)
 
