@@ -26,6 +26,7 @@ from sqlalchemy import func, select, update
 
 from agent_orchestrator.config import Settings
 from agent_orchestrator.db.repositories.audit import AuditRepository
+from agent_orchestrator.db.repositories.messages import MessageRepository
 from agent_orchestrator.db.repositories.tasks import TaskRepository
 from agent_orchestrator.db.tables import MessageRow, SessionRow, TaskRow
 from agent_orchestrator.db.types import utcnow
@@ -409,6 +410,18 @@ async def test_on_busy_enqueue_runs_turns_one_at_a_time_in_order(
         assert "earlier messages" not in replies[0]
         assert "I can see 2 earlier messages" in replies[1]
         assert "I can see 4 earlier messages" in replies[2]
+        # In the order of the conversation (they were stored u1, u2, u3, a1, a2, a3).
+        one, two, three = (uuid.UUID(view["id"]) for view in views)
+        async with client.app.state.core.db_factory() as db:  # type: ignore[attr-defined]
+            history = await MessageRepository(db).latest(
+                "tenant-a", uuid.UUID(session_id), 10, exclude_task_id=three
+            )
+        assert [(m.role, m.task_id) for m in history] == [
+            ("user", one),
+            ("assistant", one),
+            ("user", two),
+            ("assistant", two),
+        ]
 
 
 async def test_on_busy_neither_shows_nor_cancels_a_turn_someone_else_sent(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import Insert, Select, bindparam, select
+from sqlalchemy import Insert, Select, bindparam, case, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -37,7 +37,18 @@ def _latest(*, excluding_task: bool) -> Select[Any]:
         query = query.where(
             _M.task_id.is_(None) | ((_M.task_id != answered) & _M.task_id.not_in(later))
         )
-    return hot(query.order_by(_M.created_at.desc(), _M.id.desc()).limit(bindparam("limit")))
+    # In the order of the conversation, not of storage: a turn's user message is stored
+    # when it is sent, its reply when the turn ends, so two turns sent back to back were
+    # stored u1, u2, a1, a2. Task ids are time-ordered (ids.new_id): turn by turn, the
+    # user's message before the reply.
+    replies_last = case((_M.role == "user", 0), else_=1)
+    newest_first = (
+        _M.task_id.desc().nulls_last(),
+        replies_last.desc(),
+        _M.created_at.desc(),
+        _M.id.desc(),
+    )
+    return hot(query.order_by(*newest_first).limit(bindparam("limit")))
 
 
 _LATEST = _latest(excluding_task=False)
