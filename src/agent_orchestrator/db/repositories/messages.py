@@ -40,8 +40,9 @@ def _latest(*, excluding_task: bool) -> Select[Any]:
     # In the order of the conversation, not of storage: a turn's user message is stored
     # when it is sent, its reply when the turn ends, so two turns sent back to back were
     # stored u1, u2, a1, a2. Task ids are time-ordered (ids.new_id): turn by turn, the
-    # user's message before the reply.
-    replies_last = case((_M.role == "user", 0), else_=1)
+    # user's message before the reply. Messages of no turn (saved through the
+    # conversation contract without a task) keep their own order, before the turns'.
+    replies_last = case((_M.task_id.is_(None), 0), (_M.role == "user", 0), else_=1)
     newest_first = (
         _M.task_id.desc().nulls_last(),
         replies_last.desc(),
