@@ -22,7 +22,7 @@ from agent_orchestrator.models.task import TERMINAL, TaskView
 from agent_orchestrator.observability.metrics import CHAT_WAIT_ANSWERS
 from agent_orchestrator.routes.deps import IdempotencyKey, State, UoW
 from agent_orchestrator.routes.openapi import API_ERRORS, SSE_CONTENT, errors
-from agent_orchestrator.routes.sse import event_frames, sse_response
+from agent_orchestrator.routes.sse import event_frames, finite_stream, sse_response
 from agent_orchestrator.services.orchestrator import CHAT_KIND, reply_message_id
 from agent_orchestrator.services.session_manager import to_message
 from agent_orchestrator.services.task_views import to_view
@@ -44,6 +44,11 @@ ChatWriter = Annotated[Principal, Depends(require_scope(Scope.CHAT_WRITE))]
             "content": SSE_CONTENT,
         },
         202: {"model": ChatAccepted, "description": "mode=async: the turn is queued"},
+        204: {
+            "description": "mode=stream, a repeated Idempotency-Key of a turn that ended "
+            "and whose events are no longer kept (EVENTS_TTL): nothing to stream; read the "
+            "turn with mode=wait or GET /api/v1/tasks/{id}"
+        },
         **errors(400, 404, 409, 413),
     },
 )
@@ -84,6 +89,15 @@ async def chat(
                 )
                 return _json(accepted, 202)
             if body.mode is ChatMode.STREAM:
+                if not submitted.created:  # a repeat: its turn may have ended long ago
+                    return await finite_stream(
+                        state.bus,
+                        _task_stream(task),
+                        is_last=ends_task_stream,
+                        finished_at=task.finished_at,
+                        cursor=None,
+                        keepalive_seconds=state.settings.sse_keepalive_seconds,
+                    )
                 return sse_response(
                     event_frames(
                         state.bus,
@@ -93,7 +107,8 @@ async def chat(
                         keepalive_seconds=state.settings.sse_keepalive_seconds,
                     )
                 )
-            await _wait_until_settled(state, _task_stream(task), followed)
+            if task.status not in TERMINAL:  # a repeat of an ended turn: read it back
+                await _wait_until_settled(state, _task_stream(task), followed)
         finally:
             handed_over = state.turn_results.take(expected) if expected is not None else None
     if handed_over is not None:
