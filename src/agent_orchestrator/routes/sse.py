@@ -95,39 +95,6 @@ async def _final_event(
         after = page[-1].cursor
 
 
-async def nothing_more_to_stream(
-    bus: EventBus,
-    stream: StreamKey,
-    is_last: Callable[[Event], bool],
-    finished_at: datetime | None,
-    cursor: int | None,
-) -> bool:
-    """A finished stream (`finished_at`: when its task or batch ended, None while it
-    runs) whose log holds nothing after the client's cursor, and never will: the client
-    already has the final event (an EventSource reconnects whenever a stream ends, with
-    the last id it saw), or the log no longer holds the events (EVENTS_TTL passed, or
-    Redis lost them). Streaming would only wait forever."""
-    if finished_at is None or await bus.replay(stream, cursor, 1):
-        return False
-    if await _final_event(bus, stream, is_last) is not None:
-        return True  # and it is at or before the cursor, since nothing is after it
-    # No final event in the log: gone, unless it ended a moment ago and its final event
-    # is being published right now (then the live stream delivers it).
-    return finished_at < utcnow() - FINAL_EVENT_GRACE
-
-
-async def _after_the_final_event(
-    bus: EventBus, stream: StreamKey, is_last: Callable[[Event], bool], cursor: int | None
-) -> list[Event] | None:
-    """What a client that already has the final event (it is at or before `cursor`) has
-    not seen: events a service posted for the task after it ended (internal API). None
-    when the client has not had the final event."""
-    final = await _final_event(bus, stream, is_last)
-    if final is None or cursor is None or final.cursor > cursor:
-        return None
-    return await bus.replay(stream, cursor, REPLAY_PAGE)
-
-
 async def _replayed(events: list[Event]) -> AsyncIterator[bytes]:
     yield b"retry: 2000\n\n"
     for event in events:
@@ -144,15 +111,22 @@ async def finite_stream(
     keepalive_seconds: float,
 ) -> Response:
     """A task's or a batch's events after `cursor` as SSE, ending with its last one; 204
-    when nothing more will come (which also tells an EventSource to stop reconnecting)."""
-    if await nothing_more_to_stream(bus, stream, is_last, finished_at, cursor):
-        return Response(status_code=204)
+    when nothing more will come (which also tells an EventSource to stop reconnecting).
+
+    For a finished stream (`finished_at`: when its task or batch ended), followed live it
+    would only wait forever when the client already has the final event (an EventSource
+    reconnects whenever a stream ends, with the last id it saw): what came after that
+    event (a service's late event, internal API) is replayed and the stream ends, or 204
+    if nothing did. So does a log that no longer holds the final event (EVENTS_TTL
+    passed, or Redis lost it), unless it ended a moment ago and the final event is being
+    published right now (then the live stream delivers it)."""
     if finished_at is not None:
-        # Past the final event, what came after it is replayed and the stream ends:
-        # followed live, it would wait for a final event that has already gone by.
-        trailing = await _after_the_final_event(bus, stream, is_last, cursor)
-        if trailing is not None:
-            return sse_response(_replayed(trailing))
+        final = await _final_event(bus, stream, is_last)
+        unseen = await bus.replay(stream, cursor, REPLAY_PAGE)
+        had_it = final is not None and cursor is not None and final.cursor <= cursor
+        gone = final is None and finished_at < utcnow() - FINAL_EVENT_GRACE
+        if had_it or (gone and not unseen):
+            return sse_response(_replayed(unseen)) if unseen else Response(status_code=204)
     frames = event_frames(bus, stream, cursor, is_last=is_last, keepalive_seconds=keepalive_seconds)
     return sse_response(frames)
 
