@@ -40,28 +40,34 @@ async def _ready_again(client: httpx.AsyncClient) -> httpx.Response:
             await asyncio.sleep(0.2)
 
 
+async def _down_then_back(settings: Settings, proxy: TcpProxy, down: str, up: str) -> None:
+    """Ready; with `proxy` cut, 503 naming `down` (and `up` still ok) while liveness
+    stays 200; ready again once the proxy is back."""
+    with capture_logs():  # the outage's warnings, kept off the console
+        async with running_app(settings) as client:
+            assert (await client.get("/health/ready")).status_code == 200
+
+            await proxy.cut()
+            response = await client.get("/health/ready")
+            assert response.status_code == 503, response.text
+            body = response.json()
+            assert body["status"] == "down"
+            assert body["dependencies"][up] == {"status": "ok"}
+            assert body["dependencies"][down]["status"] == "down"
+            assert (await client.get("/health")).status_code == 200, "liveness stays cheap"
+
+            await proxy.start()
+            recovered = await _ready_again(client)
+            assert recovered.json()["dependencies"][down] == {"status": "ok"}
+
+
 async def test_readiness_is_503_while_redis_is_down(
     make_settings: Callable[..., Settings], redis_proxy: TcpProxy, redis_namespace: str
 ) -> None:
     # Redis must be reachable at start-up (the event bus subscribes then), so the outage is
     # made afterwards by cutting the proxy the service reaches Redis through.
     settings = make_settings(redis_uri=redis_url(redis_proxy), redis_namespace=redis_namespace)
-    with capture_logs():  # the outage's warnings, kept off the console
-        async with running_app(settings) as client:
-            assert (await client.get("/health/ready")).status_code == 200
-
-            await redis_proxy.cut()
-            response = await client.get("/health/ready")
-            assert response.status_code == 503, response.text
-            body = response.json()
-            assert body["status"] == "down"
-            assert body["dependencies"]["database"] == {"status": "ok"}
-            assert body["dependencies"]["redis"]["status"] == "down"
-            assert (await client.get("/health")).status_code == 200, "liveness stays cheap"
-
-            await redis_proxy.start()
-            recovered = await _ready_again(client)
-            assert recovered.json()["dependencies"]["redis"] == {"status": "ok"}
+    await _down_then_back(settings, redis_proxy, down="redis", up="database")
 
 
 async def test_readiness_is_503_while_postgresql_is_down(
@@ -78,21 +84,6 @@ async def test_readiness_is_503_while_postgresql_is_down(
         redis_namespace=redis_namespace,
     )
     try:
-        with capture_logs():  # the outage's warnings, kept off the console
-            async with running_app(settings) as client:
-                assert (await client.get("/health/ready")).status_code == 200
-
-                await proxy.cut()
-                response = await client.get("/health/ready")
-                assert response.status_code == 503, response.text
-                body = response.json()
-                assert body["status"] == "down"
-                assert body["dependencies"]["database"]["status"] == "down"
-                assert body["dependencies"]["redis"] == {"status": "ok"}
-                assert (await client.get("/health")).status_code == 200, "liveness stays cheap"
-
-                await proxy.start()
-                recovered = await _ready_again(client)
-                assert recovered.json()["dependencies"]["database"] == {"status": "ok"}
+        await _down_then_back(settings, proxy, down="database", up="redis")
     finally:
         await proxy.close()
